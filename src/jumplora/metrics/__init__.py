@@ -1,0 +1,61 @@
+"""Metrics for continual-learning runs: CL scores, support overlap, plots and reports."""
+
+from jumplora.metrics.cl import (
+    average_accuracy,
+    bwt,
+    cl_metrics,
+    forgetting,
+    fwt,
+    fwt_vs_independent,
+    learning_accuracy,
+)
+from jumplora.metrics.overlap import density, density_per_module, jaccard, overlap_matrix, support_size
+from jumplora.metrics.plots import (
+    plot_accuracy_curves,
+    plot_accuracy_heatmap,
+    plot_bars,
+    plot_density,
+    plot_overlap,
+    plot_training_curves,
+)
+from jumplora.metrics.report import (
+    IGNORED_CONFIG_KEYS,
+    aggregate,
+    find_runs,
+    load_results,
+    load_runs,
+    render_table,
+    setting_key,
+    setting_label,
+    to_markdown,
+)
+
+__all__ = [
+    "IGNORED_CONFIG_KEYS",
+    "aggregate",
+    "average_accuracy",
+    "bwt",
+    "cl_metrics",
+    "density",
+    "density_per_module",
+    "find_runs",
+    "forgetting",
+    "fwt",
+    "fwt_vs_independent",
+    "jaccard",
+    "learning_accuracy",
+    "load_results",
+    "load_runs",
+    "overlap_matrix",
+    "plot_accuracy_curves",
+    "plot_accuracy_heatmap",
+    "plot_bars",
+    "plot_density",
+    "plot_overlap",
+    "plot_training_curves",
+    "render_table",
+    "setting_key",
+    "setting_label",
+    "support_size",
+    "to_markdown",
+]

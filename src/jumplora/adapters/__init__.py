@@ -1,0 +1,55 @@
+"""JumpLoRA adapters: the gate, the layer, and their registration as a PEFT method.
+
+Importing this package registers ``JUMPLORA`` with PEFT, so ``get_peft_model``,
+``save_pretrained``/``PeftModel.from_pretrained`` and ``merge_and_unload`` work as for LoRA.
+"""
+
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+from peft.utils import register_peft_method
+
+from .config import JumpLoraConfig
+from .jumprelu import jumprelu, rectangle, threshold_grad
+from .layer import JumpLoraLayer, Linear, gate_coefficient
+from .model import JumpLoraModel, block_name
+from .peft_type import JUMPLORA
+from .schedule import Sparsifier, SparsitySchedule
+from .sparsity import (
+    MergeResult,
+    init_thresholds_to_budget,
+    jumplora_layers,
+    merge_and_discard,
+    set_gamma,
+    sparsity_stats,
+    supports,
+    threshold_parameters,
+    threshold_values,
+)
+
+if JUMPLORA not in PEFT_TYPE_TO_CONFIG_MAPPING:
+    register_peft_method(
+        name="jumplora", config_cls=JumpLoraConfig, model_cls=JumpLoraModel, prefix="jumplora_"
+    )
+
+__all__ = [
+    "JUMPLORA",
+    "JumpLoraConfig",
+    "JumpLoraLayer",
+    "JumpLoraModel",
+    "Linear",
+    "MergeResult",
+    "Sparsifier",
+    "SparsitySchedule",
+    "block_name",
+    "gate_coefficient",
+    "init_thresholds_to_budget",
+    "jumplora_layers",
+    "jumprelu",
+    "merge_and_discard",
+    "rectangle",
+    "set_gamma",
+    "sparsity_stats",
+    "supports",
+    "threshold_grad",
+    "threshold_parameters",
+    "threshold_values",
+]

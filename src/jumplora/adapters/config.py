@@ -1,0 +1,120 @@
+"""`JumpLoraConfig`: the PEFT config of the JumpLoRA method (LoRA whose ΔW entries are gated by θ)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from peft.config import PeftConfig
+
+from .peft_type import JUMPLORA
+
+Granularity = Literal["global", "per_block", "per_module"]
+ThresholdParam = Literal["log", "direct"]
+
+
+@dataclass
+class JumpLoraConfig(PeftConfig):
+    """Configuration of a JumpLoRA adapter.
+
+    The LoRA part (``r``, ``lora_alpha``, ``lora_dropout``, ``target_modules``) means what it means
+    in PEFT's ``LoraConfig``. The JumpLoRA part gates each entry of ΔW = B·A: the effective update is
+    ``γ·ΔW·1[|ΔW|>θ] + (1−γ)·ΔW``, scaled by ``lora_alpha / r``. With ``sparse=False`` the layer is plain
+    LoRA (γ stays 0 and merges keep every entry), so dense and sparse runs share one code path.
+    """
+
+    r: int = field(default=8, metadata={"help": "LoRA rank."})
+    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    target_modules: list[str] | str | None = field(
+        default=None,
+        metadata={"help": "Module names (suffix match) or a regex, as in PEFT LoRA; 'all-linear' works too."},
+    )
+    exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to skip."})
+    fan_in_fan_out: bool = field(
+        default=False, metadata={"help": "True for layers storing weights as (in, out), e.g. GPT-2's Conv1D."}
+    )
+    bias: Literal["none", "all"] = field(default="none", metadata={"help": "Train biases too ('all')."})
+    modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules."})
+    layers_to_transform: list[int] | int | None = field(default=None)
+    layers_pattern: list[str] | str | None = field(default=None)
+    init_lora_weights: bool = field(
+        default=True, metadata={"help": "B = 0 (ΔW starts at zero). False draws B at random (tests only)."}
+    )
+
+    sparse: bool = field(default=True, metadata={"help": "Gate ΔW with the JumpReLU (False: plain LoRA)."})
+    threshold_granularity: Granularity = field(
+        default="global",
+        metadata={"help": "One θ for the model ('global'), per transformer block, or per module."},
+    )
+    threshold_param: ThresholdParam = field(
+        default="log", metadata={"help": "Learn log θ ('log', keeps θ > 0) or θ itself ('direct')."}
+    )
+    init_threshold: float = field(
+        default=1e-3, metadata={"help": "θ before the budget-matched re-initialisation at the ramp start."}
+    )
+    bandwidth: float = field(default=1e-3, metadata={"help": "Width ε of the rectangle kernel of the θ STE."})
+    threshold_reduction: Literal["mean", "sum"] = field(
+        default="mean",
+        metadata={"help": "Reduce the θ pseudo-gradient over a matrix's entries by mean or sum."},
+    )
+    gamma: float = field(
+        default=0.0,
+        metadata={
+            "help": "Interpolation γ between dense (0) and gated (1) ΔW; saved so a loaded adapter matches."
+        },
+    )
+    sparsify_start: float = field(
+        default=0.2, metadata={"help": "Fraction of a task's steps where γ leaves 0."}
+    )
+    sparsify_end: float = field(
+        default=0.8, metadata={"help": "Fraction of a task's steps where γ reaches 1."}
+    )
+    target_density: float | None = field(
+        default=None,
+        metadata={
+            "help": "Keep this fraction of entries at the θ init instead of the LoRA parameter budget."
+        },
+    )
+    fused: bool = field(
+        default=True,
+        metadata={"help": "One matmul with W + s·ΔW_eff when possible (same result, less work)."},
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = JUMPLORA
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+        problems = []
+        if self.r <= 0:
+            problems.append(f"r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.threshold_granularity not in ("global", "per_block", "per_module"):
+            problems.append(
+                f"threshold_granularity must be 'global', 'per_block' or 'per_module', "
+                f"got {self.threshold_granularity!r}"
+            )
+        if self.threshold_param not in ("log", "direct"):
+            problems.append(f"threshold_param must be 'log' or 'direct', got {self.threshold_param!r}")
+        if self.threshold_reduction not in ("mean", "sum"):
+            problems.append(f"threshold_reduction must be 'mean' or 'sum', got {self.threshold_reduction!r}")
+        if self.init_threshold <= 0:
+            problems.append(f"init_threshold must be > 0, got {self.init_threshold}")
+        if self.bandwidth <= 0:
+            problems.append(f"bandwidth must be > 0, got {self.bandwidth}")
+        if not 0.0 <= self.gamma <= 1.0:
+            problems.append(f"gamma must be in [0, 1], got {self.gamma}")
+        if not 0.0 <= self.sparsify_start <= self.sparsify_end <= 1.0:
+            problems.append(
+                f"need 0 <= sparsify_start <= sparsify_end <= 1, got {self.sparsify_start}, {self.sparsify_end}"
+            )
+        if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
+            problems.append(f"target_density must be in (0, 1], got {self.target_density}")
+        if self.bias not in ("none", "all"):
+            problems.append(f"bias must be 'none' or 'all', got {self.bias!r}")
+        if problems:
+            raise ValueError("JumpLoraConfig: " + "; ".join(problems))

@@ -1,0 +1,286 @@
+"""The JumpLoRA layer: a LoRA adapter on an ``nn.Linear`` whose update ΔW = B·A is gated entry-wise.
+
+Effective update (scale s = α/r):  s · (γ·ΔW·1[|ΔW|>θ] + (1−γ)·ΔW).
+
+Three forward paths give the same numbers and differ in cost:
+- γ = 0 (dense warm-up, or ``sparse=False``): plain low-rank LoRA, x·Aᵀ·Bᵀ, never forming ΔW.
+- fused (γ > 0, one active adapter, no dropout): a single ``F.linear`` with W + s·ΔW_eff. The backward
+  recomputes ΔW and its mask from A and B instead of storing them, and pays one weight-sized matmul
+  (gᵀx, the dense gradient of ΔW that the θ-gradient and the gate need).
+- reference (anything else): the straightforward formulation x·Wᵀ + s·x·ΔW_effᵀ with autograd.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from .config import JumpLoraConfig
+from .jumprelu import jumprelu, threshold_grad
+
+
+def gate_coefficient(delta: torch.Tensor, theta: torch.Tensor, gamma: float) -> torch.Tensor:
+    """γ·1[|ΔW|>θ] + (1−γ): the factor that turns ΔW into ΔW_eff, and ∂ΔW_eff/∂ΔW."""
+    open_gate = delta.abs() > theta
+    if gamma == 1.0:
+        return open_gate.to(delta.dtype)
+    return open_gate.to(delta.dtype) * gamma + (1.0 - gamma)
+
+
+class _FusedJumpLoraLinear(torch.autograd.Function):
+    """y = x·(W + s·ΔW_eff)ᵀ + b in one matmul; backward recomputes ΔW from A and B."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, theta, scaling, gamma, bandwidth, reduction):
+        delta = lora_B @ lora_A
+        coef = gate_coefficient(delta, theta, gamma)
+        w_eff = weight + (delta * coef * scaling).to(weight.dtype)
+        out = F.linear(x.to(weight.dtype), w_eff, bias)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, theta)
+        ctx.scaling, ctx.gamma, ctx.bandwidth, ctx.reduction = scaling, gamma, bandwidth, reduction
+        ctx.has_bias = bias is not None
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weight, lora_A, lora_B, theta = ctx.saved_tensors
+        s, gamma = ctx.scaling, ctx.gamma
+        needs_x, needs_w, needs_b, needs_A, needs_B, needs_theta = ctx.needs_input_grad[:6]
+        delta = lora_B @ lora_A
+        coef = gate_coefficient(delta, theta, gamma)
+
+        grad_x = grad_w = grad_b = grad_A = grad_B = grad_theta = None
+        g2 = grad_out.reshape(-1, grad_out.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
+        if needs_x:
+            w_eff = weight + (delta * coef * s).to(weight.dtype)
+            grad_x = (grad_out @ w_eff).to(x.dtype)
+        if needs_A or needs_B or needs_theta or needs_w:
+            grad_w_eff = g2.t() @ x2  # the one weight-sized matmul the sparse update cannot avoid
+            if needs_w:
+                grad_w = grad_w_eff.to(weight.dtype)
+            grad_delta_eff = grad_w_eff.to(delta.dtype) * s
+            grad_delta = grad_delta_eff * coef
+            if needs_A:
+                grad_A = lora_B.t() @ grad_delta
+            if needs_B:
+                grad_B = grad_delta @ lora_A.t()
+            if needs_theta:
+                grad_theta = threshold_grad(
+                    delta, theta, grad_delta_eff * gamma, ctx.bandwidth, ctx.reduction
+                )
+        if needs_b and ctx.has_bias:
+            grad_b = g2.sum(0).to(weight.dtype)
+        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_theta, None, None, None, None
+
+
+class JumpLoraLayer(BaseTunerLayer):
+    """State of JumpLoRA adapters on one layer (PEFT's multi-adapter bookkeeping included)."""
+
+    adapter_layer_names = ("jumplora_A", "jumplora_B", "jumplora_theta")
+    other_param_names = ("r", "lora_alpha", "scaling", "jumplora_dropout", "gamma", "threshold_group")
+
+    def __init__(self, base_layer: nn.Module, **kwargs: Any) -> None:
+        self.base_layer = base_layer
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.gamma: dict[str, float] = {}
+        self.sparse: dict[str, bool] = {}
+        self.threshold_group: dict[str, str] = {}
+        self.threshold_param: dict[str, str] = {}
+        self.bandwidth: dict[str, float] = {}
+        self.reduction: dict[str, str] = {}
+        self.fused: dict[str, bool] = {}
+        self.jumplora_A = nn.ParameterDict({})
+        self.jumplora_B = nn.ParameterDict({})
+        # The θ parameter is shared by every layer of its group (the same Parameter object), so the
+        # optimizer sees it once; PEFT's save de-duplicates shared storage.
+        self.jumplora_theta = nn.ParameterDict({})
+        self.jumplora_dropout = nn.ModuleDict({})
+        self._disable_adapters = False
+        self.merged_adapters: list[str] = []
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+        elif hasattr(base, "weight") and base.weight.ndim == 2:  # transformers' Conv1D: weight is (in, out)
+            self.in_features, self.out_features = base.weight.shape
+        else:
+            raise TypeError(f"JumpLoRA supports nn.Linear (and GPT-2's Conv1D), got {type(base).__name__}")
+        self.kwargs = kwargs
+
+    def update_layer(
+        self, adapter_name: str, config: JumpLoraConfig, theta: nn.Parameter, group: str, inference_mode: bool
+    ) -> None:
+        r = config.r
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = config.lora_alpha
+        self.scaling[adapter_name] = config.lora_alpha / r
+        self.gamma[adapter_name] = float(config.gamma) if config.sparse else 0.0
+        self.sparse[adapter_name] = config.sparse
+        self.threshold_group[adapter_name] = group
+        self.threshold_param[adapter_name] = config.threshold_param
+        self.bandwidth[adapter_name] = config.bandwidth
+        self.reduction[adapter_name] = config.threshold_reduction
+        self.fused[adapter_name] = config.fused
+        self.jumplora_dropout[adapter_name] = (
+            nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        )
+        weight = self.get_base_layer().weight
+        dtype = weight.dtype if weight.dtype.is_floating_point else torch.float32
+        lora_A = torch.empty(r, self.in_features, device=weight.device, dtype=dtype)
+        nn.init.kaiming_uniform_(lora_A, a=math.sqrt(5))
+        lora_B = torch.zeros(self.out_features, r, device=weight.device, dtype=dtype)
+        if not config.init_lora_weights:
+            nn.init.normal_(lora_B, std=1.0 / r)
+        self.jumplora_A[adapter_name] = nn.Parameter(lora_A)
+        self.jumplora_B[adapter_name] = nn.Parameter(lora_B)
+        self.jumplora_theta[adapter_name] = theta
+        self._move_adapter_to_device_of_base_layer(adapter_name)
+        self.set_adapter(self.active_adapters, inference_mode=inference_mode)
+
+    # -- the math --------------------------------------------------------------------------------
+    def theta(self, adapter: str) -> torch.Tensor:
+        """θ as a float32 scalar tensor (differentiable in the raw parameter)."""
+        raw = self.jumplora_theta[adapter]
+        return raw.exp() if self.threshold_param[adapter] == "log" else raw
+
+    def delta_weight(self, adapter: str) -> torch.Tensor:
+        """ΔW = B·A (unscaled, ungated), in the (out, in) layout of ``nn.Linear``."""
+        return self.jumplora_B[adapter] @ self.jumplora_A[adapter]
+
+    def support(self, adapter: str) -> torch.Tensor:
+        """Boolean mask of the entries the merge keeps: |ΔW| > θ (all True for a dense adapter)."""
+        with torch.no_grad():
+            delta = self.delta_weight(adapter)
+            if not self.sparse[adapter]:
+                return torch.ones_like(delta, dtype=torch.bool)
+            return delta.abs() > self.theta(adapter)
+
+    def effective_delta(self, adapter: str, gamma: float | None = None) -> torch.Tensor:
+        """s·ΔW_eff, differentiable (θ through the straight-through estimator)."""
+        gamma = self.gamma[adapter] if gamma is None else gamma
+        delta = self.delta_weight(adapter)
+        if gamma == 0.0 or not self.sparse[adapter]:
+            return delta * self.scaling[adapter]
+        gated = jumprelu(delta, self.theta(adapter), self.bandwidth[adapter], self.reduction[adapter])
+        eff = gated if gamma == 1.0 else gamma * gated + (1.0 - gamma) * delta
+        return eff * self.scaling[adapter]
+
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """What the end-of-task merge adds to W: s·(ΔW ⊙ 1[|ΔW|>θ]), in the base weight's layout."""
+        with torch.no_grad():
+            delta = self.delta_weight(adapter)
+            if self.sparse[adapter]:
+                delta = delta * (delta.abs() > self.theta(adapter))
+            delta = delta * self.scaling[adapter]
+        return delta.t() if self._fan_in_fan_out else delta
+
+    @property
+    def _fan_in_fan_out(self) -> bool:
+        return not isinstance(self.get_base_layer(), nn.Linear)
+
+
+class Linear(nn.Module, JumpLoraLayer):
+    """JumpLoRA on a linear layer (``nn.Linear`` or transformers' ``Conv1D``)."""
+
+    def __init__(
+        self,
+        base_layer: nn.Module,
+        adapter_name: str,
+        config: JumpLoraConfig,
+        theta: nn.Parameter,
+        group: str,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__()
+        JumpLoraLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, config, theta, group, inference_mode=config.inference_mode)
+
+    def _base_weight_out_in(self) -> torch.Tensor:
+        weight = self.get_base_layer().weight
+        return weight.t() if self._fan_in_fan_out else weight
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self.active_adapters if a in self.jumplora_A]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+
+        if len(active) == 1:
+            adapter = active[0]
+            gamma = self.gamma[adapter]
+            dropout = self.jumplora_dropout[adapter]
+            lora_A, lora_B = self.jumplora_A[adapter], self.jumplora_B[adapter]
+            if gamma == 0.0 or not self.sparse[adapter]:
+                result = self.base_layer(x, *args, **kwargs)
+                h = dropout(x.to(lora_A.dtype)) @ lora_A.t()
+                return result + ((h @ lora_B.t()) * self.scaling[adapter]).to(result.dtype)
+            if self.fused[adapter] and isinstance(dropout, nn.Identity):
+                base = self.get_base_layer()
+                return _FusedJumpLoraLinear.apply(
+                    x,
+                    self._base_weight_out_in(),
+                    base.bias,
+                    lora_A,
+                    lora_B,
+                    self.theta(adapter),
+                    self.scaling[adapter],
+                    gamma,
+                    self.bandwidth[adapter],
+                    self.reduction[adapter],
+                )
+        return self.forward_reference(x, *args, **kwargs)
+
+    def forward_reference(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The straightforward formulation: base output + x·(s·ΔW_eff)ᵀ for every active adapter."""
+        result = self.base_layer(x, *args, **kwargs)
+        for adapter in self.active_adapters:
+            if adapter not in self.jumplora_A:
+                continue
+            update = self.effective_delta(adapter)
+            x_in = self.jumplora_dropout[adapter](x.to(update.dtype))
+            result = result + F.linear(x_in, update).to(result.dtype)
+        return result
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Add s·(ΔW ⊙ 1[|ΔW|>θ]) of each adapter into the base weight (γ = 1 whatever the schedule)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        base = self.get_base_layer()
+        for adapter in adapter_names:
+            if adapter not in self.jumplora_A:
+                continue
+            delta = self.get_delta_weight(adapter).to(base.weight.dtype)
+            if safe_merge:
+                merged = base.weight.data + delta
+                if not torch.isfinite(merged).all():
+                    raise ValueError(f"NaNs or infs in the merged weights of adapter {adapter!r}")
+                base.weight.data = merged
+            else:
+                base.weight.data += delta
+            self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        base = self.get_base_layer()
+        while self.merged_adapters:
+            adapter = self.merged_adapters.pop()
+            if adapter in self.jumplora_A:
+                base.weight.data -= self.get_delta_weight(adapter).to(base.weight.dtype)
+
+    def __repr__(self) -> str:
+        return "jumplora." + super().__repr__()

@@ -1,0 +1,98 @@
+"""`JumpLoraModel`: the PEFT tuner that puts JumpLoRA layers on a model and shares thresholds."""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+from torch import nn
+
+from .config import JumpLoraConfig
+from .layer import JumpLoraLayer, Linear
+
+# Transformer blocks are numbered children of a container with one of these names:
+# BERT `encoder.layer.3`, T5 `encoder.block.3`, LLaMA/Qwen/BART `layers.3`, GPT-2 `transformer.h.3`.
+_BLOCK_PATTERN = re.compile(r"^(.*?(?:^|\.)(?:layer|layers|block|blocks|h)\.\d+)(?:\.|$)")
+
+
+def block_name(module_name: str) -> str:
+    """The transformer block a module belongs to, e.g. ``encoder.layer.3`` (raises if there is none)."""
+    match = _BLOCK_PATTERN.match(module_name)
+    if match is None:
+        raise ValueError(
+            f"threshold_granularity='per_block': cannot tell which transformer block {module_name!r} is in "
+            "(expected a name like '...layer.3...', '...layers.3...', '...block.3...' or '...h.3...'); "
+            "use 'per_module' or 'global' for this model"
+        )
+    return match.group(1)
+
+
+def threshold_group(config: JumpLoraConfig, module_name: str) -> str:
+    if config.threshold_granularity == "global":
+        return "global"
+    if config.threshold_granularity == "per_block" and _BLOCK_PATTERN.match(module_name):
+        return block_name(module_name)
+    return module_name  # per_module, or a module outside the blocks (a pooler, a head): its own group
+
+
+def _is_supported_linear(module: nn.Module) -> bool:
+    base = module.get_base_layer() if isinstance(module, JumpLoraLayer) else module
+    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+
+
+class JumpLoraModel(BaseTuner):
+    """PEFT tuner for JumpLoRA; build it with ``peft.get_peft_model(model, JumpLoraConfig(...))``."""
+
+    prefix: str = "jumplora_"
+    tuner_layer_cls = JumpLoraLayer
+    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+
+    def _thresholds(self, adapter_name: str) -> dict[str, nn.Parameter]:
+        groups = self.__dict__.setdefault("_threshold_params", {})
+        return groups.setdefault(adapter_name, {})
+
+    def _create_and_replace(
+        self,
+        config: JumpLoraConfig,
+        adapter_name: str,
+        target: nn.Module,
+        target_name: str,
+        parent: nn.Module,
+        current_key: str,
+        **_: object,
+    ) -> None:
+        if not _is_supported_linear(target):
+            raise TypeError(
+                f"JumpLoRA target {current_key!r} is a {type(target).__name__}; "
+                "only nn.Linear (and GPT-2's Conv1D) layers can take the adapter"
+            )
+        group = threshold_group(config, current_key)
+        thresholds = self._thresholds(adapter_name)
+        if group not in thresholds:
+            weight = target.weight
+            raw = torch.tensor(config.init_threshold, dtype=torch.float32, device=weight.device)
+            if config.threshold_param == "log":
+                raw = raw.log()
+            thresholds[group] = nn.Parameter(raw)
+        theta = thresholds[group]
+        if isinstance(target, Linear):
+            target.update_layer(adapter_name, config, theta, group, inference_mode=config.inference_mode)
+            return
+        new_module = Linear(target, adapter_name, config, theta, group)
+        if adapter_name not in self.active_adapters:
+            new_module.requires_grad_(False)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        for module in model.modules():  # a dense adapter's θ is never used: keep it out of the optimizer
+            if isinstance(module, JumpLoraLayer):
+                for adapter, is_sparse in module.sparse.items():
+                    if not is_sparse:
+                        module.jumplora_theta[adapter].requires_grad_(False)
+
+    def _check_new_adapter_config(self, config: JumpLoraConfig) -> None:
+        if config.fan_in_fan_out and config.target_modules == "all-linear":
+            raise ValueError("fan_in_fan_out=True does not combine with target_modules='all-linear'")

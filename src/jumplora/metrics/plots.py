@@ -1,0 +1,288 @@
+"""Matplotlib figures for runs and reports.
+
+Every function writes exactly one PNG, closes its figure (long sweeps would otherwise leak
+memory) and returns the path. The Agg backend is forced so plotting works on headless
+training machines. Accuracies are fractions in [0, 1] and are displayed in %.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
+
+__all__ = [
+    "plot_accuracy_curves",
+    "plot_accuracy_heatmap",
+    "plot_bars",
+    "plot_density",
+    "plot_overlap",
+    "plot_training_curves",
+]
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fig.tight_layout()
+        fig.savefig(p, dpi=120)
+    finally:
+        plt.close(fig)
+    return p
+
+
+def _square(M: Any, task_names: Sequence[str], what: str) -> np.ndarray:
+    m = np.asarray(M, dtype=float)
+    if m.ndim != 2 or m.shape[0] != m.shape[1]:
+        raise ValueError(f"{what} must be square, got shape {m.shape}")
+    if len(task_names) != m.shape[0]:
+        raise ValueError(f"{what} is {m.shape[0]}×{m.shape[0]} but {len(task_names)} task names were given")
+    return m
+
+
+def _annotated_matrix(
+    m: np.ndarray,
+    task_names: Sequence[str],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    row_labels: Sequence[str],
+    cmap: str,
+    fmt: str,
+    text_scale: float = 1.0,
+) -> Figure:
+    """Heat map on a fixed [0, 1] colour scale (so runs are visually comparable), cells annotated."""
+    T = m.shape[0]
+    size = max(4.0, 0.7 * T + 2.0)
+    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    im = ax.imshow(m, cmap=cmap, vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    ax.set_xticks(range(T), labels=list(task_names), rotation=45, ha="right")
+    ax.set_yticks(range(T), labels=list(row_labels))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    for i in range(T):
+        for j in range(T):
+            v = m[i, j]
+            if np.isnan(v):
+                continue
+            ax.text(
+                j,
+                i,
+                format(v * text_scale, fmt),
+                ha="center",
+                va="center",
+                fontsize=8,
+                color="white" if v < 0.5 else "black",
+            )
+    return fig
+
+
+def plot_accuracy_heatmap(
+    R: Any, task_names: Sequence[str], path: str | Path, title: str = "Accuracy (%) after each task"
+) -> Path:
+    """Annotated heat map of R: row i = "after task i", column j = "task j", values in %."""
+    m = _square(R, task_names, "accuracy matrix")
+    fig = _annotated_matrix(
+        m,
+        task_names,
+        title,
+        "task j",
+        "after task i",
+        [f"after {n}" for n in task_names],
+        "viridis",
+        ".1f",
+        text_scale=100.0,
+    )
+    return _save(fig, path)
+
+
+def plot_accuracy_curves(R: Any, task_names: Sequence[str], path: str | Path) -> Path:
+    """Accuracy of each task across the stream; the part before the task is trained is dashed."""
+    m = _square(R, task_names, "accuracy matrix") * 100.0
+    T = m.shape[0]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * T + 3.0), 4.5))
+    x = np.arange(T)
+    for j, name in enumerate(task_names):
+        (line,) = ax.plot(x[j:], m[j:, j], marker="o", label=name)
+        if j > 0:
+            ax.plot(x[: j + 1], m[: j + 1, j], linestyle=":", color=line.get_color(), alpha=0.6)
+    ax.plot(x, m.mean(axis=1), color="black", linewidth=2.0, linestyle="--", label="mean (all tasks)")
+    ax.set_xticks(x, labels=[f"after {n}" for n in task_names], rotation=45, ha="right")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Per-task accuracy over the task stream")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="best")
+    return _save(fig, path)
+
+
+def plot_density(
+    per_task_density: Sequence[float | None], task_names: Sequence[str], path: str | Path
+) -> Path:
+    """Bar chart of each task's update density in % (None, i.e. dense, is drawn as 100%)."""
+    if len(per_task_density) != len(task_names):
+        raise ValueError(f"{len(per_task_density)} densities for {len(task_names)} tasks")
+    vals = [100.0 if d is None else 100.0 * float(d) for d in per_task_density]
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(vals) + 2.0), 4.0))
+    bars = ax.bar(range(len(vals)), vals, color="tab:blue")
+    ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=8)
+    ax.set_xticks(range(len(vals)), labels=list(task_names), rotation=45, ha="right")
+    ax.set_ylabel("density of the update (%)")
+    ax.set_title("Update density per task")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)
+
+
+def plot_overlap(M: Any, task_names: Sequence[str], path: str | Path) -> Path:
+    """Annotated Jaccard overlap matrix between task supports."""
+    m = _square(M, task_names, "overlap matrix")
+    fig = _annotated_matrix(
+        m, task_names, "Jaccard overlap of task supports", "task", "task", list(task_names), "magma", ".2f"
+    )
+    return _save(fig, path)
+
+
+def _num(v: Any) -> float:
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return math.nan
+    return f
+
+
+def plot_training_curves(log_records: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
+    """Loss / gamma / theta (log scale, one line per group) / density vs. global_step from train_log.jsonl.
+
+    Dashed vertical lines mark the first step of each new task so that jumps in the
+    curves can be attributed to task switches.
+    """
+    recs = sorted(log_records, key=lambda r: _num(r.get("global_step", r.get("step", 0))))
+    x = np.array([_num(r.get("global_step", r.get("step", i))) for i, r in enumerate(recs)], dtype=float)
+    fig, axes = plt.subplots(4, 1, figsize=(9.0, 10.0), sharex=True)
+    ax_loss, ax_gamma, ax_theta, ax_dens = axes
+
+    loss = np.array([_num(r.get("loss")) for r in recs], dtype=float)
+    ax_loss.plot(x, loss, label="loss", linewidth=1.0)
+    sl = np.array([_num(r.get("strategy_loss")) for r in recs], dtype=float)
+    if np.any(np.isfinite(sl) & (sl != 0)):
+        ax_loss.plot(x, sl, label="strategy loss", linewidth=1.0)
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=7, loc="upper right")
+
+    ax_gamma.plot(x, [_num(r.get("gamma")) for r in recs], color="tab:green", linewidth=1.0)
+    ax_gamma.set_ylabel("gamma")
+
+    groups: list[str] = []
+    for r in recs:
+        for g in r.get("theta") or {}:
+            if g not in groups:
+                groups.append(g)
+    plotted_theta = False
+    for g in groups:
+        vals = np.array([_num((r.get("theta") or {}).get(g)) for r in recs], dtype=float)
+        vals[~(vals > 0)] = np.nan  # log scale: drop zeros / negatives / missing
+        if np.any(np.isfinite(vals)):
+            ax_theta.plot(x, vals, label=g, linewidth=1.0)
+            plotted_theta = True
+    if plotted_theta:
+        ax_theta.set_yscale("log")
+        ax_theta.legend(fontsize=7, loc="upper right")
+    ax_theta.set_ylabel("theta")
+
+    dens = np.array([_num(r.get("density")) for r in recs], dtype=float) * 100.0
+    ax_dens.plot(x, dens, color="tab:purple", linewidth=1.0)
+    ax_dens.set_ylabel("density (%)")
+    ax_dens.set_xlabel("global step")
+
+    # Task boundaries: first record whose task differs from the previous one.
+    prev: Any = None
+    for xi, r in zip(x, recs, strict=True):
+        tid = r.get("task_index", r.get("task"))
+        if prev is not None and tid != prev:
+            for ax in axes:
+                ax.axvline(xi, color="grey", linestyle="--", linewidth=0.8, alpha=0.7)
+            ax_loss.annotate(
+                str(r.get("task", tid)),
+                (xi, 0.97),
+                xycoords=("data", "axes fraction"),
+                fontsize=7,
+                rotation=90,
+                va="top",
+                ha="right",
+                color="grey",
+            )
+        prev = tid
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    if not recs:
+        ax_loss.set_title("no training records")
+    else:
+        ax_loss.set_title("Training curves")
+    return _save(fig, path)
+
+
+def _mean_std(row: Mapping[str, Any], metric: str) -> tuple[float, float]:
+    mean = row["mean"] if "mean" in row else row.get(f"{metric}_mean")
+    std = row["std"] if "std" in row else row.get(f"{metric}_std")
+    return _num(mean), (0.0 if std is None else _num(std))
+
+
+def plot_bars(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path) -> Path:
+    """Grouped bar chart (mean ± std, in %) of one metric.
+
+    Each row needs ``label`` and ``mean``/``std`` (or ``{metric}_mean``/``{metric}_std`` as
+    produced by :func:`jumplora.metrics.report.aggregate`). Rows with an optional ``group``
+    key are clustered by group with one colour per label; otherwise one bar per label.
+    None means are skipped.
+    """
+    groups: list[str] = []
+    labels: list[str] = []
+    for r in rows:
+        g = str(r.get("group", ""))
+        if g not in groups:
+            groups.append(g)
+        if r["label"] not in labels:
+            labels.append(str(r["label"]))
+    grouped = groups != [""]
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2.5), 4.5))
+    if grouped:
+        width = 0.8 / max(1, len(labels))
+        for k, lab in enumerate(labels):
+            xs, ms, ss = [], [], []
+            for gi, g in enumerate(groups):
+                for r in rows:
+                    if str(r["label"]) == lab and str(r.get("group", "")) == g:
+                        m, s = _mean_std(r, metric)
+                        if math.isfinite(m):
+                            xs.append(gi - 0.4 + width * (k + 0.5))
+                            ms.append(100 * m)
+                            ss.append(100 * s)
+            ax.bar(xs, ms, width=width, yerr=ss, capsize=3, label=lab)
+        ax.set_xticks(range(len(groups)), labels=groups, rotation=30, ha="right")
+        ax.legend(fontsize=7)
+    else:
+        ms, ss = zip(*(_mean_std(r, metric) for r in rows), strict=True) if rows else ((), ())
+        xs = [i for i, m in enumerate(ms) if math.isfinite(m)]
+        ax.bar(
+            xs,
+            [100 * ms[i] for i in xs],
+            yerr=[100 * ss[i] for i in xs],
+            capsize=3,
+            color=[f"C{i % 10}" for i in xs],
+        )
+        ax.set_xticks(range(len(rows)), labels=[str(r["label"]) for r in rows], rotation=30, ha="right")
+    ax.axhline(0.0, color="black", linewidth=0.6)
+    ax.set_ylabel(f"{metric} (%)")
+    ax.set_title(f"{metric} (mean ± std over seeds)")
+    ax.grid(axis="y", alpha=0.3)
+    return _save(fig, path)

@@ -1,0 +1,282 @@
+"""Aggregate finished runs (``results.json``) into mean ± std tables over seeds.
+
+Runs are grouped by *setting*: the config with the per-run keys (seed, output paths,
+resume flags — see :data:`IGNORED_CONFIG_KEYS`) removed. Incomplete runs are never
+averaged; :func:`load_runs` reports them as skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from rich.table import Table
+
+from jumplora.metrics.cl import cl_metrics
+
+__all__ = [
+    "IGNORED_CONFIG_KEYS",
+    "METRIC_KEYS",
+    "aggregate",
+    "find_runs",
+    "load_results",
+    "load_runs",
+    "render_table",
+    "setting_key",
+    "setting_label",
+    "to_markdown",
+]
+
+RESULTS_FILE = "results.json"
+
+#: Config keys that differ between runs of the same setting and are therefore ignored by
+#: :func:`setting_key` (at any nesting level): the seed, output/log/checkpoint/cache paths,
+#: resume flags, run names and device placement.
+IGNORED_CONFIG_KEYS: frozenset[str] = frozenset(
+    {
+        "seed",
+        "out",
+        "out_dir",
+        "output_dir",
+        "run_dir",
+        "log_dir",
+        "logging_dir",
+        "save_dir",
+        "checkpoint_dir",
+        "ckpt_dir",
+        "cache_dir",
+        "resume",
+        "resume_from",
+        "resume_from_checkpoint",
+        "run_name",
+        "run_id",
+        "device",
+        "wandb_run",
+        "wandb_dir",
+    }
+)
+
+#: Aggregated quantities; each row gets ``{key}_mean`` and ``{key}_std``.
+METRIC_KEYS: tuple[str, ...] = (
+    "op",
+    "bwt",
+    "fwt",
+    "fwt_vs_independent",
+    "forgetting",
+    "learning_accuracy",
+    "density",
+    "jaccard",
+    "jaccard_past",
+    "wall_time_s",
+)
+
+_REQUIRED = ("config", "tasks", "accuracy_matrix")
+
+
+def load_results(run_dir: str | Path) -> dict[str, Any]:
+    """Load ``run_dir/results.json`` (or a path to the file itself) of a *complete* run.
+
+    Raises ValueError naming the file when it is missing, not valid JSON, lacks required
+    keys or is not marked ``"complete": true`` — so partial runs can never be averaged.
+    The returned dict gets a ``"run_dir"`` entry for reporting.
+    """
+    p = Path(run_dir)
+    f = p if p.suffix == ".json" else p / RESULTS_FILE
+    if not f.is_file():
+        raise ValueError(f"{f}: results file not found")
+    try:
+        data = json.loads(f.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"{f}: cannot parse results JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{f}: expected a JSON object, got {type(data).__name__}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"{f}: missing required keys {missing}")
+    if data.get("complete") is not True:
+        raise ValueError(f'{f}: run is incomplete ("complete" is not true)')
+    if not isinstance(data["config"], dict):
+        raise ValueError(f'{f}: "config" must be an object')
+    data["run_dir"] = str(f.parent)
+    return data
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """All directories under ``root`` (inclusive) that contain a results.json, sorted."""
+    return sorted({f.parent for f in Path(root).rglob(RESULTS_FILE)})
+
+
+def load_runs(run_dirs: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
+    """Load many runs; returns (complete results, [(run_dir, reason), ...] for skipped ones)."""
+    ok: list[dict[str, Any]] = []
+    skipped: list[tuple[str, str]] = []
+    for d in run_dirs:
+        try:
+            ok.append(load_results(d))
+        except ValueError as e:
+            skipped.append((str(d), str(e)))
+    return ok, skipped
+
+
+def _strip(obj: Any) -> Any:
+    if isinstance(obj, Mapping):
+        return {str(k): _strip(v) for k, v in obj.items() if k not in IGNORED_CONFIG_KEYS}
+    if isinstance(obj, (list, tuple)):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def setting_key(config: Mapping[str, Any]) -> str:
+    """Canonical string of the config minus :data:`IGNORED_CONFIG_KEYS` (recursively).
+
+    Two runs with equal keys are seeds of the same setting.
+    """
+    return json.dumps(_strip(config), sort_keys=True, default=str)
+
+
+def setting_label(config: Mapping[str, Any]) -> str:
+    """Short human label, e.g. ``"inclora+jumplora / order1"``."""
+    label = str(config.get("strategy", "?"))
+    if config.get("jumplora"):
+        label += "+jumplora"
+    if config.get("order") is not None:
+        label += f" / order{config['order']}"
+    return label
+
+
+def _finite(v: Any) -> float | None:
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    return f if math.isfinite(f) else None
+
+
+def _mean(vals: Iterable[Any]) -> float | None:
+    xs = [x for x in (_finite(v) for v in vals) if x is not None]
+    return float(np.mean(xs)) if xs else None
+
+
+def _run_values(res: Mapping[str, Any]) -> dict[str, float | None]:
+    """Per-run scalars; CL metrics are recomputed from the matrix when ``metrics`` is absent."""
+    metrics = res.get("metrics")
+    if not isinstance(metrics, Mapping):
+        metrics = cl_metrics(res["accuracy_matrix"], res.get("zero_shot"), res.get("independent"))
+    per_task = res.get("per_task") or []
+    out: dict[str, float | None] = {k: _finite(metrics.get(k)) for k in METRIC_KEYS[:6]}
+    out["density"] = _mean(t.get("density") for t in per_task)
+    out["jaccard"] = _mean(j for t in per_task for j in (t.get("jaccard_with_earlier") or []))
+    out["jaccard_past"] = _mean(t.get("jaccard_with_past") for t in per_task)
+    out["wall_time_s"] = _finite(res.get("wall_time_s"))
+    return out
+
+
+def aggregate(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """Group complete runs by :func:`setting_key`; mean and population std over seeds.
+
+    Results not marked complete are skipped. For each metric the mean/std are taken over
+    the seeds where it is defined (``{key}_n`` counts them); ``None`` if no seed has it,
+    e.g. density for dense runs. Rows are sorted by label.
+    """
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for r in results:
+        if r.get("complete") is not True:
+            continue
+        groups.setdefault(setting_key(r["config"]), []).append(r)
+
+    rows: list[dict[str, Any]] = []
+    for key, runs in groups.items():
+        cfg = runs[0]["config"]
+        row: dict[str, Any] = {
+            "setting": key,
+            "label": setting_label(cfg),
+            "config": _strip(cfg),
+            "n": len(runs),
+            "seeds": [r["config"].get("seed") for r in runs],
+            "tasks": list(runs[0].get("tasks") or []),
+            "run_dirs": [r.get("run_dir") for r in runs],
+        }
+        per_run = [_run_values(r) for r in runs]
+        for m in METRIC_KEYS:
+            xs = [v[m] for v in per_run if v[m] is not None]
+            row[f"{m}_mean"] = float(np.mean(xs)) if xs else None
+            row[f"{m}_std"] = float(np.std(xs)) if xs else None  # population std, 0 for one seed
+            row[f"{m}_n"] = len(xs)
+        rows.append(row)
+
+    _disambiguate(rows)
+    rows.sort(key=lambda r: (r["label"], r["setting"]))
+    return rows
+
+
+def _disambiguate(rows: list[dict[str, Any]]) -> None:
+    """Append the differing config keys to labels that would otherwise collide."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        by_label.setdefault(r["label"], []).append(r)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        keys = sorted({k for r in same for k in r["config"]})
+        diff = [
+            k
+            for k in keys
+            if len({json.dumps(r["config"].get(k), sort_keys=True, default=str) for r in same}) > 1
+        ]
+        for r in same:
+            r["label"] += " [" + ", ".join(f"{k}={r['config'].get(k)}" for k in diff) + "]"
+
+
+# (column title, metric key, in percent)
+_COLUMNS: tuple[tuple[str, str, bool], ...] = (
+    ("OP (%)", "op", True),
+    ("BWT (%)", "bwt", True),
+    ("FWT (%)", "fwt", True),
+    ("Forgetting (%)", "forgetting", True),
+    ("Density (%)", "density", True),
+    ("Jaccard (%)", "jaccard", True),
+    ("Jaccard past (%)", "jaccard_past", True),
+    ("Wall time (s)", "wall_time_s", False),
+)
+
+
+def _fmt(row: Mapping[str, Any], key: str, pct: bool) -> str:
+    mean, std = row.get(f"{key}_mean"), row.get(f"{key}_std")
+    if mean is None:
+        return "—"
+    s = 100.0 if pct else 1.0
+    digits = 2 if pct else 1
+    return f"{mean * s:.{digits}f} ± {(std or 0.0) * s:.{digits}f}"
+
+
+def render_table(
+    rows: Sequence[Mapping[str, Any]], title: str | None = "Continual-learning results"
+) -> Table:
+    """Rich table of :func:`aggregate` rows (values in %, "mean ± std", "—" for None)."""
+    table = Table(title=title)
+    table.add_column("Setting", style="bold")
+    table.add_column("n", justify="right")
+    for name, _, _ in _COLUMNS:
+        table.add_column(name, justify="right")
+    for r in rows:
+        table.add_row(str(r["label"]), str(r["n"]), *(_fmt(r, k, p) for _, k, p in _COLUMNS))
+    return table
+
+
+def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
+    """GitHub-flavoured markdown table with the same content as :func:`render_table`."""
+    header = ["Setting", "n", *(name for name, _, _ in _COLUMNS)]
+    lines = [
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|",
+    ]
+    for r in rows:
+        cells = [str(r["label"]).replace("|", "\\|"), str(r["n"]), *(_fmt(r, k, p) for _, k, p in _COLUMNS)]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
