@@ -189,7 +189,7 @@ def test_fused_path_equals_reference(gamma):
         )
     for fused_t, ref_t in zip(*results, strict=True):
         torch.testing.assert_close(fused_t, ref_t, rtol=1e-5, atol=1e-6)
-    if 0.0 < gamma:
+    if gamma > 0.0:
         assert results[0][4].abs() > 0  # θ does learn once the gate is in use
 
 
@@ -369,7 +369,7 @@ def test_unknown_target_module_is_a_clear_error():
 
 
 def test_non_linear_target_is_a_clear_error():
-    with pytest.raises(TypeError, match="only nn.Linear"):
+    with pytest.raises(TypeError, match=r"only nn\.Linear"):
         peft.get_peft_model(tiny_bert(), JumpLoraConfig(target_modules=["LayerNorm"]))
 
 

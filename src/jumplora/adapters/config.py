@@ -110,7 +110,8 @@ class JumpLoraConfig(PeftConfig):
             problems.append(f"gamma must be in [0, 1], got {self.gamma}")
         if not 0.0 <= self.sparsify_start <= self.sparsify_end <= 1.0:
             problems.append(
-                f"need 0 <= sparsify_start <= sparsify_end <= 1, got {self.sparsify_start}, {self.sparsify_end}"
+                "need 0 <= sparsify_start <= sparsify_end <= 1, "
+                f"got {self.sparsify_start}, {self.sparsify_end}"
             )
         if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
             problems.append(f"target_density must be in (0, 1], got {self.target_density}")
