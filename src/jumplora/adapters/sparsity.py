@@ -149,16 +149,16 @@ def merge_and_discard(
 ) -> MergeResult:
     """Merge s·(ΔW ⊙ 1[|ΔW|>θ]) into the base weights and drop the adapter (plain ``nn.Linear`` again).
 
-    ``keep_updates`` also returns each merged update (base-model layout, CPU, float32), which
+    ``keep_updates`` also returns each merged update ((out, in) layout like the supports, CPU, float32), which
     strategies such as ELLA accumulate.
     """
     layers = _layers_with(peft_model, adapter)
     masks = {name: layer.support(adapter).cpu() for name, layer in layers}
-    updates = (
-        {name: layer.get_delta_weight(adapter).float().cpu() for name, layer in layers}
-        if keep_updates
-        else {}
-    )
+    updates = {}
+    if keep_updates:
+        for name, layer in layers:
+            update = layer.get_delta_weight(adapter).float().cpu()
+            updates[name] = update.t() if layer._fan_in_fan_out else update
     if not hasattr(peft_model, "merge_and_unload"):
         raise TypeError("merge_and_discard needs a PeftModel (or PEFT tuner) with merge_and_unload()")
     base = peft_model.merge_and_unload(adapter_names=[adapter])

@@ -1,0 +1,83 @@
+"""Small tensor/tokenisation helpers shared by the model families."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+# Tokens kept from the end of an over-long prompt: prompts end with "...\nAnswer:", which must survive.
+_TAIL_TOKENS = 16
+
+
+def truncate_middle(ids: list[int], max_length: int) -> list[int]:
+    """Cut over-long sequences in the middle so the instruction/options head and the "Answer:" tail stay."""
+    if len(ids) <= max_length:
+        return ids
+    tail = min(_TAIL_TOKENS, max_length // 4)
+    head = max_length - tail
+    return ids[:head] + (ids[-tail:] if tail else [])
+
+
+def pad_sequences(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Pad integer sequences to the longest one (right by default, left for generation)."""
+    width = max((len(s) for s in seqs), default=0)
+    out = torch.full((len(seqs), width), value, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        if not s:
+            continue
+        row = torch.as_tensor(list(s), dtype=torch.long)
+        if left:
+            out[i, width - len(s) :] = row
+        else:
+            out[i, : len(s)] = row
+    return out
+
+
+def attention_mask_for(seqs: Sequence[Sequence[int]], left: bool = False) -> torch.Tensor:
+    """1 on real tokens, 0 on padding, matching `pad_sequences`' layout."""
+    return pad_sequences([[1] * len(s) for s in seqs], 0, left=left)
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    """Device of the model's first parameter (CPU for parameter-less stubs)."""
+    try:
+        return next(model.parameters()).device
+    except StopIteration:
+        return torch.device("cpu")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move the tensors of a batch; metadata (strings, lists) is left as is."""
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+def eos_id(tokenizer: Any) -> int | None:
+    """End-of-answer token: eos, else [SEP] for BERT-style vocabularies."""
+    for attr in ("eos_token_id", "sep_token_id"):
+        value = getattr(tokenizer, attr, None)
+        if value is not None:
+            return int(value)
+    return None
+
+
+def pad_id(tokenizer: Any) -> int:
+    """Padding id, falling back to eos (decoder-only tokenizers often lack a pad token)."""
+    value = getattr(tokenizer, "pad_token_id", None)
+    if value is None:
+        value = eos_id(tokenizer)
+    return int(value) if value is not None else 0
+
+
+def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> list[int]:
+    """Token ids of one string, without truncation (callers truncate deliberately)."""
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def sequence_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Sum of token log-probs per row; positions labelled -100 are ignored."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    mask = labels != -100
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return (picked * mask).sum(-1)
