@@ -1,0 +1,189 @@
+"""The CPU study of issue 4: hyper-parameter search on dev splits, then the final grid on test splits.
+
+    python bench/grid.py tune            # dev-split search (order-1 tasks without yahoo), ~15 min
+    python bench/grid.py final           # the grid: orders 1-3 and 4, every strategy ±JumpLoRA
+    python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
+
+Every run is a `jumplora run` subprocess with one torch thread; ``--workers`` run side by side (2 on
+this 2-core machine). A run whose ``results.json`` says ``"complete": true`` is skipped, so the grid
+can be stopped and continued. Run directories keep only results.json and train_log.jsonl once done
+(checkpoints are deleted) so they can be committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUNS = ROOT / "bench" / "runs"
+TUNED = ROOT / "bench" / "tuned.json"
+
+STRATEGIES = ("seqlora", "inclora", "ella", "olora")
+# Budgets, the same for every method (per task): examples for training / evaluation, epochs.
+STANDARD_BUDGET = {"max_train": 192, "max_eval": 100, "epochs": 1}
+LONG_BUDGET = {"max_train": 96, "max_eval": 40, "epochs": 1}
+TUNE_BUDGET = {"max_train": 192, "max_eval": 100, "epochs": 1}
+TUNE_TASKS = "dbpedia,amazon,agnews"  # order 1 without yahoo, whose dev split is its train split
+
+# Defaults before tuning: what the search starts from.
+BASE = {"lr": 1e-3, "batch_size": 16, "r": 8, "lora_alpha": 32}
+JUMP_BASE = {"bandwidth": 1e-3, "sparsify_start": 0.2, "sparsify_end": 0.8, "threshold_param": "log"}
+
+
+def tuning_runs() -> dict[str, dict]:
+    """name → CLI options. Each axis is searched around the defaults (not a full product)."""
+    runs: dict[str, dict] = {}
+    for lr in (1e-3, 3e-3):
+        runs[f"tune-inclora-lr{lr:g}"] = {"strategy": "inclora", "lr": lr}
+        runs[f"tune-inclora-jl-lr{lr:g}"] = {"strategy": "inclora", "jumplora": True, "lr": lr}
+    for bw in (1e-4, 1e-2):
+        runs[f"tune-inclora-jl-bw{bw:g}"] = {"strategy": "inclora", "jumplora": True, "bandwidth": bw}
+    runs["tune-inclora-jl-sched0.5-0.9"] = {
+        "strategy": "inclora",
+        "jumplora": True,
+        "sparsify_start": 0.5,
+        "sparsify_end": 0.9,
+    }
+    runs["tune-inclora-jl-direct"] = {"strategy": "inclora", "jumplora": True, "threshold_param": "direct"}
+    for lam in (1e2, 1e4):
+        runs[f"tune-ella-lam{lam:g}"] = {"strategy": "ella", "ella_lambda": lam}
+    for lam in (0.1, 1.0):
+        runs[f"tune-olora-lam{lam:g}"] = {"strategy": "olora", "olora_lambda": lam}
+    for name, opts in runs.items():
+        opts.update({"tasks": TUNE_TASKS, "eval_split": "dev", "seed": 0, **TUNE_BUDGET})
+        runs[name] = {**BASE, **(JUMP_BASE if opts.get("jumplora") else {}), **opts}
+    return runs
+
+
+def final_runs(tuned: dict) -> dict[str, dict]:
+    runs: dict[str, dict] = {}
+    plan = [
+        (1, (0, 1, 2), STANDARD_BUDGET),
+        (2, (0,), STANDARD_BUDGET),
+        (3, (0,), STANDARD_BUDGET),
+        (4, (0, 1, 2), LONG_BUDGET),
+    ]
+    for order, seeds, budget in plan:
+        for seed in seeds:
+            for strategy in STRATEGIES:
+                for jump in (False, True):
+                    opts = {
+                        **BASE,
+                        **tuned.get("common", {}),
+                        "strategy": strategy,
+                        "order": order,
+                        "seed": seed,
+                        **budget,
+                    }
+                    opts.update(tuned.get(strategy, {}))
+                    if jump:
+                        opts.update({"jumplora": True, **JUMP_BASE, **tuned.get("jumplora", {})})
+                    runs[f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}"] = opts
+            runs[f"o{order}-multitask-s{seed}"] = {
+                **BASE,
+                **tuned.get("common", {}),
+                "strategy": "multitask",
+                "order": order,
+                "seed": seed,
+                **budget,
+            }
+    for seed in (0, 1, 2):  # the task option space beside the stream one, order 1 (issue 4, Fidelity)
+        for jump in (False, True):
+            opts = {
+                **BASE,
+                **tuned.get("common", {}),
+                "strategy": "inclora",
+                "order": 1,
+                "seed": seed,
+                "option_space": "task",
+                **STANDARD_BUDGET,
+            }
+            if jump:
+                opts.update({"jumplora": True, **JUMP_BASE, **tuned.get("jumplora", {})})
+            runs[f"o1-inclora{'-jl' if jump else ''}-taskspace-s{seed}"] = opts
+    return runs
+
+
+def is_complete(out: Path) -> bool:
+    try:
+        return json.loads((out / "results.json").read_text()).get("complete") is True
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def to_args(opts: dict) -> list[str]:
+    args = []
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if key == "r":
+            flag = "--r"
+        if value is True:
+            args.append("--jumplora" if key == "jumplora" else flag)
+        elif value is False or value is None:
+            continue
+        else:
+            args += [flag, str(value)]
+    return args
+
+
+def run_one(name: str, opts: dict) -> tuple[str, float, int]:
+    out = RUNS / name
+    if is_complete(out):
+        return name, 0.0, 0
+    cmd = [
+        sys.executable,
+        "-m",
+        "jumplora.cli",
+        "run",
+        "--out",
+        str(out),
+        "--overwrite",
+        "--quiet",
+        "--threads",
+        "1",
+        *to_args(opts),
+    ]
+    start = time.perf_counter()
+    log = RUNS / f"{name}.log"
+    with open(log, "w") as handle:
+        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+    if code == 0:
+        shutil.rmtree(out / "checkpoint", ignore_errors=True)
+        log.unlink(missing_ok=True)
+    return name, time.perf_counter() - start, code
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("phase", choices=["tune", "final"])
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--only", default="", help="run only names containing this string")
+    args = parser.parse_args()
+    RUNS.mkdir(parents=True, exist_ok=True)
+    if args.phase == "tune":
+        runs = tuning_runs()
+    else:
+        tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
+        runs = final_runs(tuned)
+    runs = {k: v for k, v in runs.items() if args.only in k}
+    start = time.perf_counter()
+    print(f"{len(runs)} runs, {sum(is_complete(RUNS / n) for n in runs)} already complete", flush=True)
+    with ThreadPoolExecutor(args.workers) as pool:
+        for name, secs, code in pool.map(lambda item: run_one(*item), runs.items()):
+            status = "skip" if secs == 0 else ("ok" if code == 0 else f"FAILED ({code}, see {name}.log)")
+            print(
+                f"{name:40s} {status:10s} {secs:7.1f}s  total {time.perf_counter() - start:7.1f}s", flush=True
+            )
+
+
+if __name__ == "__main__":
+    main()
