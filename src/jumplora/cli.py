@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -30,9 +31,14 @@ STRATEGY_HELP = (
 )
 
 
+# Exit codes: 0 done, 2 bad input (nothing written), 3 numerical fault (last good checkpoint kept).
+EXIT_BAD_INPUT = 2
+EXIT_NUMERICAL = 3
+
+
 def _fail(message: str) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False)
-    raise typer.Exit(code=2)
+    console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code=EXIT_BAD_INPUT)
 
 
 def _csv(value: str | None) -> list[str] | None:
@@ -107,6 +113,10 @@ def run(
     mixed_precision: Annotated[str, typer.Option(help="no | fp16 | bf16 (through Accelerate).")] = "no",
     cpu: Annotated[bool, typer.Option(help="Force the CPU even when a GPU is present.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
+    checkpoint_every: Annotated[
+        int, typer.Option(help="Also checkpoint every N optimizer steps within a task (0 = task ends only).")
+    ] = 0,
+    log_every: Annotated[int, typer.Option(help="Log every N optimizer steps to train_log.jsonl.")] = 10,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
     trust_remote_code: Annotated[
         bool, typer.Option(help="Allow custom model code from the model folder.")
@@ -161,15 +171,23 @@ def run(
             seed=seed,
             mixed_precision=mixed_precision,
             cpu=cpu,
+            checkpoint_every=checkpoint_every,
+            log_every=log_every,
         )
     except ValueError as err:
         _fail(str(err))
     results = execute(config, resume=resume, overwrite=overwrite, quiet=quiet)
-    print_results(results)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        print_results(results)
 
 
 def execute(config, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
-    """Validate everything, then run; bad input exits with code 2 before anything is written."""
+    """Validate everything, then run; bad input exits with code 2 before anything is written.
+
+    A NaN/inf loss or threshold exits with code 3; the checkpoint of the last finished task stays.
+    """
     from jumplora.checkpoint import RunDirectory, RunDirectoryError
     from jumplora.engine import ContinualTrainer, NumericalError
 
@@ -184,12 +202,10 @@ def execute(config, *, resume: bool = False, overwrite: bool = False, quiet: boo
             rundir.check_matches()
         trainer = ContinualTrainer(config, quiet=quiet)
         trainer.prepare()
-        if overwrite and not resume:
-            rundir.start()
-        return trainer.run()
+        return trainer.run(fresh=overwrite and not resume)
     except NumericalError as err:
-        console.print(f"[bold red]numerical fault:[/] {err}", highlight=False)
-        raise typer.Exit(code=3) from err
+        console.print(f"[bold red]numerical fault:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
+        raise typer.Exit(code=EXIT_NUMERICAL) from err
     except (ValueError, FileNotFoundError, RunDirectoryError) as err:
         _fail(str(err))
 

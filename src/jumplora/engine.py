@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
+from jumplora import faults
 from jumplora.adapters import (
     JumpLoraConfig,
     MergeResult,
@@ -131,6 +133,8 @@ class ContinualTrainer:
         self.tasks: list[TaskData] = []
         self.state = RunState()
         self.supports: list[dict[str, torch.Tensor]] = []
+        # A mid-task checkpoint of the next task (JSON part, tensors), set by RunDirectory.restore.
+        self.pending_partial: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None
 
     # -- set-up -------------------------------------------------------------------------------------
     def prepare(self) -> None:
@@ -146,6 +150,7 @@ class ContinualTrainer:
         )
         self.target_modules = cfg.target_modules or self.loaded.target_modules
         self._check_targets()
+        self.adapter_config()  # validates the adapter options now, not at the first task
         self.tasks = build_task_data(self.stream, self.loaded, cfg)
         self.base_model = self.loaded.model.to(self.accelerator.device)
 
@@ -157,6 +162,14 @@ class ContinualTrainer:
                 f"target modules {missing} are not modules of the model at "
                 f"{self.loaded.path}; e.g. {', '.join(n for n in names[-6:] if n)}"
             )
+        if self.target_modules != ["all-linear"]:
+            for name, module in self.loaded.model.named_modules():
+                matched = any(name == t or name.endswith("." + t) for t in self.target_modules)
+                if matched and not (isinstance(module, nn.Linear) or type(module).__name__ == "Conv1D"):
+                    raise ValueError(
+                        f"target module {name!r} is a {type(module).__name__}; adapters go on linear "
+                        "layers only (nn.Linear, GPT-2's Conv1D)"
+                    )
 
     def adapter_config(self) -> JumpLoraConfig:
         cfg = self.config
@@ -209,9 +222,22 @@ class ContinualTrainer:
 
     # -- training -------------------------------------------------------------------------------------
     def train_task(
-        self, model: nn.Module, features: list[dict], task_index: int, task_name: str
+        self,
+        model: nn.Module,
+        features: list[dict],
+        task_index: int,
+        task_name: str,
+        *,
+        resume: tuple[dict[str, Any], dict[str, torch.Tensor]] | None = None,
+        checkpoint: bool = False,
     ) -> tuple[nn.Module, Sparsifier | None]:
-        """Train the adapter on one task's features; returns the (unwrapped) PEFT model."""
+        """Train the adapter on one task's features; returns the (unwrapped) PEFT model.
+
+        ``checkpoint``: write a mid-task checkpoint every ``config.checkpoint_every`` optimizer steps;
+        ``resume``: such a checkpoint to continue from (the batches before it are skipped).
+        """
+        from jumplora.checkpoint import capture_training_state, restore_rng, restore_training_state
+
         cfg, acc = self.config, self.accelerator
         family = self.loaded.family
         generator = torch.Generator().manual_seed(cfg.seed * 100_003 + task_index)
@@ -241,28 +267,46 @@ class ContinualTrainer:
                 SparsitySchedule(total_steps, cfg.sparsify_start, cfg.sparsify_end),
                 target_density=cfg.target_density,
             )
+        step = 0
+        running: list[float] = []
+        skip_to: tuple[int, int] | None = None  # (epoch, micro-batch) after which the checkpoint was taken
+        if resume is not None:
+            meta, tensors = resume
+            restore_training_state(model, optimizer, scheduler, meta, tensors)
+            step, running = meta["step"], list(meta["running"])
+            self.state.global_step = meta["global_step"]
+            skip_to = (meta["epoch"], meta["micro"])
+            if sparsifier is not None:
+                sparsifier.initialised_at = meta["sparsifier"]["initialised_at"]
+                sparsifier.gamma = meta["sparsifier"]["gamma"]
         if self.strategy is not None:
             self.strategy.on_task_start(model, task_index)
 
         wrapped.train()
-        step = 0
         bar = tqdm(
-            total=total_steps, desc=f"train {task_name}", disable=self.quiet or not self.is_main, leave=False
+            total=total_steps,
+            initial=step,
+            desc=f"train {task_name}",
+            disable=self.quiet or not self.is_main,
+            leave=False,
         )
-        running: list[float] = []
-        for _epoch in range(cfg.epochs):
+        for epoch in range(cfg.epochs):
             for micro, batch in enumerate(loader):
+                if skip_to is not None:
+                    # Replay the data order up to the checkpoint; RNG states as they were there.
+                    if (epoch, micro) == skip_to:
+                        restore_rng(resume[0], resume[1])
+                        skip_to = None
+                    continue
                 if micro % cfg.grad_accum == 0 and sparsifier is not None:
                     sparsifier.before_step(step)
                 with acc.accumulate(wrapped):
                     task_loss = family.loss(wrapped, batch)
                     extra = self.strategy.loss_term(model) if self.strategy is not None else None
                     loss = task_loss + extra if extra is not None else task_loss
-                    if not torch.isfinite(loss):
-                        raise NumericalError(
-                            f"task {task_name!r} (index {task_index}), step {step}: loss is {loss.item()}; "
-                            "the run directory keeps the last good checkpoint"
-                        )
+                    if faults.nan_at(task_index, step):
+                        loss = loss * float("nan")
+                    self._check_loss(loss, task_name, task_index, step)
                     acc.backward(loss)
                     if acc.sync_gradients:
                         if cfg.max_grad_norm:
@@ -281,11 +325,41 @@ class ContinualTrainer:
                             model, task_name, task_index, step, running, extra, sparsifier, scheduler
                         )
                         running = []
+                    every = cfg.checkpoint_every if checkpoint else 0
+                    if every and step % every == 0 and step < total_steps:
+                        meta, tensors = capture_training_state(model, optimizer, scheduler)
+                        meta.update(
+                            task=task_index,
+                            epoch=epoch,
+                            micro=micro,
+                            step=step,
+                            global_step=self.state.global_step,
+                            running=running,
+                            sparsifier={
+                                "initialised_at": sparsifier.initialised_at if sparsifier else None,
+                                "gamma": sparsifier.gamma if sparsifier else 0.0,
+                            },
+                        )
+                        self.rundir.save_partial(self, meta, tensors)
+                    faults.point("step")
         bar.close()
+        if skip_to is not None:
+            raise RuntimeError(f"mid-task checkpoint of task {task_name!r} is past the end of its data")
         if sparsifier is not None:
             sparsifier.finish()
         acc.free_memory()
         return acc.unwrap_model(wrapped), sparsifier
+
+    def _check_loss(self, loss: torch.Tensor, task_name: str, task_index: int, step: int) -> None:
+        """Stop on a NaN/inf loss; with several processes, all of them stop (no one hangs in a collective)."""
+        bad = ~torch.isfinite(loss.detach())
+        if self.accelerator.num_processes > 1:
+            bad = self.accelerator.reduce(bad.float().reshape(1), reduction="sum") > 0
+        if bool(bad):
+            raise NumericalError(
+                f"task {task_name!r} (index {task_index}), step {step}: loss is {loss.item()} (on at least "
+                "one process); the run directory keeps the last good checkpoint"
+            )
 
     def _check_thresholds(self, model: nn.Module, task_name: str, task_index: int, step: int) -> None:
         if not self.config.jumplora:
@@ -298,6 +372,10 @@ class ContinualTrainer:
                 )
 
     def _log_step(self, model, task_name, task_index, step, running, extra, sparsifier, scheduler) -> None:
+        loss = float(np.mean(running)) if running else None
+        if self.accelerator.num_processes > 1 and loss is not None:  # the mean over all processes
+            local = torch.tensor([loss], dtype=torch.float64, device=self.accelerator.device)
+            loss = float(self.accelerator.reduce(local, reduction="mean")[0])
         if not self.is_main:
             return
         record: dict[str, Any] = {
@@ -305,7 +383,7 @@ class ContinualTrainer:
             "task_index": task_index,
             "step": step,
             "global_step": self.state.global_step,
-            "loss": float(np.mean(running)) if running else None,
+            "loss": loss,
             "strategy_loss": float(extra.detach()) if extra is not None else 0.0,
             "lr": scheduler.get_last_lr()[0],
             "gamma": sparsifier.gamma if sparsifier is not None else 0.0,
@@ -321,27 +399,41 @@ class ContinualTrainer:
         return peft.get_peft_model(base, self.adapter_config())
 
     # -- the stream -----------------------------------------------------------------------------------
-    def run(self) -> dict[str, Any]:
+    def run(self, fresh: bool = False) -> dict[str, Any]:
+        """Run the stream; resumes from the checkpoint in ``config.out`` unless ``fresh``."""
         from jumplora.checkpoint import RunDirectory  # local: the run directory format lives there
 
         if self.loaded is None:
             self.prepare()
         self.rundir = RunDirectory(self.out, self.config)
+        faults.instrument(self)
+        # Every process has validated its input (and the CLI has checked the folder) before the
+        # main process writes anything.
+        self.accelerator.wait_for_everyone()
         start = time.perf_counter()
         if self.config.strategy in REFERENCE_MODES:
             results = self._run_reference(start)
         else:
-            results = self._run_stream(start)
+            results = self._run_stream(start, fresh)
+        self.accelerator.wait_for_everyone()
         return results
 
-    def _run_stream(self, start: float) -> dict[str, Any]:
+    def _run_stream(self, start: float, fresh: bool = False) -> dict[str, Any]:
         cfg, names = self.config, [d.task.name for d in self.tasks]
         model: nn.Module = self.base_model
-        resumed = self.rundir.restore(self)  # returns the model in its state after the last finished task
+        # restore() returns the model in its state after the last finished task
+        resumed = None if fresh else self.rundir.restore(self)
         if resumed is not None:
             model = resumed
+            if self.is_main:
+                where = f"after {self.state.next_task} of {len(names)} tasks"
+                if self.pending_partial is not None:
+                    meta = self.pending_partial[0]
+                    where += f", task {meta['task']} from its mid-task checkpoint at step {meta['step']}"
+                print(f"resuming {self.out} {where}", file=sys.stderr)
         elif self.is_main:
             self.rundir.start()
+        self.accelerator.wait_for_everyone()
         elapsed_before = self.state.wall_time_s
         if self.state.zero_shot is None:
             set_seed(cfg.seed)
@@ -352,7 +444,12 @@ class ContinualTrainer:
             data = self.tasks[i]
             if peft_model is None or not self.strategy.shares_adapter:
                 peft_model = self.new_adapter(model, i)
-            peft_model, _ = self.train_task(peft_model, data.train_features, i, data.task.name)
+            else:  # a shared adapter: same per-task seeding, so a resumed run draws the same numbers
+                set_seed(cfg.seed * 1000 + i)
+            partial, self.pending_partial = self.pending_partial, None
+            peft_model, _ = self.train_task(
+                peft_model, data.train_features, i, data.task.name, resume=partial, checkpoint=True
+            )
             last = i == len(self.tasks) - 1
             merged: MergeResult | None = None
             if self.strategy.shares_adapter and not last:

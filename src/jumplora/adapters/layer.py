@@ -22,7 +22,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
 from .config import JumpLoraConfig
-from .jumprelu import jumprelu, threshold_grad
+from .jumprelu import jumprelu
 
 
 def gate_coefficient(delta: torch.Tensor, theta: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -33,15 +33,41 @@ def gate_coefficient(delta: torch.Tensor, theta: torch.Tensor, gamma: float) -> 
     return open_gate.to(delta.dtype) * gamma + (1.0 - gamma)
 
 
+def _scaled_coefficient(open_gate: torch.Tensor, gamma: float, scaling: float, dtype: torch.dtype):
+    """s·(γ·1[|ΔW|>θ] + (1−γ)) from the boolean mask, in one pass (a bool mask for γ = 1)."""
+    if gamma == 1.0:
+        return None  # s·ΔW_eff = s·ΔW ⊙ mask: use masked_fill instead of a float factor
+    return torch.where(
+        open_gate,
+        torch.tensor(scaling, dtype=dtype, device=open_gate.device),
+        torch.tensor(scaling * (1.0 - gamma), dtype=dtype, device=open_gate.device),
+    )
+
+
+def _effective_update_(delta: torch.Tensor, open_gate: torch.Tensor, gamma: float, scaling: float):
+    """Turn ΔW into s·ΔW_eff *in place* (ΔW is a temporary recomputed from A and B)."""
+    coef = _scaled_coefficient(open_gate, gamma, scaling, delta.dtype)
+    if coef is None:
+        return delta.masked_fill_(~open_gate, 0.0).mul_(scaling)
+    return delta.mul_(coef)
+
+
 class _FusedJumpLoraLinear(torch.autograd.Function):
-    """y = x·(W + s·ΔW_eff)ᵀ + b in one matmul; backward recomputes ΔW from A and B."""
+    """y = x·(W + s·ΔW_eff)ᵀ + b in one matmul; backward recomputes ΔW from A and B.
+
+    Saved for backward: x (which the base layer's own backward would keep too) and references to W, A,
+    B and θ; no weight-sized tensor is stored. The backward rebuilds ΔW = B·A (a rank-r product) and
+    its boolean mask, and uses a handful of in-place weight-sized passes besides the matmuls.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, theta, scaling, gamma, bandwidth, reduction):
-        delta = lora_B @ lora_A
-        coef = gate_coefficient(delta, theta, gamma)
-        w_eff = weight + (delta * coef * scaling).to(weight.dtype)
-        out = F.linear(x.to(weight.dtype), w_eff, bias)
+        with torch.no_grad():
+            delta = lora_B @ lora_A
+            open_gate = delta.abs() > theta
+            w_eff = weight + _effective_update_(delta, open_gate, gamma, scaling).to(weight.dtype)
+            del delta, open_gate
+            out = F.linear(x.to(weight.dtype), w_eff, bias)
         ctx.save_for_backward(x, weight, lora_A, lora_B, theta)
         ctx.scaling, ctx.gamma, ctx.bandwidth, ctx.reduction = scaling, gamma, bandwidth, reduction
         ctx.has_bias = bias is not None
@@ -53,31 +79,54 @@ class _FusedJumpLoraLinear(torch.autograd.Function):
         s, gamma = ctx.scaling, ctx.gamma
         needs_x, needs_w, needs_b, needs_A, needs_B, needs_theta = ctx.needs_input_grad[:6]
         delta = lora_B @ lora_A
-        coef = gate_coefficient(delta, theta, gamma)
+        abs_delta = delta.abs()
+        open_gate = abs_delta > theta
 
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_theta = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
-        x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
         if needs_x:
-            w_eff = weight + (delta * coef * s).to(weight.dtype)
+            update = _effective_update_(delta.clone() if needs_theta else delta, open_gate, gamma, s)
+            w_eff = update.add_(weight) if update.dtype == weight.dtype else weight + update.to(weight.dtype)
+            del update
             grad_x = (grad_out @ w_eff).to(x.dtype)
+            del w_eff
         if needs_A or needs_B or needs_theta or needs_w:
+            x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
             grad_w_eff = g2.t() @ x2  # the one weight-sized matmul the sparse update cannot avoid
             if needs_w:
-                grad_w = grad_w_eff.to(weight.dtype)
-            grad_delta_eff = grad_w_eff.to(delta.dtype) * s
-            grad_delta = grad_delta_eff * coef
-            if needs_A:
-                grad_A = lora_B.t() @ grad_delta
-            if needs_B:
-                grad_B = grad_delta @ lora_A.t()
+                grad_w = grad_w_eff.to(weight.dtype, copy=True)  # grad_w_eff is reused in place below
+            grad_w_eff = grad_w_eff.to(delta.dtype)
             if needs_theta:
-                grad_theta = threshold_grad(
-                    delta, theta, grad_delta_eff * gamma, ctx.bandwidth, ctx.reduction
+                grad_theta = _threshold_grad(
+                    delta, abs_delta, theta, grad_w_eff, s * gamma, ctx.bandwidth, ctx.reduction
                 )
+            del delta, abs_delta
+            if needs_A or needs_B:
+                grad_delta = _effective_update_(grad_w_eff, open_gate, gamma, s)  # in place: ∂L/∂ΔW
+                if needs_A:
+                    grad_A = lora_B.t() @ grad_delta
+                if needs_B:
+                    grad_B = grad_delta @ lora_A.t()
         if needs_b and ctx.has_bias:
             grad_b = g2.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, grad_theta, None, None, None, None
+
+
+def _threshold_grad(delta, abs_delta, theta, grad_w_eff, factor, bandwidth, reduction):
+    """``threshold_grad(ΔW, θ, factor·∂L/∂W_eff)`` with fewer weight-sized passes; consumes ``delta``.
+
+    −(θ/ε)·factor·Σ sign(ΔW)·K((|ΔW|−θ)/ε)·g: only the entries inside the kernel band contribute. The
+    band is computed in float32 as in :func:`~jumplora.adapters.jumprelu.threshold_grad`.
+    """
+    theta32 = theta.float()
+    dist = abs_delta.float() if abs_delta.dtype != torch.float32 else abs_delta
+    outside = dist.sub_(theta32).div_(bandwidth).abs_() >= 0.5
+    signed = delta.sign_().mul_(grad_w_eff).masked_fill_(outside, 0.0)
+    total = signed.sum(dtype=torch.float32)
+    if reduction == "mean":
+        total = total / signed.numel()
+    grad = -(theta32 / bandwidth) * factor * total
+    return grad.reshape(theta.shape).to(theta.dtype)
 
 
 class JumpLoraLayer(BaseTunerLayer):
