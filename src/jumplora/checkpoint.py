@@ -95,9 +95,7 @@ class RunDirectory:
         except (OSError, json.JSONDecodeError) as err:
             raise RunDirectoryError(f"{saved_path}: cannot read the run's configuration ({err})") from err
         now = self.config.to_dict()
-        diff = sorted(
-            k for k in set(saved) | set(now) if k not in _RESUME_FREE_KEYS and saved.get(k) != now.get(k)
-        )
+        diff = sorted(k for k in set(saved) | set(now) if k not in _RESUME_FREE_KEYS and saved.get(k) != now.get(k))
         if diff:
             details = ", ".join(f"{k}: {saved.get(k)!r} → {now.get(k)!r}" for k in diff)
             raise RunDirectoryError(f"{saved_path}: --resume with a different configuration ({details})")
@@ -142,9 +140,7 @@ class RunDirectory:
             trainer.strategy.load_state_tensors(load_tensors(self.ckpt / state["strategy"]))
         if state["adapter"] is not None:
             model = peft.get_peft_model(model, trainer.adapter_config())
-            load_adapter_tensors(
-                model, load_tensors(self.ckpt / state["adapter"]), self.ckpt / state["adapter"]
-            )
+            load_adapter_tensors(model, load_tensors(self.ckpt / state["adapter"]), self.ckpt / state["adapter"])
         partial = state.get("partial")
         trainer.pending_partial = None
         if partial is not None and partial["task"] == st.next_task:
@@ -222,9 +218,7 @@ class RunDirectory:
         faults.point("commit")
         atomic_write_json(self.out / "results.json", partial_results)
 
-    def save_partial(
-        self, trainer: ContinualTrainer, meta: dict[str, Any], tensors: dict[str, torch.Tensor]
-    ) -> None:
+    def save_partial(self, trainer: ContinualTrainer, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Mid-task checkpoint (``--checkpoint-every``): the task-boundary state plus ``meta``/``tensors``."""
         if not trainer.is_main or self._state is None:
             return
@@ -310,9 +304,7 @@ def restore_training_state(
     load_adapter_tensors(model, adapter, "mid-task checkpoint")
     state: dict[int, dict[str, Any]] = {}
     for idx, slots in meta["optimizer"]["state"].items():
-        state[int(idx)] = {
-            key: tensors[f"opt.{idx}.{key}"] if value is None else value for key, value in slots.items()
-        }
+        state[int(idx)] = {key: tensors[f"opt.{idx}.{key}"] if value is None else value for key, value in slots.items()}
     optimizer.load_state_dict({"state": state, "param_groups": meta["optimizer"]["param_groups"]})
     scheduler.load_state_dict(dict(meta["scheduler"]))
 
@@ -377,9 +369,7 @@ def _write_plots(out: Path, results: dict[str, Any]) -> list[str]:
     written = []
     matrix = np.array(results["accuracy_matrix"])
     if matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1] == len(names):
-        written.append(
-            plot_accuracy_heatmap(matrix, names, plots / "accuracy_heatmap.png", title=results["label"])
-        )
+        written.append(plot_accuracy_heatmap(matrix, names, plots / "accuracy_heatmap.png", title=results["label"]))
         written.append(plot_accuracy_curves(matrix, names, plots / "accuracy_curves.png"))
     per_task = results.get("per_task") or []
     if per_task and len(per_task) == len(names):

@@ -50,15 +50,9 @@ def run(
     out: Annotated[
         Path, typer.Option(help="Run directory (results.json, train_log.jsonl, plots/, checkpoint/).")
     ] = Path("runs/default"),
-    order: Annotated[
-        int, typer.Option(help="Benchmark order: 1-3 standard (4 tasks), 4-6 long (15 tasks).")
-    ] = 1,
-    stream: Annotated[
-        Path | None, typer.Option(help="Custom stream file (YAML/JSON) instead of --order.")
-    ] = None,
-    tasks: Annotated[
-        str | None, typer.Option(help="Comma-separated benchmark tasks instead of --order.")
-    ] = None,
+    order: Annotated[int, typer.Option(help="Benchmark order: 1-3 standard (4 tasks), 4-6 long (15 tasks).")] = 1,
+    stream: Annotated[Path | None, typer.Option(help="Custom stream file (YAML/JSON) instead of --order.")] = None,
+    tasks: Annotated[str | None, typer.Option(help="Comma-separated benchmark tasks instead of --order.")] = None,
     data_dir: Annotated[
         Path | None,
         typer.Option(help="Benchmark folder (default: $JUMPLORA_DATA, else ../shared/cl_benchmark)."),
@@ -70,12 +64,8 @@ def run(
     model: Annotated[
         str | None, typer.Option(help="Local model folder (default: the packaged all-MiniLM-L6-v2).")
     ] = None,
-    family: Annotated[
-        str | None, typer.Option(help="encoder | seq2seq | causal (default: from the config).")
-    ] = None,
-    targets: Annotated[
-        str | None, typer.Option(help="Comma-separated target modules (default: per model).")
-    ] = None,
+    family: Annotated[str | None, typer.Option(help="encoder | seq2seq | causal (default: from the config).")] = None,
+    targets: Annotated[str | None, typer.Option(help="Comma-separated target modules (default: per model).")] = None,
     max_train: Annotated[int, typer.Option(help="Training examples per task (0 = all).")] = 256,
     max_eval: Annotated[int, typer.Option(help="Evaluation examples per task (0 = all).")] = 200,
     eval_split: Annotated[str, typer.Option(help="dev (for tuning) or test (final numbers).")] = "test",
@@ -87,9 +77,7 @@ def run(
     batch_size: Annotated[int, typer.Option(help="Per-device training batch size.")] = 16,
     grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
     lr: Annotated[float, typer.Option(help="Learning rate (AdamW, warm-up then constant).")] = 1e-3,
-    theta_lr: Annotated[
-        float | None, typer.Option(help="Learning rate of the thresholds (default: --lr).")
-    ] = None,
+    theta_lr: Annotated[float | None, typer.Option(help="Learning rate of the thresholds (default: --lr).")] = None,
     warmup_ratio: Annotated[float, typer.Option(help="Fraction of a task's steps spent warming up.")] = 0.06,
     rank: Annotated[int, typer.Option("--r", help="LoRA rank.")] = 8,
     lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 32.0,
@@ -97,9 +85,7 @@ def run(
     granularity: Annotated[str, typer.Option(help="Thresholds: global | per_block | per_module.")] = "global",
     threshold_param: Annotated[str, typer.Option(help="Learn log θ ('log') or θ ('direct').")] = "log",
     bandwidth: Annotated[float, typer.Option(help="Width ε of the θ straight-through kernel.")] = 1e-3,
-    sparsify_start: Annotated[
-        float, typer.Option(help="Fraction of a task's steps where γ starts rising.")
-    ] = 0.2,
+    sparsify_start: Annotated[float, typer.Option(help="Fraction of a task's steps where γ starts rising.")] = 0.2,
     sparsify_end: Annotated[float, typer.Option(help="Fraction of a task's steps where γ reaches 1.")] = 0.8,
     target_density: Annotated[
         float | None, typer.Option(help="Keep this fraction at the θ init (default: the LoRA budget).")
@@ -118,9 +104,7 @@ def run(
     ] = 0,
     log_every: Annotated[int, typer.Option(help="Log every N optimizer steps to train_log.jsonl.")] = 10,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
-    trust_remote_code: Annotated[
-        bool, typer.Option(help="Allow custom model code from the model folder.")
-    ] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow custom model code from the model folder.")] = False,
     threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: all cores).")] = None,
     quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
 ) -> None:
@@ -219,9 +203,7 @@ def print_results(results: dict) -> None:
         table.add_column(name, justify="right")
     if results.get("zero_shot"):
         table.add_row("zero-shot", *(f"{100 * v:.1f}" for v in results["zero_shot"]))
-    row_names = (
-        names if len(results["accuracy_matrix"]) == len(names) else [results.get("reference", "final")]
-    )
+    row_names = names if len(results["accuracy_matrix"]) == len(names) else [results.get("reference", "final")]
     for name, row in zip(row_names, results["accuracy_matrix"], strict=False):
         table.add_row(name, *(f"{100 * v:.1f}" for v in row))
     out.print(table)
