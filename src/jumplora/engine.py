@@ -199,6 +199,8 @@ class ContinualTrainer:
         model.eval()
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
         indices = list(range(rank, len(data.eval_features), world))
+        # Batches of similar lengths pad less (~10 % fewer tokens on the default stream); counts only.
+        indices.sort(key=lambda i: len(data.eval_features[i]["input_ids"]))
         correct = 0
         bs = self.config.eval_batch_size
         with family.eval_cache(model):

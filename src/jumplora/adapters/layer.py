@@ -33,23 +33,14 @@ def gate_coefficient(delta: torch.Tensor, theta: torch.Tensor, gamma: float) -> 
     return open_gate.to(delta.dtype) * gamma + (1.0 - gamma)
 
 
-def _scaled_coefficient(open_gate: torch.Tensor, gamma: float, scaling: float, dtype: torch.dtype):
-    """s·(γ·1[|ΔW|>θ] + (1−γ)) from the boolean mask, in one pass (a bool mask for γ = 1)."""
+def _gate(t: torch.Tensor, open_gate: torch.Tensor, gamma: float) -> torch.Tensor:
+    """t ⊙ (γ·1[|ΔW|>θ] + (1−γ)): one ``where`` (two kernels for 0 < γ < 1), no float mask.
+
+    Python scalars only: a device tensor made from a float here would be a blocking host→device copy.
+    """
     if gamma == 1.0:
-        return None  # s·ΔW_eff = s·ΔW ⊙ mask: use masked_fill instead of a float factor
-    return torch.where(
-        open_gate,
-        torch.tensor(scaling, dtype=dtype, device=open_gate.device),
-        torch.tensor(scaling * (1.0 - gamma), dtype=dtype, device=open_gate.device),
-    )
-
-
-def _effective_update_(delta: torch.Tensor, open_gate: torch.Tensor, gamma: float, scaling: float):
-    """Turn ΔW into s·ΔW_eff *in place* (ΔW is a temporary recomputed from A and B)."""
-    coef = _scaled_coefficient(open_gate, gamma, scaling, delta.dtype)
-    if coef is None:
-        return delta.masked_fill_(~open_gate, 0.0).mul_(scaling)
-    return delta.mul_(coef)
+        return torch.where(open_gate, t, 0.0)
+    return torch.where(open_gate, t, t * (1.0 - gamma))
 
 
 class _FusedJumpLoraLinear(torch.autograd.Function):
@@ -57,16 +48,19 @@ class _FusedJumpLoraLinear(torch.autograd.Function):
 
     Saved for backward: x (which the base layer's own backward would keep too) and references to W, A,
     B and θ; no weight-sized tensor is stored. The backward rebuilds ΔW = B·A (a rank-r product) and
-    its boolean mask, and uses a handful of in-place weight-sized passes besides the matmuls.
+    its boolean mask. The scale s is folded into ``add(alpha=s)`` and the rank-r gradients, so the
+    weight-sized elementwise work is a few passes (it is what a GPU spends most of this layer's extra
+    time on: kernels over a weight-sized tensor are launch- and bandwidth-bound).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, theta, scaling, gamma, bandwidth, reduction):
         with torch.no_grad():
             delta = lora_B @ lora_A
-            open_gate = delta.abs() > theta
-            w_eff = weight + _effective_update_(delta, open_gate, gamma, scaling).to(weight.dtype)
-            del delta, open_gate
+            update = _gate(delta, delta.abs() > theta, gamma)
+            del delta
+            w_eff = torch.add(weight, update.to(weight.dtype), alpha=scaling)
+            del update
             out = F.linear(x.to(weight.dtype), w_eff, bias)
         ctx.save_for_backward(x, weight, lora_A, lora_B, theta)
         ctx.scaling, ctx.gamma, ctx.bandwidth, ctx.reduction = scaling, gamma, bandwidth, reduction
@@ -85,16 +79,14 @@ class _FusedJumpLoraLinear(torch.autograd.Function):
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_theta = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if needs_x:
-            update = _effective_update_(delta.clone() if needs_theta else delta, open_gate, gamma, s)
-            w_eff = update.add_(weight) if update.dtype == weight.dtype else weight + update.to(weight.dtype)
-            del update
+            w_eff = torch.add(weight, _gate(delta, open_gate, gamma).to(weight.dtype), alpha=s)
             grad_x = (grad_out @ w_eff).to(x.dtype)
             del w_eff
         if needs_A or needs_B or needs_theta or needs_w:
             x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
             grad_w_eff = g2.t() @ x2  # the one weight-sized matmul the sparse update cannot avoid
             if needs_w:
-                grad_w = grad_w_eff.to(weight.dtype, copy=True)  # grad_w_eff is reused in place below
+                grad_w = grad_w_eff.to(weight.dtype)
             grad_w_eff = grad_w_eff.to(delta.dtype)
             if needs_theta:
                 grad_theta = _threshold_grad(
@@ -102,26 +94,26 @@ class _FusedJumpLoraLinear(torch.autograd.Function):
                 )
             del delta, abs_delta
             if needs_A or needs_B:
-                grad_delta = _effective_update_(grad_w_eff, open_gate, gamma, s)  # in place: ∂L/∂ΔW
+                grad_delta = _gate(grad_w_eff, open_gate, gamma)  # ∂L/∂ΔW, up to the factor s
                 if needs_A:
-                    grad_A = lora_B.t() @ grad_delta
+                    grad_A = (lora_B.t() @ grad_delta).mul_(s)
                 if needs_B:
-                    grad_B = grad_delta @ lora_A.t()
+                    grad_B = (grad_delta @ lora_A.t()).mul_(s)
         if needs_b and ctx.has_bias:
             grad_b = g2.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, grad_theta, None, None, None, None
 
 
 def _threshold_grad(delta, abs_delta, theta, grad_w_eff, factor, bandwidth, reduction):
-    """``threshold_grad(ΔW, θ, factor·∂L/∂W_eff)`` with fewer weight-sized passes; consumes ``delta``.
+    """``threshold_grad(ΔW, θ, factor·∂L/∂W_eff)`` with fewer weight-sized passes; consumes ``abs_delta``.
 
     −(θ/ε)·factor·Σ sign(ΔW)·K((|ΔW|−θ)/ε)·g: only the entries inside the kernel band contribute. The
     band is computed in float32 as in :func:`~jumplora.adapters.jumprelu.threshold_grad`.
     """
     theta32 = theta.float()
     dist = abs_delta.float() if abs_delta.dtype != torch.float32 else abs_delta
-    outside = dist.sub_(theta32).div_(bandwidth).abs_() >= 0.5
-    signed = delta.sign_().mul_(grad_w_eff).masked_fill_(outside, 0.0)
+    inside = dist.sub_(theta32).div_(bandwidth).abs_() < 0.5
+    signed = torch.where(inside, torch.sign(delta), 0.0).mul_(grad_w_eff)
     total = signed.sum(dtype=torch.float32)
     if reduction == "mean":
         total = total / signed.numel()

