@@ -9,7 +9,7 @@ from peft.utils import register_peft_method
 
 from .config import JumpLoraConfig
 from .jumprelu import jumprelu, rectangle, threshold_grad
-from .layer import JumpLoraLayer, Linear, gate_coefficient
+from .layer import JumpLoraLayer, Linear
 from .model import JumpLoraModel, block_name
 from .peft_type import JUMPLORA
 from .schedule import Sparsifier, SparsitySchedule
@@ -40,7 +40,6 @@ __all__ = [
     "Sparsifier",
     "SparsitySchedule",
     "block_name",
-    "gate_coefficient",
     "init_thresholds_to_budget",
     "jumplora_layers",
     "jumprelu",

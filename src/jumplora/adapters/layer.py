@@ -25,14 +25,6 @@ from .config import JumpLoraConfig
 from .jumprelu import jumprelu
 
 
-def gate_coefficient(delta: torch.Tensor, theta: torch.Tensor, gamma: float) -> torch.Tensor:
-    """γ·1[|ΔW|>θ] + (1−γ): the factor that turns ΔW into ΔW_eff, and ∂ΔW_eff/∂ΔW."""
-    open_gate = delta.abs() > theta
-    if gamma == 1.0:
-        return open_gate.to(delta.dtype)
-    return open_gate.to(delta.dtype) * gamma + (1.0 - gamma)
-
-
 def _gate(t: torch.Tensor, open_gate: torch.Tensor, gamma: float) -> torch.Tensor:
     """t ⊙ (γ·1[|ΔW|>θ] + (1−γ)): one ``where`` (two kernels for 0 < γ < 1), no float mask.
 
