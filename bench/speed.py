@@ -208,9 +208,7 @@ def build_variant(
     if variant == "base_infer":
         return base, False
     if variant == "merged_infer":
-        model = peft.get_peft_model(
-            copy.deepcopy(base), JumpLoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets)
-        )
+        model = peft.get_peft_model(copy.deepcopy(base), JumpLoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets))
         randomise_b(model)
         init_thresholds_to_budget(model)
         set_gamma(model, 1.0)

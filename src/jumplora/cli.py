@@ -244,7 +244,7 @@ def report(
     if markdown:
         print(to_markdown(rows))
     else:
-        Console().print(render_table(rows))
+        Console(width=None if sys.stdout.isatty() else 200).print(render_table(rows))
 
 
 def main() -> None:  # pragma: no cover - console entry point
