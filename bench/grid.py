@@ -90,15 +90,15 @@ def final_runs(tuned: dict) -> dict[str, dict]:
     for seed in (0, 1, 2):
         for strategy, jump in headline:
             add(strategy, jump, 4, seed)
-    for seed in (0, 1, 2):
-        for strategy, jump in others:
-            add(strategy, jump, 4, seed)
     for order in (2, 3):
         for strategy, jump in headline + others:
             add(strategy, jump, order, 0)
     for seed in (0, 1, 2):  # the task option space beside the stream one, order 1 (issue 4, Fidelity)
         for jump in (False, True):
             add("inclora", jump, 1, seed, suffix="-taskspace", option_space="task")
+    for seed in (0, 1, 2):
+        for strategy, jump in others:
+            add(strategy, jump, 4, seed)
     return runs
 
 
