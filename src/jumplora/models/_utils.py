@@ -53,6 +53,12 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def answer_token_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
+    """Cross-entropy on the answer tokens: the labels mask everything else with -100."""
+    batch = to_device(batch, model_device(model))
+    return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+
+
 def eos_id(tokenizer: Any) -> int | None:
     """End-of-answer token: eos, else [SEP] for BERT-style vocabularies."""
     for attr in ("eos_token_id", "sep_token_id"):

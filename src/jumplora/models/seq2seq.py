@@ -9,6 +9,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from ._utils import (
+    answer_token_loss,
     attention_mask_for,
     eos_id,
     model_device,
@@ -86,10 +87,7 @@ class Seq2SeqFamily(ModelFamily):
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        batch = to_device(batch, model_device(model))
-        return model(
-            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]
-        ).loss
+        return answer_token_loss(model, batch)
 
     def candidate_log_likelihoods(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
         """Per example, the summed log-prob of each of its candidates (encoder run once per prompt)."""
