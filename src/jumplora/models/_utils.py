@@ -53,6 +53,14 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
+def example_metadata(features: list[dict]) -> dict:
+    """Per-example answers and candidates carried through a batch (candidate ids when ranking)."""
+    meta = {"answers": [f["answer"] for f in features], "candidates": [f["candidates"] for f in features]}
+    if all("candidate_ids" in f for f in features):
+        meta["candidate_ids"] = [f["candidate_ids"] for f in features]
+    return meta
+
+
 def answer_token_loss(model: torch.nn.Module, batch: dict) -> torch.Tensor:
     """Cross-entropy on the answer tokens: the labels mask everything else with -100."""
     batch = to_device(batch, model_device(model))

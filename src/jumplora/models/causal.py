@@ -12,6 +12,7 @@ from ._utils import (
     answer_token_loss,
     attention_mask_for,
     eos_id,
+    example_metadata,
     model_device,
     pad_sequences,
     sequence_log_likelihoods,
@@ -114,11 +115,8 @@ class CausalFamily(ModelFamily):
             # Left-padded prompts for generation / ranking.
             "prompt_input_ids": pad_sequences(prompts, self._pad_id, left=True),
             "prompt_attention_mask": attention_mask_for(prompts, left=True),
-            "answers": [f["answer"] for f in features],
-            "candidates": [f["candidates"] for f in features],
+            **example_metadata(features),
         }
-        if all("candidate_ids" in f for f in features):
-            batch["candidate_ids"] = [f["candidate_ids"] for f in features]
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:

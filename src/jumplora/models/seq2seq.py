@@ -12,6 +12,7 @@ from ._utils import (
     answer_token_loss,
     attention_mask_for,
     eos_id,
+    example_metadata,
     model_device,
     pad_id,
     pad_sequences,
@@ -79,11 +80,8 @@ class Seq2SeqFamily(ModelFamily):
             "input_ids": pad_sequences(prompts, self._pad_id),
             "attention_mask": attention_mask_for(prompts),
             "labels": pad_sequences([f["labels"] for f in features], -100),
-            "answers": [f["answer"] for f in features],
-            "candidates": [f["candidates"] for f in features],
+            **example_metadata(features),
         }
-        if all("candidate_ids" in f for f in features):
-            batch["candidate_ids"] = [f["candidate_ids"] for f in features]
         return batch
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
