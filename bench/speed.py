@@ -58,12 +58,14 @@ from jumplora.adapters import (
     init_thresholds_to_budget,
     jumplora_layers,
     jumprelu,
+    kernels,
     merge_and_discard,
     set_gamma,
 )
 
 R, ALPHA = 8, 32.0
 TRAIN_VARIANTS = ("peft_lora", "reference", "ours_g0", "ours_g05", "ours_g1")
+TORCH_OPS_VARIANTS = ("ours_g05_torchops", "ours_g1_torchops")  # GPU: our layer with torch ops, no Triton
 INFER_VARIANTS = ("base_infer", "merged_infer")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -216,7 +218,7 @@ def build_variant(
     raise ValueError(variant)
 
 
-GAMMAS = {"ours_g0": 0.0, "ours_g05": 0.5, "ours_g1": 1.0}
+GAMMAS = {"ours_g0": 0.0, "ours_g05": 0.5, "ours_g1": 1.0, "ours_g05_torchops": 0.5, "ours_g1_torchops": 1.0}
 
 
 def step_fn(variant: str, model: nn.Module, batch: dict, train: bool) -> Callable[[], None]:
@@ -233,14 +235,16 @@ def step_fn(variant: str, model: nn.Module, batch: dict, train: bool) -> Callabl
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     gamma = GAMMAS.get(variant)
+    backend = "torch" if variant.endswith("_torchops") else "auto"
 
     def step() -> None:
         if gamma is not None:
             set_gamma(model, gamma)
         opt.zero_grad(set_to_none=True)
-        out = model(**batch)
-        loss = out.last_hidden_state.float().square().mean()
-        loss.backward()
+        with kernels.use_backend(backend):
+            out = model(**batch)
+            loss = out.last_hidden_state.float().square().mean()
+            loss.backward()
         opt.step()
 
     return step
@@ -309,7 +313,8 @@ def bench_config(args: argparse.Namespace, model_name: str, target_key: str) -> 
         p.requires_grad_(False)
     batch = make_inputs(args, enc_dec, device)
     shared: dict[str, nn.Module] = {}
-    variants = list(TRAIN_VARIANTS) + (list(INFER_VARIANTS) if target_key == "all" or args.infer_all else [])
+    variants = list(TRAIN_VARIANTS) + (list(TORCH_OPS_VARIANTS) if args.torch_ops else [])
+    variants += list(INFER_VARIANTS) if target_key == "all" or args.infer_all else []
     fns = {}
     for v in variants:
         model, train = build_variant(v, base, targets[target_key], shared)
@@ -331,6 +336,8 @@ def bench_config(args: argparse.Namespace, model_name: str, target_key: str) -> 
     result["time_s"] = {v: statistics.median(t) for v, t in times.items()}
     result["time_all_s"] = times
     result["cpu_s"] = {v: statistics.median(t) for v, t in cpu_times.items()}
+    if args.count_ops:
+        result["ops_per_step"] = {v: count_ops(fns[v], device) for v in variants}
     if args.memory:
         if device.type == "cuda":
             mem = {v: measure_memory_here(fns[v], device) for v in variants}
@@ -339,6 +346,29 @@ def bench_config(args: argparse.Namespace, model_name: str, target_key: str) -> 
             mem = {v: memory_in_subprocess(args, model_name, target_key, v) for v in variants}
         result["peak_mib"] = mem
     return result
+
+
+def count_ops(fn: Callable[[], None], device: torch.device) -> dict[str, float]:
+    """Torch ops dispatched and device kernels launched by one step, and the host time it took.
+
+    On a GPU at fine-tuning batch sizes the step is bound by the host issuing kernels, so these counts
+    explain the timings better than FLOPs do.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        fn()
+        sync(device)
+    events = prof.events()
+    ops = [e for e in events if e.device_type.name == "CPU" and e.name.startswith("aten::")]
+    kernels_ = [e for e in events if e.device_type.name == "CUDA"]
+    return {
+        "aten_ops": len(ops),
+        "device_kernels": len(kernels_),
+        "device_busy_ms": sum(e.device_time for e in kernels_) / 1e3,
+    }
 
 
 def ratios(res: dict, key: str = "time_s") -> dict[str, float]:
@@ -350,6 +380,9 @@ def ratios(res: dict, key: str = "time_s") -> dict[str, float]:
         "g05/ref": t["ours_g05"] / t["reference"],
         "g1/ref": t["ours_g1"] / t["reference"],
     }
+    if "ours_g1_torchops" in t:
+        out["g1 torchops/peft"] = t["ours_g1_torchops"] / t["peft_lora"]
+        out["g05 torchops/peft"] = t["ours_g05_torchops"] / t["peft_lora"]
     if "merged_infer" in t:
         out["merged/base"] = t["merged_infer"] / t["base_infer"]
     if "peak_mib" in res and key == "time_s":
@@ -363,7 +396,7 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
     print(f"\n## {args.device} {args.dtype}, batch {args.batch} x {args.seq} tokens"
           f"{f' (decoder {args.dec_seq})' if any(r['model'].startswith('t5') for r in results) else ''}, "
           f"{args.threads} threads, median of {args.repeats}\n")  # fmt: skip
-    cols = ("peft_lora", "reference", "ours_g0", "ours_g05", "ours_g1")
+    cols = [c for c in TRAIN_VARIANTS + TORCH_OPS_VARIANTS if c in results[0]["time_s"]]
     print("| model | targets | " + " | ".join(f"{c} s" for c in cols) + " | base inf s | merged inf s |")
     print("|---" * (len(cols) + 4) + "|")
     for r in results:
@@ -378,6 +411,15 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
         for r in results:
             m = r["peak_mib"]
             print(f"| {r['model']} | {r['targets']} | " + " | ".join(f"{m[c]:.0f}" for c in cols) + " |")
+    if all("ops_per_step" in r for r in results):
+        print("\nPer training step: aten ops dispatched / device kernels launched / device busy ms:\n")
+        names = [v for v in results[0]["ops_per_step"] if v not in INFER_VARIANTS]
+        print("| model | targets | " + " | ".join(names) + " |")
+        print("|---" * (len(names) + 2) + "|")
+        for r in results:
+            o = r["ops_per_step"]
+            print(f"| {r['model']} | {r['targets']} | " + " | ".join(
+                f"{o[v]['aten_ops']} / {o[v]['device_kernels']} / {o[v]['device_busy_ms']:.1f}" for v in names) + " |")
     for key, title in (("time_s", "wall time"), ("cpu_s", "process CPU time")):
         if key == "cpu_s" and args.device != "cpu":
             continue
@@ -406,6 +448,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--infer-all", action="store_true", help="time merged inference for qv targets too")
+    p.add_argument("--torch-ops", action="store_true", help="also time our layer with torch ops instead of Triton")
+    p.add_argument("--count-ops", action="store_true", help="profile one step per variant: ops and kernels")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)

@@ -32,6 +32,7 @@ from jumplora.adapters import (
     set_gamma,
     sparsity_stats,
     supports,
+    threshold_parameters,
     threshold_values,
 )
 
@@ -303,11 +304,19 @@ def test_budget_matched_init_keeps_exact_budget(granularity):
         assert kept == round(0.1 * total)
 
 
-def test_thresholds_are_float32_in_a_bf16_model():
+@pytest.mark.parametrize("granularity", ["global", "per_block"])
+def test_thresholds_are_float32_and_shared_in_a_bf16_model(granularity):
+    """PEFT casts adapter tensors to a bf16 base's dtype when it builds a layer: θ must stay one shared
+    float32 Parameter per group (a per-layer bf16 copy would silently turn 'global' into 'per_module')."""
     model = tiny_llama().to(torch.bfloat16)
-    pm = peft.get_peft_model(model, JumpLoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    cfg = JumpLoraConfig(r=4, target_modules=["q_proj", "v_proj"], threshold_granularity=granularity)
+    pm = peft.get_peft_model(model, cfg)
+    thetas = {id(layer.jumplora_theta["default"]) for _, layer in jumplora_layers(pm)}
+    assert len(thetas) == (1 if granularity == "global" else 2)  # tiny LLaMA: 2 blocks
+    assert len(threshold_parameters(pm)) == len(thetas)
     for _, layer in jumplora_layers(pm):
         assert layer.jumplora_theta["default"].dtype == torch.float32
+        assert layer.theta("default").item() == pytest.approx(1e-3, rel=1e-6)  # not rounded to bf16
     randomise_adapter(pm)
     init_thresholds_to_budget(pm)
     set_gamma(pm, 0.5)

@@ -57,9 +57,10 @@ def assert_grads_close(got, want):
 @pytest.mark.parametrize("gamma", [0.0, 0.3, 0.8, 1.0])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("bias", [True, False])
-def test_fast_path_matches_textbook_in_float64(gamma, reduction, bias):
+@pytest.mark.parametrize("tokens", [(3, 7), (4, 9)])  # fewer / more tokens than outputs: W_eff rebuilt / kept
+def test_fast_path_matches_textbook_in_float64(gamma, reduction, bias, tokens):
     pm, layer = make_layer(gamma, reduction=reduction, bias=bias)
-    x = torch.randn(3, 7, 40, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(*tokens, 40, dtype=torch.float64, requires_grad=True)
     fast = pm(x)
     ref = textbook(layer, x, gamma)
     torch.testing.assert_close(fast, ref, rtol=1e-10, atol=1e-12)
@@ -109,6 +110,25 @@ def test_fused_path_keeps_no_weight_sized_tensor_for_backward(gamma):
     assert all(t.numel() < weight_numel for t in fast), [tuple(t.shape) for t in fast]
     ref = new_saved(lambda: textbook(layer, x, gamma))
     assert any(t.numel() >= weight_numel for t in ref)
+
+
+@pytest.mark.parametrize("gamma", [0.5, 1.0])
+def test_fused_path_keeps_w_eff_only_when_x_is_larger(gamma):
+    """With at least as many tokens as output features, W_eff (no larger than x) is kept for ∂L/∂x."""
+    pm, layer = make_layer(gamma, dtype=torch.float32)
+    weight = layer.base_layer.weight
+    for tokens, kept in ((23, False), (24, True), (60, True)):
+        x = torch.randn(tokens, 40, requires_grad=True)
+        saved: list[torch.Tensor] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t, into=saved: into.append(t) or t, lambda t: t):
+            out = pm(x)
+        others = (weight.data_ptr(), x.data_ptr())
+        w_eff = [t for t in saved if t.shape == weight.shape and t.data_ptr() not in others]
+        assert len(w_eff) == int(kept)
+        if kept:
+            torch.testing.assert_close(w_eff[0], weight + layer.effective_delta("default").detach())
+        out.sum().backward()  # the kept W_eff serves the backward
+        assert torch.isfinite(x.grad).all()
 
 
 def test_gamma_zero_never_builds_delta_w(monkeypatch):

@@ -21,57 +21,47 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from . import kernels
 from .config import JumpLoraConfig
 from .jumprelu import jumprelu
 
 
-def _gate(t: torch.Tensor, open_gate: torch.Tensor, gamma: float) -> torch.Tensor:
-    """t ⊙ (γ·1[|ΔW|>θ] + (1−γ)): one ``where`` (two kernels for 0 < γ < 1), no float mask.
-
-    Python scalars only: a device tensor made from a float here would be a blocking host→device copy.
-    """
-    if gamma == 1.0:
-        return torch.where(open_gate, t, 0.0)
-    return torch.where(open_gate, t, t * (1.0 - gamma))
-
-
 class _FusedJumpLoraLinear(torch.autograd.Function):
-    """y = x·(W + s·ΔW_eff)ᵀ + b in one matmul; backward recomputes ΔW from A and B.
+    """y = x·(W + s·ΔW_eff)ᵀ + b in one matmul; the backward rebuilds ΔW from A and B.
 
-    Saved for backward: x (which the base layer's own backward would keep too) and references to W, A,
-    B and θ; no weight-sized tensor is stored. The backward rebuilds ΔW = B·A (a rank-r product) and
-    its boolean mask. The scale s is folded into ``add(alpha=s)`` and the rank-r gradients, so the
-    weight-sized elementwise work is a few passes (it is what a GPU spends most of this layer's extra
-    time on: kernels over a weight-sized tensor are launch- and bandwidth-bound).
+    The weight-sized steps (build W_eff; gate ∂L/∂W_eff and take the θ-gradient) are
+    :mod:`~jumplora.adapters.kernels`: one Triton kernel each on a GPU, a few torch ops elsewhere. θ
+    enters raw (log θ or θ), so no per-layer ``exp`` node is recorded.
+
+    Saved for backward: x (which the base layer's own backward keeps too), references to W, A, B and θ,
+    and W_eff only when it is no larger than x (at least as many tokens as output features): then keeping
+    it costs less memory than PEFT's float32 copy of x, and saves rebuilding it for ∂L/∂x. With fewer
+    tokens it is recomputed, so nothing weight-sized outlives the forward.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, lora_A, lora_B, theta, scaling, gamma, bandwidth, reduction):
-        with torch.no_grad():
-            delta = lora_B @ lora_A
-            update = _gate(delta, delta.abs() > theta, gamma)
-            del delta
-            w_eff = torch.add(weight, update.to(weight.dtype), alpha=scaling)
-            del update
-            out = F.linear(x.to(weight.dtype), w_eff, bias)
-        ctx.save_for_backward(x, weight, lora_A, lora_B, theta)
-        ctx.scaling, ctx.gamma, ctx.bandwidth, ctx.reduction = scaling, gamma, bandwidth, reduction
+    def forward(ctx, x, weight, bias, lora_A, lora_B, theta_raw, log_theta, scaling, gamma, bandwidth, reduction):
+        w_eff = kernels.effective_weight(weight, lora_A, lora_B, theta_raw, log_theta, scaling, gamma)
+        out = F.linear(x.to(weight.dtype), w_eff, bias)
+        keep_w_eff = ctx.needs_input_grad[0] and x.numel() >= w_eff.numel()
+        ctx.save_for_backward(x, weight, lora_A, lora_B, theta_raw, w_eff if keep_w_eff else None)
+        ctx.log_theta, ctx.scaling, ctx.gamma, ctx.bandwidth, ctx.reduction = (
+            log_theta, scaling, gamma, bandwidth, reduction
+        )
         ctx.has_bias = bias is not None
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weight, lora_A, lora_B, theta = ctx.saved_tensors
-        s, gamma = ctx.scaling, ctx.gamma
+        x, weight, lora_A, lora_B, theta_raw, w_eff = ctx.saved_tensors
         needs_x, needs_w, needs_b, needs_A, needs_B, needs_theta = ctx.needs_input_grad[:6]
-        delta = lora_B @ lora_A
-        abs_delta = delta.abs()
-        open_gate = abs_delta > theta
-
         grad_x = grad_w = grad_b = grad_A = grad_B = grad_theta = None
         g2 = grad_out.reshape(-1, grad_out.shape[-1])
         if needs_x:
-            w_eff = torch.add(weight, _gate(delta, open_gate, gamma).to(weight.dtype), alpha=s)
+            if w_eff is None:
+                w_eff = kernels.effective_weight(
+                    weight, lora_A, lora_B, theta_raw, ctx.log_theta, ctx.scaling, ctx.gamma
+                )
             grad_x = (grad_out @ w_eff).to(x.dtype)
             del w_eff
         if needs_A or needs_B or needs_theta or needs_w:
@@ -79,38 +69,23 @@ class _FusedJumpLoraLinear(torch.autograd.Function):
             grad_w_eff = g2.t() @ x2  # the one weight-sized matmul the sparse update cannot avoid
             if needs_w:
                 grad_w = grad_w_eff.to(weight.dtype)
-            grad_w_eff = grad_w_eff.to(delta.dtype)
-            if needs_theta:
-                grad_theta = _threshold_grad(
-                    delta, abs_delta, theta, grad_w_eff, s * gamma, ctx.bandwidth, ctx.reduction
-                )
-            del delta, abs_delta
-            if needs_A or needs_B:
-                grad_delta = _gate(grad_w_eff, open_gate, gamma)  # ∂L/∂ΔW, up to the factor s
+            if needs_A or needs_B or needs_theta:
+                grad_delta, factor, grad_theta = kernels.update_grad(
+                    grad_w_eff, lora_A, lora_B, theta_raw, ctx.log_theta, ctx.scaling, ctx.gamma,
+                    ctx.bandwidth, ctx.reduction, needs_theta,
+                )  # fmt: skip
+                del grad_w_eff
                 if needs_A:
-                    grad_A = (lora_B.t() @ grad_delta).mul_(s)
+                    grad_A = lora_B.t() @ grad_delta
+                    if factor != 1.0:
+                        grad_A.mul_(factor)
                 if needs_B:
-                    grad_B = (grad_delta @ lora_A.t()).mul_(s)
+                    grad_B = grad_delta @ lora_A.t()
+                    if factor != 1.0:
+                        grad_B.mul_(factor)
         if needs_b and ctx.has_bias:
             grad_b = g2.sum(0).to(weight.dtype)
-        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_theta, None, None, None, None
-
-
-def _threshold_grad(delta, abs_delta, theta, grad_w_eff, factor, bandwidth, reduction):
-    """``threshold_grad(ΔW, θ, factor·∂L/∂W_eff)`` with fewer weight-sized passes; consumes ``abs_delta``.
-
-    −(θ/ε)·factor·Σ sign(ΔW)·K((|ΔW|−θ)/ε)·g: only the entries inside the kernel band contribute. The
-    band is computed in float32 as in :func:`~jumplora.adapters.jumprelu.threshold_grad`.
-    """
-    theta32 = theta.float()
-    dist = abs_delta.float() if abs_delta.dtype != torch.float32 else abs_delta
-    inside = dist.sub_(theta32).div_(bandwidth).abs_() < 0.5
-    signed = torch.where(inside, torch.sign(delta), 0.0).mul_(grad_w_eff)
-    total = signed.sum(dtype=torch.float32)
-    if reduction == "mean":
-        total = total / signed.numel()
-    grad = -(theta32 / bandwidth) * factor * total
-    return grad.reshape(theta.shape).to(theta.dtype)
+        return grad_x, grad_w, grad_b, grad_A, grad_B, grad_theta, None, None, None, None, None
 
 
 class JumpLoraLayer(BaseTunerLayer):
@@ -174,8 +149,10 @@ class JumpLoraLayer(BaseTunerLayer):
             nn.init.normal_(lora_B, std=1.0 / r)
         self.jumplora_A[adapter_name] = nn.Parameter(lora_A)
         self.jumplora_B[adapter_name] = nn.Parameter(lora_B)
-        self.jumplora_theta[adapter_name] = theta
         self._move_adapter_to_device_of_base_layer(adapter_name)
+        # After the move: PEFT's move casts every adapter tensor to the base weight's dtype, which for a
+        # bf16/fp16 model would replace the shared float32 θ by a per-layer copy (and round it).
+        self.jumplora_theta[adapter_name] = theta
         self.set_adapter(self.active_adapters, inference_mode=inference_mode)
 
     # -- the math --------------------------------------------------------------------------------
@@ -269,7 +246,8 @@ class Linear(nn.Module, JumpLoraLayer):
                     base.bias,
                     lora_A,
                     lora_B,
-                    self.theta(adapter),
+                    self.jumplora_theta[adapter],
+                    self.threshold_param[adapter] == "log",
                     self.scaling[adapter],
                     gamma,
                     self.bandwidth[adapter],
