@@ -4,11 +4,12 @@
 - :func:`update_grad`: from G = ∂L/∂W_eff, the gated ∂L/∂ΔW and the straight-through gradient of the raw
   threshold parameter (θ itself, or log θ).
 
-Why Triton on a GPU: with torch ops each step is ~5–10 kernels over a weight-sized tensor, and at
-fine-tuning batch sizes a GPU step is bound by launching them (each torch op costs tens of µs of host
-time), not by arithmetic. One Triton kernel per step recomputes the rank-r product tile by tile in
-registers, so ΔW is never written to memory, θ is read (and exp'd) in the kernel, and the θ-gradient is
-reduced per tile: the fused layer then issues about as many kernels as PEFT's LoRA.
+Why Triton on a GPU: with torch ops each step is ~5–10 ops over a weight-sized tensor, and at fine-tuning
+batch sizes a GPU training step is bound by the host issuing ops (an H200 sat idle for 30–75 % of a
+bf16 T5-large/LLaMA-1B step in bench/speed.py), not by arithmetic. One Triton kernel per step rebuilds
+the rank-r product tile by tile in registers, so ΔW is never written to memory, θ is read (and exp'd) in
+the kernel, and the θ-gradient is reduced per tile: the fused layer then issues fewer ops and kernels
+than PEFT's LoRA (docs/PERFORMANCE.md has the counts).
 
 The backend is picked per call: Triton for CUDA tensors when Triton is importable, torch ops otherwise.
 ``JUMPLORA_KERNELS=torch`` forces torch ops (e.g. to rule the kernels out while debugging);
@@ -46,7 +47,12 @@ def triton_available() -> bool:
 
 def triton_interpreted() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1`` before Triton's import)."""
-    return triton is not None and bool(triton.knobs.runtime.interpret)
+    if triton is None:
+        return False
+    knobs = getattr(triton, "knobs", None)  # Triton ≥ 3.4; older ones read the variable directly
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @contextlib.contextmanager
