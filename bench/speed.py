@@ -332,7 +332,8 @@ def bench_config(args: argparse.Namespace, model_name: str, target_key: str) -> 
             sync(device)
             times[v].append(time.perf_counter() - t0)
             cpu_times[v].append(time.process_time() - c0)
-    result = {"model": model_name, "targets": target_key, "n_targets": len(targets[target_key])}
+    n_layers = sum(isinstance(m, nn.Linear) and _targeted(n, targets[target_key]) for n, m in base.named_modules())
+    result = {"model": model_name, "targets": target_key, "n_targets": n_layers}
     result["time_s"] = {v: statistics.median(t) for v, t in times.items()}
     result["time_all_s"] = times
     result["cpu_s"] = {v: statistics.median(t) for v, t in cpu_times.items()}
@@ -424,8 +425,9 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
         if key == "cpu_s" and args.device != "cpu":
             continue
         print(f"\nRatios of median {title} (memory: peak step memory):\n")
-        keys = list(ratios(results[0], key))
-        keys += [k for r in results for k in ratios(r, key) if k not in keys]
+        keys: list[str] = []
+        for r in results:
+            keys += [k for k in ratios(r, key) if k not in keys]
         print("| model | targets | " + " | ".join(keys) + " |")
         print("|---" * (len(keys) + 2) + "|")
         for r in results:

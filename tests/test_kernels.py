@@ -5,9 +5,10 @@ from __future__ import annotations
 import peft
 import pytest
 import torch
+from test_performance_paths import textbook
 from torch import nn
 
-from jumplora.adapters import JumpLoraConfig, init_thresholds_to_budget, jumplora_layers, jumprelu, kernels, set_gamma
+from jumplora.adapters import JumpLoraConfig, init_thresholds_to_budget, jumplora_layers, kernels, set_gamma
 
 pytest.importorskip("triton")
 
@@ -109,15 +110,6 @@ def make_layer(gamma: float, threshold_param: str, reduction: str = "mean", seed
     init_thresholds_to_budget(pm, target_density=0.3)
     set_gamma(pm, gamma)
     return pm, next(m for _, m in jumplora_layers(pm))
-
-
-def textbook(layer, x, gamma):
-    a, b = layer.jumplora_A["default"], layer.jumplora_B["default"]
-    delta = b @ a
-    gated = jumprelu(delta, layer.theta("default"), layer.bandwidth["default"], layer.reduction["default"])
-    eff = gamma * gated + (1 - gamma) * delta
-    base = layer.base_layer
-    return nn.functional.linear(x, base.weight, base.bias) + x @ (layer.scaling["default"] * eff).t()
 
 
 @pytest.mark.parametrize("gamma", [0.5, 1.0])
