@@ -190,7 +190,7 @@ if triton is not None:
         g = tl.load(g_ptr + rows[:, None] * sg0 + cols[None, :] * sg1, mask=mask, other=0.0).to(tl.float32)
         abs_delta = tl.abs(delta)
         grad_delta = tl.where(abs_delta > theta, g, g * keep_closed) * scaling
-        tl.store(gd_ptr + rows[:, None] * n_in + cols[None, :], grad_delta, mask=mask)
+        tl.store(gd_ptr + rows[:, None] * n_in + cols[None, :], grad_delta.to(gd_ptr.dtype.element_ty), mask=mask)
         if NEED_THETA:
             inside = tl.abs((abs_delta - theta) * inv_bandwidth) < 0.5
             sign = tl.where(delta > 0, 1.0, tl.where(delta < 0, -1.0, 0.0))
@@ -221,7 +221,8 @@ def _update_grad_triton(grad_w_eff, lora_A, lora_B, theta_raw, log_theta, scalin
                         need_theta):  # fmt: skip
     n_out, n_in = grad_w_eff.shape
     grid = _grid(n_out, n_in)
-    grad_delta = torch.empty((n_out, n_in), dtype=torch.float32, device=grad_w_eff.device)
+    # in the adapter's dtype, for the rank-r products with A and B that follow
+    grad_delta = torch.empty((n_out, n_in), dtype=lora_A.dtype, device=grad_w_eff.device)
     partials = torch.empty(grid[0] * grid[1] if need_theta else 1, dtype=torch.float32, device=grad_w_eff.device)
     theta_coef = -float(scaling) * float(gamma) / float(bandwidth)
     if reduction == "mean":
