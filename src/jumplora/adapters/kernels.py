@@ -144,6 +144,22 @@ def _threshold_grad(delta, abs_delta, theta, grad_w_eff, factor, bandwidth, redu
 if triton is not None:
 
     @triton.jit
+    def _delta_tile_and_theta(
+        a_ptr, b_ptr, theta_ptr, rows, cols, rmask, cmask, sa0, sa1, sb0, sb1,
+        LOG_THETA: tl.constexpr, R: tl.constexpr, BO: tl.constexpr, BI: tl.constexpr,
+    ):  # fmt: skip
+        """The (rows × cols) tile of ΔW = B·A as r rank-one updates in float32 registers, and θ."""
+        delta = tl.zeros((BO, BI), dtype=tl.float32)
+        for k in tl.static_range(R):
+            b = tl.load(b_ptr + rows * sb0 + k * sb1, mask=rmask, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + k * sa0 + cols * sa1, mask=cmask, other=0.0).to(tl.float32)
+            delta += b[:, None] * a[None, :]
+        theta = tl.load(theta_ptr).to(tl.float32)
+        if LOG_THETA:
+            theta = tl.exp(theta)
+        return delta, theta
+
+    @triton.jit
     def _effective_weight_kernel(
         w_ptr, a_ptr, b_ptr, theta_ptr, out_ptr,
         n_out, n_in, sw0, sw1, sa0, sa1, sb0, sb1,
@@ -153,14 +169,9 @@ if triton is not None:
         rows = tl.program_id(0) * BO + tl.arange(0, BO)
         cols = tl.program_id(1) * BI + tl.arange(0, BI)
         rmask, cmask = rows < n_out, cols < n_in
-        delta = tl.zeros((BO, BI), dtype=tl.float32)  # ΔW = B·A for this tile: r rank-one updates
-        for k in tl.static_range(R):
-            b = tl.load(b_ptr + rows * sb0 + k * sb1, mask=rmask, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + k * sa0 + cols * sa1, mask=cmask, other=0.0).to(tl.float32)
-            delta += b[:, None] * a[None, :]
-        theta = tl.load(theta_ptr).to(tl.float32)
-        if LOG_THETA:
-            theta = tl.exp(theta)
+        delta, theta = _delta_tile_and_theta(
+            a_ptr, b_ptr, theta_ptr, rows, cols, rmask, cmask, sa0, sa1, sb0, sb1, LOG_THETA, R, BO, BI
+        )
         gated = tl.where(tl.abs(delta) > theta, delta, delta * keep_closed)
         mask = rmask[:, None] & cmask[None, :]
         w = tl.load(w_ptr + rows[:, None] * sw0 + cols[None, :] * sw1, mask=mask, other=0.0)
@@ -179,14 +190,9 @@ if triton is not None:
         cols = pid_i * BI + tl.arange(0, BI)
         rmask, cmask = rows < n_out, cols < n_in
         mask = rmask[:, None] & cmask[None, :]
-        delta = tl.zeros((BO, BI), dtype=tl.float32)  # ΔW = B·A for this tile: r rank-one updates
-        for k in tl.static_range(R):
-            b = tl.load(b_ptr + rows * sb0 + k * sb1, mask=rmask, other=0.0).to(tl.float32)
-            a = tl.load(a_ptr + k * sa0 + cols * sa1, mask=cmask, other=0.0).to(tl.float32)
-            delta += b[:, None] * a[None, :]
-        theta = tl.load(theta_ptr).to(tl.float32)
-        if LOG_THETA:
-            theta = tl.exp(theta)
+        delta, theta = _delta_tile_and_theta(
+            a_ptr, b_ptr, theta_ptr, rows, cols, rmask, cmask, sa0, sa1, sb0, sb1, LOG_THETA, R, BO, BI
+        )
         g = tl.load(g_ptr + rows[:, None] * sg0 + cols[None, :] * sg1, mask=mask, other=0.0).to(tl.float32)
         abs_delta = tl.abs(delta)
         grad_delta = tl.where(abs_delta > theta, g, g * keep_closed) * scaling
