@@ -259,15 +259,8 @@ def effective_weight(
 
     ``theta_raw`` is the threshold parameter as stored: log θ when ``log_theta``, else θ. No autograd.
     """
-    backend = _backend_for(weight)
     args = (weight, lora_A, lora_B, theta_raw, log_theta, scaling, gamma)
-    with torch.no_grad():
-        if backend == "triton":
-            try:
-                return _effective_weight_triton(*args)
-            except Exception as error:  # a Triton/driver mismatch must not stop training
-                _fall_back_or_raise(error)
-        return _effective_weight_torch(*args)
+    return _run(_effective_weight_triton, _effective_weight_torch, args)
 
 
 def update_grad(
@@ -288,15 +281,19 @@ def update_grad(
     or 1 (Triton: folded in the kernel). The θ-gradient is the straight-through estimate with the
     rectangle kernel (:mod:`jumplora.adapters.jumprelu`), taken to log θ when ``log_theta``.
     """
-    backend = _backend_for(grad_w_eff)
     args = (grad_w_eff, lora_A, lora_B, theta_raw, log_theta, scaling, gamma, bandwidth, reduction, need_theta)
+    return _run(_update_grad_triton, _update_grad_torch, args)
+
+
+def _run(with_triton, with_torch, args: tuple):
+    """The backend for ``args[0]``'s device; a kernel failing on this machine falls back (see below)."""
     with torch.no_grad():
-        if backend == "triton":
+        if _backend_for(args[0]) == "triton":
             try:
-                return _update_grad_triton(*args)
-            except Exception as error:
+                return with_triton(*args)
+            except Exception as error:  # a Triton/driver mismatch must not stop training
                 _fall_back_or_raise(error)
-        return _update_grad_torch(*args)
+        return with_torch(*args)
 
 
 def _fall_back_or_raise(error: Exception) -> None:
