@@ -45,6 +45,20 @@ def minilm_path() -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory, minilm_path: str) -> str:
+    """Folder of a tiny random BERT (dropout off) with the MiniLM tokenizer, for CLI/subprocess runs."""
+    folder = tmp_path_factory.mktemp("tiny_model")
+    torch.manual_seed(0)
+    config = BertConfig(
+        vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+        max_position_embeddings=128, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+    )  # fmt: skip
+    BertModel(config).save_pretrained(folder)
+    AutoTokenizer.from_pretrained(minilm_path, local_files_only=True).save_pretrained(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="session")
 def bert_tokenizer(minilm_path: str):
     """The MiniLM WordPiece tokenizer, for encoder models. Do not mutate (session-scoped)."""
     return AutoTokenizer.from_pretrained(minilm_path, local_files_only=True)

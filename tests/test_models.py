@@ -242,14 +242,16 @@ def test_seq2seq_trains_generates_and_ranks(tiny_t5, gen_tokenizer):
     assert all(p in ex.candidates for p, ex in zip(ranked, examples, strict=True))
 
 
-def test_seq2seq_rank_scores_match_loss(tiny_t5, gen_tokenizer):
-    """Candidate log-likelihood equals -(mean answer loss) * answer tokens, prompt by prompt."""
-    fam = Seq2SeqFamily(gen_tokenizer, rank_options=True, rank_batch_size=3)
+@pytest.mark.parametrize(("family_cls", "model_fixture"), [(Seq2SeqFamily, "tiny_t5"), (CausalFamily, "tiny_llama")])
+def test_rank_scores_match_loss(family_cls, model_fixture, gen_tokenizer, request):
+    """Candidate log-likelihood equals -(mean answer loss) * answer tokens, prompt by prompt (for the
+    causal family: left-padded ranking with positions/logits_to_keep agrees with the right-padded loss)."""
+    fam = family_cls(gen_tokenizer, rank_options=True, rank_batch_size=3)
     examples = [
         PromptExample("Is it good?\nAnswer:", "yes", ("yes", "no way")),
         PromptExample("A much longer prompt, to force padding here.\nAnswer:", "no way", ("yes", "no way")),
     ]
-    model = tiny_t5.eval()
+    model = request.getfixturevalue(model_fixture).eval()
     scores = fam.candidate_log_likelihoods(model, fam.collate(fam.encode(examples)))
     for ex, s in zip(examples, scores, strict=True):
         for j, cand in enumerate(ex.candidates):
@@ -319,24 +321,6 @@ def test_causal_trains_generates_and_ranks(request, fixture, gen_tokenizer):
     ranker = CausalFamily(gen_tokenizer, max_answer_length=4, rank_options=True)
     ranked = ranker.predict(model, ranker.collate(ranker.encode(examples)))
     assert all(p in ex.candidates for p, ex in zip(ranked, examples, strict=True))
-
-
-def test_causal_rank_scores_match_loss(tiny_llama, gen_tokenizer):
-    """Left-padded ranking (positions, logits_to_keep) agrees with the right-padded training loss."""
-    fam = CausalFamily(gen_tokenizer, rank_options=True, rank_batch_size=3)
-    examples = [
-        PromptExample("Is it good?\nAnswer:", "yes", ("yes", "no way")),
-        PromptExample("A much longer prompt, to force padding here.\nAnswer:", "no way", ("yes", "no way")),
-    ]
-    model = tiny_llama.eval()
-    scores = fam.candidate_log_likelihoods(model, fam.collate(fam.encode(examples)))
-    for ex, s in zip(examples, scores, strict=True):
-        for j, cand in enumerate(ex.candidates):
-            single = fam.collate(fam.encode([PromptExample(ex.prompt, cand, ex.candidates)]))
-            n = int((single["labels"] != -100).sum())
-            with torch.no_grad():
-                expected = -fam.loss(model, single).item() * n
-            assert s[j].item() == pytest.approx(expected, abs=1e-3)
 
 
 # -- PEFT-wrapped models ------------------------------------------------------------------------

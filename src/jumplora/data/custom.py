@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from jumplora.data.stream import (
     check_options,
     get_preset,
     load_benchmark_stream,
+    parse_json_file,
     read_text,
     resolve_data_dir,
 )
@@ -32,14 +32,9 @@ def _parse_spec(path: Path) -> Any:
     suffix = path.suffix.lower()
     if suffix not in _SUFFIXES:
         raise DataError(f"{path}: unsupported stream file type {suffix!r}; use .yaml, .yml or .json")
-    text = read_text(path, "stream file")
     if suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DataError(
-                f"{path}: invalid JSON in stream file at line {exc.lineno} column {exc.colno}: {exc.msg}"
-            ) from None
+        return parse_json_file(path, "stream file")
+    text = read_text(path, "stream file")
     import yaml  # lazy: only custom streams need it
 
     try:

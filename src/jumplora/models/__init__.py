@@ -3,6 +3,7 @@
 from .base import ModelFamily, PromptExample, exact_match, normalize_answer
 from .causal import CausalFamily
 from .encoder import EncoderRankingFamily
+from .generative import GenerativeFamily
 from .loading import (
     DEFAULT_TARGET_MODULES,
     FAMILY_TARGET_MODULES,
@@ -23,6 +24,7 @@ __all__ = [
     "MODEL_FAMILIES",
     "CausalFamily",
     "EncoderRankingFamily",
+    "GenerativeFamily",
     "LoadedModel",
     "ModelFamily",
     "ModelLoadError",

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 
 from ._utils import (
-    answer_token_loss,
     attention_mask_for,
     eos_id,
     example_metadata,
@@ -20,7 +19,8 @@ from ._utils import (
     token_ids,
     truncate_middle,
 )
-from .base import ModelFamily, PromptExample
+from .base import PromptExample
+from .generative import GenerativeFamily
 
 __all__ = ["CausalFamily"]
 
@@ -34,7 +34,7 @@ def _forward_params(model: torch.nn.Module) -> set[str]:
     return set(inspect.signature(base.forward).parameters)
 
 
-class CausalFamily(ModelFamily):
+class CausalFamily(GenerativeFamily):
     """Loss on the answer (+eos) tokens only; predict by greedy generation or option ranking."""
 
     name = "causal"
@@ -47,11 +47,9 @@ class CausalFamily(ModelFamily):
         rank_options: bool = False,
         rank_batch_size: int = 16,
     ) -> None:
-        if max_answer_length < 1:
-            raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
+        super().__init__(tokenizer, max_length, max_answer_length, rank_options, rank_batch_size)
         if max_length <= max_answer_length + 1:
             raise ValueError(f"max_length ({max_length}) must exceed max_answer_length + 1 ({max_answer_length + 1})")
-        super().__init__(tokenizer, max_length)
         eos = eos_id(tokenizer)
         if eos is None:
             raise ValueError("the tokenizer has neither an eos nor a sep token to end answers with")
@@ -59,9 +57,6 @@ class CausalFamily(ModelFamily):
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.sep_token
         self._eos_id = eos
         self._pad_id = int(tokenizer.pad_token_id)
-        self.max_answer_length = max_answer_length
-        self.rank_options = rank_options
-        self.rank_batch_size = max(1, rank_batch_size)
         # Prompt budget is fixed so training and generation see the exact same prompt tokens.
         self._prompt_budget = max_length - max_answer_length - 1
         self._continuations: dict[tuple[str, str], list[int]] = {}
@@ -119,13 +114,7 @@ class CausalFamily(ModelFamily):
         }
         return batch
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return answer_token_loss(model, batch)
-
-    def candidate_log_likelihoods(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
-        """Per example, the summed log-prob of each candidate (+eos) after its prompt."""
-        if "candidate_ids" not in batch:
-            raise ValueError("batch has no candidate_ids: build the family with rank_options=True")
+    def _score_candidates(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
         device = model_device(model)
         params = _forward_params(model)
         prompts = [
@@ -156,10 +145,7 @@ class CausalFamily(ModelFamily):
         flat = torch.cat(scores).cpu()
         return list(flat.split([len(c) for c in batch["candidate_ids"]]))
 
-    def predict(self, model: torch.nn.Module, batch: dict) -> list[str]:
-        if self.rank_options:
-            scores = self.candidate_log_likelihoods(model, batch)
-            return [cands[int(s.argmax())] for cands, s in zip(batch["candidates"], scores, strict=True)]
+    def generate(self, model: torch.nn.Module, batch: dict) -> list[str]:
         batch = to_device(batch, model_device(model))
         ids = batch["prompt_input_ids"]
         with torch.no_grad():

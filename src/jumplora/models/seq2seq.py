@@ -9,7 +9,6 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from ._utils import (
-    answer_token_loss,
     attention_mask_for,
     eos_id,
     example_metadata,
@@ -21,12 +20,13 @@ from ._utils import (
     token_ids,
     truncate_middle,
 )
-from .base import ModelFamily, PromptExample
+from .base import PromptExample
+from .generative import GenerativeFamily
 
 __all__ = ["Seq2SeqFamily"]
 
 
-class Seq2SeqFamily(ModelFamily):
+class Seq2SeqFamily(GenerativeFamily):
     """Cross-entropy on answer tokens; predict by greedy decoding or by ranking the options."""
 
     name = "seq2seq"
@@ -39,12 +39,7 @@ class Seq2SeqFamily(ModelFamily):
         rank_options: bool = False,
         rank_batch_size: int = 16,
     ) -> None:
-        super().__init__(tokenizer, max_length)
-        if max_answer_length < 1:
-            raise ValueError(f"max_answer_length must be >= 1, got {max_answer_length}")
-        self.max_answer_length = max_answer_length
-        self.rank_options = rank_options
-        self.rank_batch_size = max(1, rank_batch_size)
+        super().__init__(tokenizer, max_length, max_answer_length, rank_options, rank_batch_size)
         self._pad_id = pad_id(tokenizer)
         self._eos_id = eos_id(tokenizer)
 
@@ -84,13 +79,8 @@ class Seq2SeqFamily(ModelFamily):
         }
         return batch
 
-    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
-        return answer_token_loss(model, batch)
-
-    def candidate_log_likelihoods(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
-        """Per example, the summed log-prob of each of its candidates (encoder run once per prompt)."""
-        if "candidate_ids" not in batch:
-            raise ValueError("batch has no candidate_ids: build the family with rank_options=True")
+    def _score_candidates(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
+        # the encoder runs once per prompt; its states are shared by the prompt's candidates
         batch = to_device(batch, model_device(model))
         mask = batch["attention_mask"]
         with torch.no_grad():
@@ -112,10 +102,7 @@ class Seq2SeqFamily(ModelFamily):
         flat = torch.cat(scores).cpu()
         return list(flat.split([len(c) for c in batch["candidate_ids"]]))
 
-    def predict(self, model: torch.nn.Module, batch: dict) -> list[str]:
-        if self.rank_options:
-            scores = self.candidate_log_likelihoods(model, batch)
-            return [cands[int(s.argmax())] for cands, s in zip(batch["candidates"], scores, strict=True)]
+    def generate(self, model: torch.nn.Module, batch: dict) -> list[str]:
         batch = to_device(batch, model_device(model))
         with torch.no_grad():
             out = model.generate(
