@@ -1,0 +1,62 @@
+"""ELLA: penalise the new update where the past updates were large, λ·mean_l ‖ΔW_t ⊙ W_past‖²_F.
+
+``ΔW_t`` is the effective (scaled, gated) update of the current adapter, ``layer.effective_delta``,
+so θ and the γ ramp shape the penalty as they shape the forward pass; ``W_past`` is the sum of the
+merged updates of the earlier tasks, per module, in the (out, in) layout of ``MergeResult.updates``.
+The mean runs over the adapted modules that have a past update.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+
+from .base import Strategy, StrategyContext, jumplora_layers, register_strategy, strip_prefix
+
+if TYPE_CHECKING:
+    from jumplora.adapters import MergeResult
+
+
+@register_strategy("ella")
+@dataclass
+class ELLA(Strategy):
+    """ELLA: loss + λ·mean_l ‖ΔW_t ⊙ W_past‖² keeps new updates off the entries earlier tasks used."""
+
+    lam: float = field(default=3e4, metadata={"help": "the public release's λ; suits T5's update scale"})
+
+    def __post_init__(self) -> None:
+        if self.lam < 0:
+            raise ValueError(f"strategy 'ella': lam must be >= 0, got {self.lam}")
+        self.w_past: dict[str, torch.Tensor] = {}  # CPU float32, the state
+        self._on_device: dict[str, torch.Tensor] = {}  # W_past on the model's device and dtype
+
+    def on_task_start(self, ctx: StrategyContext) -> None:
+        self._on_device = {}
+        for name, layer in jumplora_layers(ctx.model):
+            if name in self.w_past:
+                weight = layer.jumplora_A["default"]
+                self._on_device[name] = self.w_past[name].to(device=weight.device, dtype=weight.dtype)
+
+    def loss_term(self, ctx: StrategyContext, batch: dict, task_loss: torch.Tensor) -> torch.Tensor | None:
+        if not self._on_device:
+            return None
+        terms = [
+            (layer.effective_delta("default") * self._on_device[name]).square().sum()
+            for name, layer in jumplora_layers(ctx.model)
+            if name in self._on_device
+        ]
+        return self.lam * torch.stack(terms).mean()
+
+    def on_task_end(self, ctx: StrategyContext, merged: MergeResult | None) -> None:
+        if merged is None:
+            return
+        for name, update in merged.updates.items():
+            self.w_past[name] = self.w_past[name] + update if name in self.w_past else update.clone()
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"w_past.{name}": t.contiguous() for name, t in self.w_past.items()}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.w_past = strip_prefix(tensors, "w_past.", self.name)
