@@ -46,7 +46,7 @@ def main() -> None:
     for key, value in zip(rest[::2], rest[1::2], strict=True):
         name = key.lstrip("-").replace("-", "_")
         overrides[name] = value.split(",") if name in ("tasks", "target_modules") else _parse(value)
-    trainer = ContinualTrainer(RunConfig(**overrides), quiet=True)
+    trainer = ContinualTrainer(RunConfig.from_flat(**overrides), quiet=True)
 
     spent: dict[str, float] = defaultdict(float)
     for method in PHASES:

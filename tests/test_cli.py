@@ -171,7 +171,7 @@ def test_resume_with_other_config_and_overwrite(paths):
     result = invoke(out, *args, "--overwrite", "--lr", "0.5")
     assert result.exit_code == 0, result.stderr
     saved = json.loads((out / "results.json").read_text())
-    assert saved["complete"] and saved["config"]["lr"] == 0.5
+    assert saved["complete"] and saved["config"]["optim"]["lr"] == 0.5
 
 
 def test_console_script_exit_code(tmp_path):

@@ -11,7 +11,7 @@ import torch
 
 from jumplora.config import RunConfig
 from jumplora.data import resolve_data_dir
-from jumplora.engine import ContinualTrainer
+from jumplora.runners import ContinualTrainer
 from jumplora.io import read_jsonl
 
 pytestmark = pytest.mark.slow
@@ -32,7 +32,7 @@ def data_dir() -> str:
 
 
 def run(tmp_path: Path, **overrides) -> dict:
-    config = RunConfig(out=str(tmp_path / "run"), **{**TINY, **overrides})
+    config = RunConfig.from_flat(out=str(tmp_path / "run"), **{**TINY, **overrides})
     trainer = ContinualTrainer(config, quiet=True)
     return trainer.run()
 
@@ -46,7 +46,7 @@ def test_strategy_end_to_end_on_minilm(tmp_path, data_dir, strategy, jumplora):
         data_dir=data_dir,
         strategy=strategy,
         jumplora=jumplora,
-        ella_lambda=1e3,
+        strategy_args={"lam": 1e3} if strategy == "ella" else {},
     )
     out = tmp_path / "run"
     assert results["complete"] is True
@@ -92,8 +92,8 @@ def test_strategy_end_to_end_on_minilm(tmp_path, data_dir, strategy, jumplora):
 
 @pytest.mark.parametrize("reference", ["multitask", "independent"])
 def test_reference_rows(tmp_path, data_dir, reference):
-    results = run(tmp_path, tasks=["dbpedia", "amazon"], data_dir=data_dir, strategy=reference)
-    assert results["complete"] and results["reference"] == reference
+    results = run(tmp_path, tasks=["dbpedia", "amazon"], data_dir=data_dir, runner=reference)
+    assert results["complete"] and results["runner"] == reference
     row = results["accuracy_matrix"][0]
     assert len(row) == 2 and results["metrics"]["op"] == pytest.approx(np.mean(row))
     if reference == "independent":
@@ -103,7 +103,7 @@ def test_reference_rows(tmp_path, data_dir, reference):
 def test_task_option_space_ranks_only_own_options(tmp_path, data_dir):
     results = run(tmp_path, tasks=["dbpedia", "amazon"], data_dir=data_dir, option_space="task", max_train=16)
     assert results["complete"]
-    assert results["config"]["option_space"] == "task"
+    assert results["config"]["stream"]["option_space"] == "task"
 
 
 TOY_TASKS = {
@@ -166,10 +166,10 @@ def test_generative_families_through_the_engine(tmp_path, request, gen_tokenizer
         batch_size=4,
         lr=1e-2,
         max_length=48,
-        target_modules=TARGETS[model_fixture],
+        targets=TARGETS[model_fixture],
     )
     assert results["complete"]
-    assert results["config"]["model"] == str(model_dir)
+    assert results["config"]["model"]["name"] == str(model_dir)
     matrix = np.array(results["accuracy_matrix"])
     assert matrix.shape == (2, 2) and np.isfinite(matrix).all()  # exact match of generated answers
     log = [r for r in read_jsonl(tmp_path / "run" / "train_log.jsonl") if r["task"] == "polarity"]

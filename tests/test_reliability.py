@@ -177,23 +177,24 @@ def test_nan_threshold_is_caught(tmp_path, tiny_model):
     """θ going non-finite (not only the loss) stops the run, naming the task and the step."""
     from jumplora.adapters import threshold_parameters
     from jumplora.config import RunConfig
-    from jumplora.engine import ContinualTrainer, NumericalError
+    from jumplora.engine import NumericalError
+    from jumplora.runners import ContinualTrainer
 
-    config = RunConfig(
+    config = RunConfig.from_flat(
         out=str(tmp_path / "run"), tasks=["cb", "rte"], model=tiny_model, max_train=16, max_eval=16,
         max_length=64, batch_size=8, jumplora=True, cpu=True, plots=False,
     )  # fmt: skip
     trainer = ContinualTrainer(config, quiet=True)
     trainer.prepare()
-    original = trainer._check_thresholds
+    original = trainer.engine.check_thresholds
 
-    def poisoned(model, task_name, task_index, step):
+    def poisoned(model, task_index, step):
         if task_index == 0 and step == 1:
             with torch.no_grad():
                 next(iter(threshold_parameters(model).values())).fill_(float("inf"))
-        original(model, task_name, task_index, step)
+        original(model, task_index, step)
 
-    trainer._check_thresholds = poisoned
+    trainer.engine.check_thresholds = poisoned
     with pytest.raises(NumericalError, match=r"task 'cb' \(index 0\), step 1: threshold"):
         trainer.run()
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())
@@ -217,4 +218,4 @@ def test_run_directory_files_are_safetensors_or_json(tmp_path, tiny_model, refer
 def test_remote_code_is_off_unless_asked():
     from jumplora.config import RunConfig
 
-    assert RunConfig().trust_remote_code is False
+    assert RunConfig().model.trust_remote_code is False

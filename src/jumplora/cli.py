@@ -1,11 +1,21 @@
-"""`jumplora` command line: `run` a continual-learning stream, `report` on finished runs."""
+"""`jumplora` command line: `run` a continual-learning stream, `report` on runs, list `strategies`.
+
+The options of ``run`` are generated from the fields of ``RunConfig`` (their defaults, help texts and
+flags), so a setting added to the configuration is on the command line with no further edit.
+"""
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
+import logging
 import os
 import sys
+import types
+import typing
+import warnings
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -23,143 +33,139 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 console = Console(stderr=True)
-
-STRATEGY_HELP = (
-    "seqlora (one adapter for all tasks) | inclora (new adapter per task, old ones merged) | "
-    "ella (penalise overlap with past updates) | olora (orthogonal A's) | "
-    "multitask (all tasks jointly: upper bound) | independent (each task from scratch)"
-)
-
+log = logging.getLogger("jumplora")
 
 # Exit codes: 0 done, 2 bad input (nothing written), 3 numerical fault (last good checkpoint kept).
 EXIT_BAD_INPUT = 2
 EXIT_NUMERICAL = 3
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> typing.NoReturn:
     console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code=EXIT_BAD_INPUT)
 
 
-def _csv(value: str | None) -> list[str] | None:
-    return [v.strip() for v in value.split(",") if v.strip()] if value else None
+# -- options generated from RunConfig ---------------------------------------------------------------------
+def _option(flat_name: str) -> inspect.Parameter:
+    """The CLI parameter of one RunConfig field: lists as comma-separated text, 0 → None where documented."""
+    from jumplora.config import field_of
+
+    f = field_of(flat_name)
+    meta = f.metadata
+    flag = meta.get("flag") or "--" + flat_name.replace("_", "-")
+    default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+    kind = _base_type(f.type)
+    if meta.get("csv"):
+        kind, default = Optional[str], ",".join(default) if default else None  # noqa: UP045 - typer needs Optional
+    elif flat_name == "strategy_args":
+        kind, default = Optional[list[str]], None  # noqa: UP045
+    elif meta.get("zero_is_none"):
+        kind, default = int, default or 0
+    elif default is None:
+        kind = Optional[kind]  # noqa: UP045
+    help_text = meta.get("help", "")
+    if meta.get("choices"):
+        help_text += f" [{' | '.join(meta['choices'])}]"
+    annotation = Annotated[kind, typer.Option(*flag.split(" "), help=help_text, show_default=True)]
+    return inspect.Parameter(flat_name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
 
 
-@app.command()
-def run(
-    out: Annotated[
-        Path, typer.Option(help="Run directory (results.json, train_log.jsonl, plots/, checkpoint/).")
-    ] = Path("runs/default"),
-    order: Annotated[int, typer.Option(help="Benchmark order: 1-3 standard (4 tasks), 4-6 long (15 tasks).")] = 1,
-    stream: Annotated[Path | None, typer.Option(help="Custom stream file (YAML/JSON) instead of --order.")] = None,
-    tasks: Annotated[str | None, typer.Option(help="Comma-separated benchmark tasks instead of --order.")] = None,
-    data_dir: Annotated[
-        Path | None,
-        typer.Option(help="Benchmark folder (default: $JUMPLORA_DATA, else ../shared/cl_benchmark)."),
+def _base_type(hint: Any) -> type:
+    """``int | None`` → int, ``list[str] | None`` → list; from the dataclass's (string) annotation."""
+    hint = eval(hint, vars(typing), {}) if isinstance(hint, str) else hint  # annotations are strings (PEP 563)
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    return typing.get_origin(hint) or hint
+
+
+def _config_from_cli(ctx: typer.Context, values: dict[str, Any], config_file: Path | None) -> Any:
+    """A RunConfig from the options; with ``--config``, the file first and explicit options over it."""
+    from click.core import ParameterSource
+
+    from jumplora.config import ConfigError, RunConfig, field_of
+
+    flat = {}
+    for name, value in values.items():
+        if config_file is not None and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+            continue
+        meta = field_of(name).metadata
+        if meta.get("csv"):
+            value = [v.strip() for v in value.split(",") if v.strip()] if value else None
+        elif name == "strategy_args":
+            value = _key_values(value or [])
+        elif meta.get("zero_is_none"):
+            value = value or None
+        flat[name] = value
+    try:
+        if config_file is None:
+            return RunConfig.from_flat(source="options", **flat)
+        return RunConfig.from_dict({**_read_config_file(config_file), **_nest(flat)}, source=str(config_file))
+    except ConfigError as err:
+        _fail(str(err))
+
+
+def _key_values(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            _fail(f"--strategy-arg {item[:60]!r}: expected NAME=VALUE, e.g. --strategy-arg lam=1e6")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    from jumplora.config import flat_fields
+
+    index, nested = flat_fields(), {}
+    for name, value in flat.items():
+        part, field_name = index[name]
+        (nested.setdefault(part, {}) if part else nested)[field_name] = value
+    return nested
+
+
+def _read_config_file(path: Path) -> dict[str, Any]:
+    """A saved config.json (or a YAML file of the same shape); a run's results.json works too."""
+    from jumplora.data.stream import DataError, parse_json_file
+
+    try:
+        if path.suffix.lower() in (".yaml", ".yml"):
+            from jumplora.data.custom import parse_yaml_file
+
+            data = parse_yaml_file(path)
+        else:
+            data = parse_json_file(path, "run configuration")
+    except DataError as err:
+        _fail(str(err))
+    if isinstance(data, dict) and "config" in data and "accuracy_matrix" in data:
+        data = data["config"]
+    if not isinstance(data, dict):
+        _fail(f"{path}: a run configuration must be a mapping of settings")
+    return data
+
+
+def _run(
+    ctx: typer.Context,
+    config_file: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--config", help="Run a saved config.json or YAML; options given here override it."),
     ] = None,
-    strategy: Annotated[str, typer.Option(help=STRATEGY_HELP)] = "inclora",
-    jumplora: Annotated[
-        bool, typer.Option("--jumplora/--dense", help="Sparse JumpLoRA adapters, or dense LoRA.")
-    ] = False,
-    model: Annotated[
-        str | None, typer.Option(help="Local model folder (default: the packaged all-MiniLM-L6-v2).")
-    ] = None,
-    family: Annotated[str | None, typer.Option(help="encoder | seq2seq | causal (default: from the config).")] = None,
-    targets: Annotated[str | None, typer.Option(help="Comma-separated target modules (default: per model).")] = None,
-    max_train: Annotated[int, typer.Option(help="Training examples per task (0 = all).")] = 256,
-    max_eval: Annotated[int, typer.Option(help="Evaluation examples per task (0 = all).")] = 200,
-    eval_split: Annotated[str, typer.Option(help="dev (for tuning) or test (final numbers).")] = "test",
-    option_space: Annotated[
-        str,
-        typer.Option(help="Encoder candidates: 'stream' (all options of the stream) or 'task' (its own)."),
-    ] = "stream",
-    epochs: Annotated[int, typer.Option(help="Epochs per task.")] = 1,
-    batch_size: Annotated[int, typer.Option(help="Per-device training batch size.")] = 16,
-    grad_accum: Annotated[int, typer.Option(help="Gradient accumulation steps.")] = 1,
-    lr: Annotated[float, typer.Option(help="Learning rate (AdamW, warm-up then constant).")] = 1e-3,
-    theta_lr: Annotated[float | None, typer.Option(help="Learning rate of the thresholds (default: --lr).")] = None,
-    warmup_ratio: Annotated[float, typer.Option(help="Fraction of a task's steps spent warming up.")] = 0.06,
-    rank: Annotated[int, typer.Option("--r", help="LoRA rank.")] = 8,
-    lora_alpha: Annotated[float, typer.Option(help="LoRA alpha (scale = alpha / r).")] = 32.0,
-    lora_dropout: Annotated[float, typer.Option(help="Dropout on the adapter input.")] = 0.0,
-    granularity: Annotated[str, typer.Option(help="Thresholds: global | per_block | per_module.")] = "global",
-    threshold_param: Annotated[str, typer.Option(help="Learn log θ ('log') or θ ('direct').")] = "log",
-    bandwidth: Annotated[float, typer.Option(help="Width ε of the θ straight-through kernel.")] = 1e-3,
-    sparsify_start: Annotated[float, typer.Option(help="Fraction of a task's steps where γ starts rising.")] = 0.2,
-    sparsify_end: Annotated[float, typer.Option(help="Fraction of a task's steps where γ reaches 1.")] = 0.8,
-    target_density: Annotated[
-        float | None, typer.Option(help="Keep this fraction at the θ init (default: the LoRA budget).")
-    ] = None,
-    ella_lambda: Annotated[float, typer.Option(help="ELLA λ.")] = 3e4,
-    olora_lambda: Annotated[float, typer.Option(help="O-LoRA orthogonality weight λ1.")] = 0.5,
-    olora_l2: Annotated[float, typer.Option(help="O-LoRA L2 weight λ2.")] = 0.0,
-    max_length: Annotated[int, typer.Option(help="Maximum prompt length in tokens.")] = 128,
-    eval_batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 64,
-    seed: Annotated[int, typer.Option(help="Seed for data caps, initialisation and shuffling.")] = 0,
-    mixed_precision: Annotated[str, typer.Option(help="no | fp16 | bf16 (through Accelerate).")] = "no",
-    cpu: Annotated[bool, typer.Option(help="Force the CPU even when a GPU is present.")] = False,
     resume: Annotated[bool, typer.Option(help="Continue the run in --out from its last checkpoint.")] = False,
-    checkpoint_every: Annotated[
-        int, typer.Option(help="Also checkpoint every N optimizer steps within a task (0 = task ends only).")
-    ] = 0,
-    log_every: Annotated[int, typer.Option(help="Log every N optimizer steps to train_log.jsonl.")] = 10,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing run in --out.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow custom model code from the model folder.")] = False,
-    threads: Annotated[int | None, typer.Option(help="Torch CPU threads (default: all cores).")] = None,
-    quiet: Annotated[bool, typer.Option(help="No progress bars.")] = False,
+    threads: Annotated[Optional[int], typer.Option(help="Torch CPU threads (default: all cores).")] = None,  # noqa: UP045
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only; no progress bars.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, library warnings included.")] = False,
+    **values: Any,
 ) -> None:
     """Train a model on a task stream and write the accuracy matrix, CL metrics and plots."""
-    import torch
-
-    from jumplora.config import RunConfig
-
+    _configure_logging(quiet, verbose)
+    if threads is not None and threads < 1:
+        _fail(f"--threads must be >= 1, got {threads}")
+    config = _config_from_cli(ctx, values, config_file)
     if threads:
+        import torch
+
         torch.set_num_threads(threads)
-    try:
-        config = RunConfig(
-            out=str(out),
-            order=order,
-            stream_file=str(stream) if stream else None,
-            tasks=_csv(tasks),
-            data_dir=str(data_dir) if data_dir else None,
-            max_train=max_train or None,
-            max_eval=max_eval or None,
-            eval_split=eval_split,
-            option_space=option_space,
-            model=model,
-            family=family,
-            target_modules=_csv(targets),
-            max_length=max_length,
-            trust_remote_code=trust_remote_code,
-            strategy=strategy,
-            jumplora=jumplora,
-            ella_lambda=ella_lambda,
-            olora_lambda=olora_lambda,
-            olora_l2=olora_l2,
-            r=rank,
-            lora_alpha=lora_alpha,
-            lora_dropout=lora_dropout,
-            threshold_granularity=granularity,
-            threshold_param=threshold_param,
-            bandwidth=bandwidth,
-            sparsify_start=sparsify_start,
-            sparsify_end=sparsify_end,
-            target_density=target_density,
-            lr=lr,
-            theta_lr=theta_lr,
-            batch_size=batch_size,
-            eval_batch_size=eval_batch_size,
-            epochs=epochs,
-            grad_accum=grad_accum,
-            warmup_ratio=warmup_ratio,
-            seed=seed,
-            mixed_precision=mixed_precision,
-            cpu=cpu,
-            checkpoint_every=checkpoint_every,
-            log_every=log_every,
-        )
-    except ValueError as err:
-        _fail(str(err))
     results = execute(config, resume=resume, overwrite=overwrite, quiet=quiet)
     from accelerate import PartialState
 
@@ -167,24 +173,62 @@ def run(
         print_results(results)
 
 
-def execute(config, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
+def _register_run() -> None:
+    from jumplora.config import flat_fields
+
+    params = list(inspect.signature(_run, eval_str=True).parameters.values())[:-1]
+    params += [_option(name) for name in flat_fields()]
+    _run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    app.command("run")(_run)
+
+
+def _configure_logging(quiet: bool, verbose: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(format="%(message)s", level=level, stream=sys.stderr, force=True)
+    if not verbose:  # library deprecation notices are not the user's business in a CLI run
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+
+
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """--out must be (or become) a writable directory, and not hold a run unless resumed/replaced."""
+    if out.exists() and not out.is_dir():
+        _fail(f"--out {out}: exists and is not a directory")
+    existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not existing.is_dir():
+        _fail(f"--out {out}: {existing} is not a directory")
+    try:  # a real probe: read-only mounts, immutable folders and ACLs all show here
+        import tempfile
+
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        _fail(f"--out {out}: cannot write in {existing} ({err.strerror or err})")
+    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+        _fail(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    if resume and not (out / "checkpoint" / "state.json").is_file() and (out / "results.json").exists():
+        _fail(f"{out} has results but no checkpoint to resume from")
+
+
+def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
     """Validate everything, then run; bad input exits with code 2 before anything is written.
 
-    A NaN/inf loss or threshold exits with code 3; the checkpoint of the last finished task stays.
+    A NaN/inf loss, threshold or diverged update exits with code 3; the last finished task's
+    checkpoint stays.
     """
-    from jumplora.checkpoint import RunDirectory, RunDirectoryError
-    from jumplora.engine import ContinualTrainer, NumericalError
+    from jumplora.checkpoint import RunDirectoryError
+    from jumplora.engine import NumericalError
+    from jumplora.runners import ContinualTrainer
 
     out = Path(config.out)
-    rundir = RunDirectory(out, config)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        _fail(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if resume and not rundir.has_checkpoint() and (out / "results.json").exists():
-        _fail(f"{out} has results but no checkpoint to resume from")
+    check_out_dir(out, resume=resume, overwrite=overwrite)
     try:
-        if resume and rundir.has_checkpoint():
-            rundir.check_matches()
         trainer = ContinualTrainer(config, quiet=quiet)
+        if resume and (out / "checkpoint" / "state.json").is_file():
+            trainer.check_resumable()
         trainer.prepare()
         return trainer.run(fresh=overwrite and not resume)
     except NumericalError as err:
@@ -195,28 +239,38 @@ def execute(config, *, resume: bool = False, overwrite: bool = False, quiet: boo
 
 
 def print_results(results: dict) -> None:
+    from jumplora.results import METRIC_KEYS
+
     out = Console()
     names = results["tasks"]
-    table = Table(title=f"Accuracy (%) — {results['label']}", show_lines=False)
+    table = Table(title=f"Accuracy (%) — {escape(results['label'])} on {escape(results['stream'])}")
     table.add_column("after \\ on")
     for name in names:
-        table.add_column(name, justify="right")
+        table.add_column(escape(name), justify="right")
     if results.get("zero_shot"):
         table.add_row("zero-shot", *(f"{100 * v:.1f}" for v in results["zero_shot"]))
-    row_names = names if len(results["accuracy_matrix"]) == len(names) else [results.get("reference", "final")]
+    row_names = names if len(results["accuracy_matrix"]) == len(names) else [results["runner"]]
     for name, row in zip(row_names, results["accuracy_matrix"], strict=False):
-        table.add_row(name, *(f"{100 * v:.1f}" for v in row))
+        table.add_row(escape(name), *(f"{100 * v:.1f}" for v in row))
     out.print(table)
     metrics = results.get("metrics") or {}
     shown = "  ".join(
-        f"{k.upper()} {100 * v:+.2f}" if k != "op" else f"OP {100 * v:.2f}"
-        for k, v in metrics.items()
-        if v is not None and k in ("op", "bwt", "fwt", "forgetting")
+        f"OP {100 * metrics[k]:.2f}" if k == "op" else f"{k.upper()} {100 * metrics[k]:+.2f}"
+        for k in METRIC_KEYS
+        if k != "learning_accuracy" and metrics.get(k) is not None
     )
     dens = [t["density"] for t in results.get("per_task", []) if t.get("density") is not None]
     if dens:
         shown += f"  density {100 * sum(dens) / len(dens):.2f}%"
     out.print(f"{shown}  wall {results['wall_time_s']:.0f}s")
+
+
+@app.command()
+def strategies() -> None:
+    """List the CL strategies with their hyper-parameters (set them with --strategy-arg NAME=VALUE)."""
+    from jumplora.cl import strategy_help
+
+    print(strategy_help())
 
 
 @app.command()
@@ -237,7 +291,7 @@ def report(
             _fail(f"{path}: not a run directory (no results.json)")
     results, skipped = load_runs(dirs)
     for run_dir, reason in skipped:
-        console.print(f"[yellow]skipped[/] {run_dir}: {reason}", highlight=False)
+        console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(reason)}", highlight=False)
     if not results:
         _fail("no complete runs to report")
     rows = aggregate(results)
@@ -245,6 +299,9 @@ def report(
         print(to_markdown(rows))
     else:
         Console(width=None if sys.stdout.isatty() else 200).print(render_table(rows))
+
+
+_register_run()
 
 
 def main() -> None:  # pragma: no cover - console entry point

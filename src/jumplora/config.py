@@ -1,102 +1,339 @@
-"""`RunConfig`: everything that defines a continual-learning run (saved as config.json)."""
+"""`RunConfig`: everything that defines a continual-learning run (saved as config.json).
+
+A run has five parts — stream, model, adapter, optimisation, strategy — each a dataclass whose fields
+carry their default, their help text and their command-line flag. The CLI options, config files
+(``jumplora run --config run.yaml``) and the Python API are all built from these fields, so every
+default is written once; the adapter part takes its defaults and help from ``JumpLoraConfig`` and
+becomes one with ``adapter.to_peft(targets)``. Field names are unique across the parts, which lets
+:meth:`RunConfig.from_flat` take the flat keyword form (``RunConfig.from_flat(lr=1e-3, tasks=[...])``).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
+
+from jumplora.adapters.config import JumpLoraConfig
+
+RUNNERS = ("continual", "multitask", "independent")
+_JUMPLORA_FIELDS = {f.name: f for f in dataclasses.fields(JumpLoraConfig)}
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of range, not finite, or unknown."""
+
+
+def opt(default: Any = None, help: str = "", *, flag: str | None = None, **meta: Any) -> Any:
+    """A config field with its help text; ``flag`` overrides the CLI flag derived from the name.
+
+    ``meta`` flags for the CLI: ``csv`` (comma-separated list), ``zero_is_none`` (0 on the command line
+    means None), ``choices`` (allowed values).
+    """
+    factory = {"default_factory": default} if callable(default) else {"default": default}
+    return field(metadata={"help": help, "flag": flag, **meta}, **factory)
+
+
+def from_jumplora(name: str, **meta: Any) -> Any:
+    """A field whose default and help come from ``JumpLoraConfig`` (one source for the adapter)."""
+    source = _JUMPLORA_FIELDS[name]
+    return opt(source.default, source.metadata.get("help", ""), **meta)
+
+
+@dataclass
+class StreamConfig:
+    order: int = opt(1, "Benchmark order: 1-3 standard (4 tasks), 4-6 long (15 tasks).")
+    stream_file: str | None = opt(None, "Custom stream file (YAML/JSON) instead of --order.", flag="--stream")
+    tasks: list[str] | None = opt(None, "Comma-separated benchmark tasks instead of --order.", csv=True)
+    data_dir: str | None = opt(None, "Benchmark folder (default: $JUMPLORA_DATA, else ../shared/cl_benchmark).")
+    max_train: int | None = opt(256, "Training examples per task (0 = all).", zero_is_none=True)
+    max_eval: int | None = opt(200, "Evaluation examples per task (0 = all).", zero_is_none=True)
+    eval_split: str = opt("test", "dev (for tuning) or test (final numbers).", choices=("dev", "test"))
+    option_space: str = opt(
+        "stream", "Encoder candidates: 'stream' (all options of the stream) or 'task' (its own).",
+        choices=("task", "stream"),
+    )  # fmt: skip
+    allow_outside_paths: bool = opt(False, "Let a stream file name data files outside its folder.")
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, 1, "max_train", "max_eval")
+        if self.stream_file and self.tasks:
+            out.append("--stream and --tasks cannot be combined: the stream file lists its own tasks")
+        return out
+
+
+@dataclass
+class ModelConfig:
+    name: str | None = opt(
+        None, "Model: a local folder, a .gguf file, a hub id, or a short name (default: the packaged MiniLM).",
+        flag="--model",
+    )  # fmt: skip
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) when --model is a hub id.")
+    family: str | None = opt(None, "encoder | seq2seq | causal (default: from the model config).")
+    targets: list[str] | None = opt(None, "Comma-separated target modules, or all-linear (default: per model).", csv=True)
+    max_length: int = opt(128, "Maximum prompt length in tokens.")
+    rank_options: bool = opt(False, "Generative models: rank the options by likelihood instead of generating.")
+    trust_remote_code: bool = opt(False, "Allow custom model code from the model folder.")
+
+    def problems(self) -> list[str]:
+        return _at_least(self, 2, "max_length")
+
+
+@dataclass
+class AdapterConfig:
+    """The JumpLoRA/LoRA adapter of every task; ``sparse`` False is dense LoRA (the same layer)."""
+
+    sparse: bool = opt(False, "Sparse JumpLoRA adapters, or dense LoRA.", flag="--jumplora/--dense")
+    r: int = from_jumplora("r", flag="--r")
+    lora_alpha: float = from_jumplora("lora_alpha")
+    lora_dropout: float = from_jumplora("lora_dropout")
+    threshold_granularity: str = from_jumplora("threshold_granularity", flag="--granularity")
+    threshold_param: str = from_jumplora("threshold_param")
+    bandwidth: float = from_jumplora("bandwidth")
+    threshold_reduction: str = from_jumplora("threshold_reduction")
+    sparsify_start: float = from_jumplora("sparsify_start")
+    sparsify_end: float = from_jumplora("sparsify_end")
+    target_density: float | None = from_jumplora("target_density")
+
+    def problems(self) -> list[str]:
+        try:
+            self.to_peft(["x"])
+        except ValueError as err:
+            return [str(err).removeprefix("JumpLoraConfig: ")]
+        return []
+
+    def to_peft(self, target_modules: list[str] | str) -> JumpLoraConfig:
+        """The PEFT config of this adapter (JumpLoraConfig validates the values)."""
+        targets = target_modules if target_modules == "all-linear" else list(target_modules)
+        return JumpLoraConfig(**dataclasses.asdict(self), target_modules=targets)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = opt(1e-3, "Learning rate (AdamW, warm-up then constant).")
+    theta_lr: float | None = opt(None, "Learning rate of the thresholds (default: --lr).")
+    weight_decay: float = opt(0.0, "AdamW weight decay of the adapter weights (never of θ).")
+    batch_size: int = opt(16, "Per-device training batch size.")
+    eval_batch_size: int = opt(64, "Evaluation batch size.")
+    epochs: int = opt(1, "Epochs per task.")
+    grad_accum: int = opt(1, "Gradient accumulation steps.")
+    warmup_ratio: float = opt(0.06, "Fraction of a task's steps spent warming up.")
+    max_grad_norm: float = opt(1.0, "Gradient clipping norm (0 = off).")
+
+    def problems(self) -> list[str]:
+        out = _at_least(self, 1, "batch_size", "eval_batch_size", "epochs", "grad_accum")
+        out += _positive(self, "lr", "theta_lr") + _at_least(self, 0.0, "weight_decay", "max_grad_norm")
+        if not 0 <= self.warmup_ratio < 1:
+            out.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.lr > 1.0:
+            out.append(f"lr must be <= 1 (an adapter diverges far below that), got {self.lr}")
+        return out
+
+
+@dataclass
+class StrategyConfig:
+    name: str = opt("inclora", "CL strategy (see `jumplora strategies`).", flag="--strategy")
+    args: dict[str, Any] = opt(
+        dict, "Strategy hyper-parameter, repeatable: --strategy-arg lam=1e6.", flag="--strategy-arg"
+    )
+
+    def problems(self) -> list[str]:
+        from jumplora.cl import make_strategy
+
+        try:
+            make_strategy(self.name, self.args)
+        except ValueError as err:
+            return [str(err)]
+        return []
 
 
 @dataclass
 class RunConfig:
-    """One run: a task stream, a model, a strategy (dense or +JumpLoRA), and the training budget."""
+    """One run: a task stream, a model, an adapter (dense or JumpLoRA), a strategy and a budget."""
 
-    out: str = "runs/default"
-    # stream
-    order: int = 1
-    stream_file: str | None = None
-    tasks: list[str] | None = None
-    data_dir: str | None = None
-    max_train: int | None = 256
-    max_eval: int | None = 200
-    eval_split: Literal["dev", "test"] = "test"
-    option_space: Literal["task", "stream"] = "stream"
-    # model
-    model: str | None = None
-    family: str | None = None
-    target_modules: list[str] | None = None
-    max_length: int = 128
-    rank_options: bool = False
-    trust_remote_code: bool = False
-    # strategy
-    strategy: str = "inclora"
-    jumplora: bool = False
-    ella_lambda: float = 3e4
-    olora_lambda: float = 0.5
-    olora_l2: float = 0.0
-    # adapter
-    r: int = 8
-    lora_alpha: float = 32.0
-    lora_dropout: float = 0.0
-    threshold_granularity: Literal["global", "per_block", "per_module"] = "global"
-    threshold_param: Literal["log", "direct"] = "log"
-    bandwidth: float = 1e-3
-    threshold_reduction: Literal["mean", "sum"] = "mean"
-    sparsify_start: float = 0.2
-    sparsify_end: float = 0.8
-    target_density: float | None = None
-    # optimisation
-    lr: float = 1e-3
-    theta_lr: float | None = None
-    weight_decay: float = 0.0
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    epochs: int = 1
-    grad_accum: int = 1
-    warmup_ratio: float = 0.06
-    max_grad_norm: float = 1.0
-    # run
-    seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    cpu: bool = False
-    log_every: int = 10
-    checkpoint_every: int = 0
-    plots: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    out: str = opt("runs/default", "Run directory (results.json, train_log.jsonl, plots/, checkpoint/).")
+    runner: str = opt(
+        "continual", "continual (the stream, one task after another) | multitask (all tasks jointly: "
+        "upper bound) | independent (each task from scratch).", choices=RUNNERS,
+    )  # fmt: skip
+    seed: int = opt(0, "Seed for data caps, initialisation and shuffling.")
+    mixed_precision: str = opt("no", "no | fp16 | bf16 (through Accelerate).", choices=("no", "fp16", "bf16"))
+    cpu: bool = opt(False, "Force the CPU even when a GPU is present.")
+    log_every: int = opt(10, "Log every N optimizer steps to train_log.jsonl.")
+    checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps within a task (0 = task ends only).")
+    plots: bool = opt(True, "Draw the run's plots at the end.")
+    report_to: list[str] | None = opt(
+        None, "Experiment trackers through Accelerate: tensorboard, wandb, mlflow, ... (comma-separated).", csv=True
+    )
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     def __post_init__(self) -> None:
-        problems = []
-        positive = ("r", "batch_size", "eval_batch_size", "epochs", "grad_accum", "max_length", "log_every")
-        for name in positive:
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("max_train", "max_eval"):
-            if getattr(self, name) is not None and getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.lr <= 0:
-            problems.append(f"lr must be > 0, got {self.lr}")
-        if not 0 <= self.warmup_ratio < 1:
-            problems.append(f"warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.eval_split not in ("dev", "test"):
-            problems.append(f"eval_split must be 'dev' or 'test', got {self.eval_split!r}")
-        if self.option_space not in ("task", "stream"):
-            problems.append(f"option_space must be 'task' or 'stream', got {self.option_space!r}")
-        if self.checkpoint_every < 0:
-            problems.append(f"checkpoint_every must be >= 0, got {self.checkpoint_every}")
+        problems = _at_least(self, 1, "log_every") + _at_least(self, 0, "checkpoint_every")
+        if not 0 <= self.seed < 2**32:
+            problems.append(f"seed must be in [0, 2**32), got {_short(self.seed)}")
+        for name, value in _top_fields(self):
+            choices = _field_meta(type(self), name).get("choices")
+            if choices and value not in choices:
+                problems.append(f"{name} must be one of {', '.join(choices)}; got {_short(value)}")
+        for part in self.parts():
+            problems += _check_choices(part) + _finite(part) + part.problems()
         if problems:
-            raise ValueError("invalid run configuration: " + "; ".join(problems))
+            raise ConfigError("invalid run configuration: " + "; ".join(problems))
+        from jumplora.cl import make_strategy
 
+        # Every hyper-parameter of the strategy, defaults included: config.json says what ran.
+        self.strategy.args = make_strategy(self.strategy.name, self.strategy.args).hparams()
+
+    def parts(self) -> tuple[Any, ...]:
+        return (self.stream, self.model, self.adapter, self.optim, self.strategy)
+
+    # -- serialisation ----------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+    def from_dict(cls, data: dict[str, Any], source: str = "configuration") -> RunConfig:
+        """A config.json (nested) as written by :meth:`to_dict`; unknown keys are errors."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a mapping of settings, got {type(data).__name__}")
+        parts = {f.name: f.type for f in dataclasses.fields(cls) if f.name in PART_TYPES}
+        flat: dict[str, Any] = {}
+        for key, value in data.items():
+            if key in parts:
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{source}: {key!r} must be a mapping, got {type(value).__name__}")
+                unknown = sorted(set(value) - {f.name for f in dataclasses.fields(PART_TYPES[key])})
+                if unknown:
+                    raise ConfigError(f"{source}: unknown key {key}.{_short(unknown[0])}")
+                flat.update({_flat_name(PART_TYPES[key], k): v for k, v in value.items()})
+            else:
+                flat[key] = value
+        return cls.from_flat(source=source, **flat)
+
+    @classmethod
+    def from_flat(cls, source: str = "configuration", **values: Any) -> RunConfig:
+        """Build from flat keys (``lr=…, tasks=…, strategy="ella", strategy_args={...}``)."""
+        index = flat_fields()
+        unknown = sorted(set(values) - set(index))
         if unknown:
-            raise ValueError(f"unknown run configuration keys: {', '.join(unknown)}")
-        return cls(**data)
+            raise ConfigError(f"{source}: unknown setting {_short(unknown[0])!r}")
+        parts: dict[str, dict[str, Any]] = {name: {} for name in PART_TYPES}
+        top: dict[str, Any] = {}
+        for key, value in values.items():
+            part, name = index[key]
+            (parts[part] if part else top)[name] = value
+        try:
+            return cls(**top, **{name: PART_TYPES[name](**kw) for name, kw in parts.items()})
+        except TypeError as err:  # e.g. a list where a number belongs, caught by the dataclass
+            raise ConfigError(f"{source}: {err}") from err
+
+    def replace(self, **flat: Any) -> RunConfig:
+        """A copy with some flat settings changed."""
+        return RunConfig.from_flat(**{**self.flat(), **flat})
+
+    def flat(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, (part, name) in flat_fields().items():
+            out[key] = getattr(getattr(self, part), name) if part else getattr(self, name)
+        return out
 
     @property
     def label(self) -> str:
-        return f"{self.strategy}{'+jumplora' if self.jumplora else ''}"
+        if self.runner != "continual":
+            return self.runner
+        return f"{self.strategy.name}{'+jumplora' if self.adapter.sparse else ''}"
+
+
+PART_TYPES: dict[str, type] = {
+    "stream": StreamConfig,
+    "model": ModelConfig,
+    "adapter": AdapterConfig,
+    "optim": OptimConfig,
+    "strategy": StrategyConfig,
+}
+# Settings that may differ between a run and its resumption.
+RESUME_FREE_KEYS = frozenset({"out", "plots", "log_every", "checkpoint_every", "report_to"})
+
+
+def _flat_name(part_type: type, name: str) -> str:
+    """The flat (and CLI) name of a part's field: ``name`` fields take the part's name."""
+    if name == "name":
+        return {ModelConfig: "model", StrategyConfig: "strategy"}[part_type]
+    if part_type is StrategyConfig and name == "args":
+        return "strategy_args"
+    if part_type is AdapterConfig and name == "sparse":
+        return "jumplora"
+    return name
+
+
+def flat_fields() -> dict[str, tuple[str | None, str]]:
+    """flat name → (part or None for top-level, field name); the CLI builds its options from this."""
+    index: dict[str, tuple[str | None, str]] = {}
+    for f in dataclasses.fields(RunConfig):
+        if f.name not in PART_TYPES:
+            index[f.name] = (None, f.name)
+    for part, part_type in PART_TYPES.items():
+        for f in dataclasses.fields(part_type):
+            index[_flat_name(part_type, f.name)] = (part, f.name)
+    return index
+
+
+def field_of(flat_name: str) -> dataclasses.Field:
+    part, name = flat_fields()[flat_name]
+    owner = PART_TYPES[part] if part else RunConfig
+    return next(f for f in dataclasses.fields(owner) if f.name == name)
+
+
+# -- validation helpers ---------------------------------------------------------------------------------
+def _short(value: Any, limit: int = 60) -> str:
+    """A value for an error message: never a whole user structure."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + f"… ({len(text)} chars)"
+
+
+def _field_meta(owner: type, name: str) -> dict[str, Any]:
+    return next(f.metadata for f in dataclasses.fields(owner) if f.name == name)
+
+
+def _top_fields(config: RunConfig) -> list[tuple[str, Any]]:
+    return [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.name not in PART_TYPES]
+
+
+def _check_choices(part: Any) -> list[str]:
+    out = []
+    for f in dataclasses.fields(part):
+        choices, value = f.metadata.get("choices"), getattr(part, f.name)
+        if choices and value not in choices:
+            out.append(f"{f.name} must be one of {', '.join(choices)}; got {_short(value)}")
+    return out
+
+
+def _finite(part: Any) -> list[str]:
+    return [
+        f"{f.name} must be a finite number, got {getattr(part, f.name)}"
+        for f in dataclasses.fields(part)
+        if isinstance(getattr(part, f.name), float) and not math.isfinite(getattr(part, f.name))
+    ]
+
+
+def _at_least(obj: Any, low: float, *names: str) -> list[str]:
+    out = []
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not (isinstance(value, (int, float)) and value >= low):
+            out.append(f"{name} must be >= {low:g}, got {_short(value)}")
+    return out
+
+
+def _positive(obj: Any, *names: str) -> list[str]:
+    out = []
+    for name in names:
+        value = getattr(obj, name)
+        if value is not None and not (isinstance(value, (int, float)) and value > 0):
+            out.append(f"{name} must be > 0, got {_short(value)}")
+    return out

@@ -51,10 +51,14 @@ class Sparsifier:
     def __init__(
         self,
         model: nn.Module,
-        schedule: SparsitySchedule,
+        schedule: SparsitySchedule | int,
         adapter: str = "default",
         target_density: float | None = None,
     ) -> None:
+        config = model.peft_config[adapter]  # TEMPORARY shim until the density branch lands
+        if isinstance(schedule, int):
+            schedule = SparsitySchedule(schedule, config.sparsify_start, config.sparsify_end)
+            target_density = config.target_density
         self.model = model
         self.schedule = schedule
         self.adapter = adapter
@@ -77,3 +81,20 @@ class Sparsifier:
             self.initialised_at = self.schedule.total_steps
         self.gamma = 1.0
         set_gamma(self.model, 1.0, self.adapter)
+
+    def loss_term(self):
+        return None
+
+    def after_step(self, step: int) -> None:
+        pass
+
+    def log_state(self) -> dict:
+        from .sparsity import sparsity_stats
+
+        return {"gamma": self.gamma, "density": sparsity_stats(self.model)[0] if self.initialised_at is not None else None}
+
+    def state_dict(self) -> dict:
+        return {"initialised_at": self.initialised_at, "gamma": self.gamma}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.initialised_at, self.gamma = state["initialised_at"], state["gamma"]

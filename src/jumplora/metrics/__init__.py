@@ -1,4 +1,10 @@
-"""Metrics for continual-learning runs: CL scores, support overlap, plots and reports."""
+"""Metrics for continual-learning runs: CL scores, support overlap, plots and reports.
+
+The plotting functions load matplotlib on first use (``jumplora.metrics.plot_*`` or
+``jumplora.metrics.plots``), so training and reporting never pay for it unless they draw.
+"""
+
+from typing import Any
 
 from jumplora.metrics.cl import (
     average_accuracy,
@@ -10,14 +16,6 @@ from jumplora.metrics.cl import (
     learning_accuracy,
 )
 from jumplora.metrics.overlap import density, density_per_module, jaccard, overlap_matrix, support_size
-from jumplora.metrics.plots import (
-    plot_accuracy_curves,
-    plot_accuracy_heatmap,
-    plot_bars,
-    plot_density,
-    plot_overlap,
-    plot_training_curves,
-)
 from jumplora.metrics.report import (
     IGNORED_CONFIG_KEYS,
     aggregate,
@@ -59,3 +57,11 @@ __all__ = [
     "support_size",
     "to_markdown",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name.startswith("plot_") or name == "write_run_plots":
+        from jumplora.metrics import plots
+
+        return getattr(plots, name)
+    raise AttributeError(f"module 'jumplora.metrics' has no attribute {name!r}")

@@ -286,3 +286,25 @@ def plot_bars(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path) 
     ax.set_title(f"{metric} (mean ± std over seeds)")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
+
+
+def write_run_plots(out: str | Path, results: Mapping[str, Any]) -> list[str]:
+    """Every plot of one run into ``out/plots/``; returns their paths relative to ``out``."""
+    from jumplora.io import read_jsonl
+
+    out = Path(out)
+    plots, names = out / "plots", results["tasks"]
+    written = []
+    matrix = np.array(results["accuracy_matrix"])
+    if matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1] == len(names):
+        written.append(plot_accuracy_heatmap(matrix, names, plots / "accuracy_heatmap.png", title=results["label"]))
+        written.append(plot_accuracy_curves(matrix, names, plots / "accuracy_curves.png"))
+    per_task = results.get("per_task") or []
+    if per_task and len(per_task) == len(names):
+        written.append(plot_density([t["density"] for t in per_task], names, plots / "density.png"))
+    if results.get("overlap_matrix") and len(results["overlap_matrix"]) == len(names):
+        written.append(plot_overlap(np.array(results["overlap_matrix"]), names, plots / "overlap.png"))
+    log = read_jsonl(out / "train_log.jsonl")
+    if log:
+        written.append(plot_training_curves(log, plots / "training_curves.png"))
+    return [str(Path(p).relative_to(out)) for p in written]

@@ -1,0 +1,40 @@
+"""The shape of results.json, shared by the runners, the CLI, reports and bench scripts.
+
+Every runner (continual, multitask, independent) writes this one shape; reference runners have one
+row in ``accuracy_matrix`` and only ``op`` in ``metrics``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+#: Scalar metrics a run may report, in display order; higher is better except ``forgetting``.
+METRIC_KEYS: tuple[str, ...] = ("op", "bwt", "fwt", "forgetting", "learning_accuracy")
+LOWER_IS_BETTER = frozenset({"forgetting"})
+
+
+class TaskAnalytics(TypedDict):
+    task: str
+    density: float
+    density_per_module: dict[str, float]
+    thresholds: dict[str, float]
+    jaccard_with_earlier: list[float]
+    jaccard_with_past: float | None
+
+
+class RunResults(TypedDict):
+    complete: bool
+    runner: str  # continual | multitask | independent
+    label: str  # e.g. "ella+jumplora"
+    stream: str  # the stream's name, e.g. "order1" or a custom stream's name
+    config: dict[str, Any]
+    tasks: list[str]
+    tasks_done: int
+    accuracy_matrix: list[list[float]]
+    zero_shot: list[float] | None
+    metrics: dict[str, float | None] | None
+    per_task: list[TaskAnalytics]
+    overlap_matrix: list[list[float]]
+    wall_time_s: float
+    dropped_eval_items: dict[str, int]
+    plots: list[str]

@@ -1,0 +1,306 @@
+"""Runners: how the tasks of a stream follow each other, and the public ``ContinualTrainer``.
+
+- :class:`ContinualRunner` — the continual stream: per task a fresh adapter (or the strategy's shared
+  one), train, merge the gated update, evaluate every task; checkpointed after every task.
+- :class:`MultitaskRunner` — every task's data at once (the upper bound), one row of R.
+- :class:`IndependentRunner` — each task from the untouched model (FWT against training from scratch).
+
+Every runner writes results.json in one shape (``jumplora.results.RunResults``).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import peft
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from jumplora.adapters.updates import apply_update, pack_update
+from jumplora.checkpoint import Progress, Restored, RunDirectory, RunDirectoryError
+from jumplora.cl import make_strategy
+from jumplora.config import RESUME_FREE_KEYS, RunConfig
+from jumplora.engine import Engine
+from jumplora.io import append_jsonl
+from jumplora.metrics import cl_metrics, jaccard
+from jumplora.results import RunResults
+from jumplora.training_state import adapter_tensors, load_adapter_tensors
+
+log = logging.getLogger("jumplora")
+
+
+class Runner:
+    """Shared by the runners: the run directory, the log, trackers and the results.json shape."""
+
+    name = ""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.config = engine.config
+        self.out = Path(self.config.out)
+        self.rundir = RunDirectory(
+            self.out, self.config.to_dict(), len(engine.tasks), fingerprint=_fingerprint(engine)
+        )
+        self.progress = Progress()
+        self._start = time.perf_counter()
+        self._elapsed_before = 0.0
+        engine.on_log = self._log
+
+    def _log(self, record: dict[str, Any]) -> None:
+        append_jsonl(self.out / "train_log.jsonl", record)
+        if self.config.report_to:
+            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            self.engine.accelerator.log(numbers, step=record["global_step"])
+
+    def _start_trackers(self) -> None:
+        if self.config.report_to:
+            flat = {k: v for k, v in self.config.flat().items() if isinstance(v, (int, float, str, bool))}
+            self.engine.accelerator.init_trackers("jumplora", config=flat)
+
+    def results(self, complete: bool, **override: Any) -> RunResults:
+        engine, progress = self.engine, self.progress
+        names = [d.task.name for d in engine.tasks]
+        rows = progress.rows
+        metrics = cl_metrics(np.array(rows), progress.zero_shot) if rows and len(rows) == len(names) else None
+        progress.wall_time_s = self._elapsed_before + time.perf_counter() - self._start
+        results: dict[str, Any] = {
+            "complete": complete,
+            "runner": self.name,
+            "label": self.config.label,
+            "stream": engine.stream.name,
+            "config": self.config.to_dict(),
+            "tasks": names,
+            "tasks_done": len(rows),
+            "accuracy_matrix": rows,
+            "zero_shot": progress.zero_shot,
+            "independent": None,
+            "metrics": metrics,
+            "per_task": progress.per_task,
+            "overlap_matrix": [[jaccard(a, b) for b in engine.supports] for a in engine.supports],
+            "wall_time_s": progress.wall_time_s,
+            "dropped_eval_items": {d.task.name: d.task.dropped for d in engine.tasks if d.task.dropped},
+            "plots": [],
+        }
+        results.update(override)
+        return results  # type: ignore[return-value]
+
+    def finish(self, results: RunResults) -> RunResults:
+        if self.engine.is_main:
+            if self.config.plots:
+                from jumplora.metrics.plots import write_run_plots
+
+                results["plots"] = write_run_plots(self.out, results)
+            self.rundir.finish(results)
+        if self.config.report_to:
+            self.engine.accelerator.end_training()
+        return results
+
+
+class ContinualRunner(Runner):
+    name = "continual"
+
+    def run(self, fresh: bool = False) -> RunResults:
+        engine, acc = self.engine, self.engine.accelerator
+        model, partial = self._restore_or_start(fresh)
+        acc.wait_for_everyone()
+        self._start_trackers()
+        if self.progress.zero_shot is None:
+            set_seed(self.config.seed)
+            self.progress.zero_shot = engine.evaluate_all(model, "zero-shot eval")
+            self._commit(model)
+        peft_model: nn.Module | None = model if isinstance(model, peft.PeftModel) else None
+        for i in range(self.progress.next_task, len(engine.tasks)):
+            if peft_model is None or engine.strategy.adapter_lifecycle != "shared":
+                peft_model = engine.new_adapter(model, i)
+            else:  # a shared adapter: same per-task seeding, so a resumed run draws the same numbers
+                set_seed(self.config.seed * 1000 + i)
+            checkpoint = self._commit_partial if engine.is_main else None
+            peft_model, _ = engine.train_task(peft_model, i, engine.tasks[i].train_features,
+                                              partial=partial if i == self.progress.next_task else None,
+                                              on_checkpoint=checkpoint)  # fmt: skip
+            model, peft_model = self._end_task(peft_model, i)
+        return self.finish(self.results(True))
+
+    def _restore_or_start(self, fresh: bool) -> tuple[nn.Module, tuple | None]:
+        restored = None if fresh else self.rundir.load(self.engine.steps_per_task())
+        if restored is None:
+            if self.engine.is_main:
+                self.rundir.start()
+            return self.engine.base_model, None
+        model = self._apply(restored)
+        where = f"after {self.progress.next_task} of {len(self.engine.tasks)} tasks"
+        if restored.partial is not None:
+            meta = restored.partial[0]
+            where += f", task {meta['task']} from its mid-task checkpoint at step {meta['step']}"
+        if self.engine.is_main:
+            log.warning("resuming %s %s", self.out, where)
+            self.rundir.trim_log(self.progress.next_task, restored.partial[0]["step"] if restored.partial else 0)
+        return model, restored.partial
+
+    def _apply(self, restored: Restored) -> nn.Module:
+        """The model after the last finished task, and the engine/strategy state that goes with it."""
+        engine = self.engine
+        self.progress = restored.progress
+        self._elapsed_before = restored.progress.wall_time_s
+        engine.global_step = restored.progress.global_step
+        model = engine.base_model
+        try:
+            for update in restored.updates:
+                if update is not None:
+                    apply_update(model, update)
+            engine.supports = restored.supports
+            engine.strategy.load_state_dict(restored.strategy_state or {})
+            if restored.adapter is not None:
+                model = peft.get_peft_model(model, engine.peft_config())
+                load_adapter_tensors(model, restored.adapter, str(self.rundir.ckpt / "adapter"))
+        except (ValueError, KeyError, RuntimeError) as err:
+            raise ValueError(f"{self.rundir.ckpt}: the checkpoint does not fit this run ({err})") from err
+        return model
+
+    def _end_task(self, peft_model: nn.Module, i: int) -> tuple[nn.Module, nn.Module | None]:
+        """Merge (unless the adapter is shared and tasks remain), let the strategy act, evaluate, commit."""
+        engine, last = self.engine, i == len(self.engine.tasks) - 1
+        thresholds = engine.thresholds(peft_model)
+        merged = None
+        if engine.strategy.adapter_lifecycle == "shared" and not last:
+            from jumplora.adapters import supports
+
+            support, model = supports(peft_model), peft_model
+        else:
+            merged = engine.merge(peft_model, i)
+            support, model, peft_model = merged.supports, merged.model, None
+        engine.strategy.on_task_end(engine.context(None, i), merged)
+        self.progress.rows.append(engine.evaluate_all(model, f"eval after {engine.tasks[i].task.name}"))
+        self.progress.per_task.append(engine.task_analytics(engine.tasks[i].task.name, support, thresholds))
+        engine.supports.append(support)
+        self.progress.next_task = i + 1
+        self._commit(model, merged)
+        return model, peft_model
+
+    def _commit(self, model: nn.Module, merged: Any = None) -> None:
+        if not self.engine.is_main:
+            return
+        self.progress.global_step = self.engine.global_step
+        results = self.results(False)  # also brings wall_time_s up to date
+        done = self.progress.next_task
+        self.rundir.commit(
+            self.progress,
+            update=pack_update(merged.updates, merged.supports) if merged is not None else None,
+            support={k: v.contiguous() for k, v in self.engine.supports[done - 1].items()} if done else None,
+            strategy_state=self.engine.strategy.state_dict(),
+            adapter=adapter_tensors(model) if isinstance(model, peft.PeftModel) else None,
+        )
+        self.rundir.write_results(results)
+
+    def _commit_partial(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        self.rundir.commit_partial(meta, tensors)
+
+
+class _ReferenceRunner(Runner):
+    """Reference rows: no strategy, no checkpoint (a killed reference run restarts)."""
+
+    def run(self, fresh: bool = False) -> RunResults:
+        engine = self.engine
+        engine.strategy = make_strategy("inclora", {})
+        if engine.is_main:
+            self.rundir.start()
+        self._start_trackers()
+        self.progress.zero_shot = engine.evaluate_all(engine.base_model, "zero-shot eval")
+        row = self.train_and_evaluate()
+        return self.finish(self.results(True, accuracy_matrix=[row], metrics={"op": float(np.mean(row))}, **self.extra(row)))
+
+    def extra(self, row: list[float]) -> dict[str, Any]:
+        return {}
+
+
+class MultitaskRunner(_ReferenceRunner):
+    name = "multitask"
+
+    def train_and_evaluate(self) -> list[float]:
+        engine = self.engine
+        features = [f for d in engine.tasks for f in d.train_features]
+        peft_model, _ = engine.train_task(engine.new_adapter(engine.base_model, 0), 0, features, name="multitask")
+        merged = engine.merge(peft_model, 0)
+        self.progress.per_task.append(engine.task_analytics("multitask", merged.supports, {}))
+        return engine.evaluate_all(merged.model, "eval multitask")
+
+
+class IndependentRunner(_ReferenceRunner):
+    name = "independent"
+
+    def train_and_evaluate(self) -> list[float]:
+        engine, initial, row = self.engine, copy.deepcopy(self.engine.base_model), []
+        for i, data in enumerate(engine.tasks):
+            peft_model, _ = engine.train_task(engine.new_adapter(copy.deepcopy(initial), i), i, data.train_features)
+            merged = engine.merge(peft_model, i)
+            row.append(engine.evaluate(merged.model, data))
+            self.progress.per_task.append(engine.task_analytics(data.task.name, merged.supports, {}))
+        return row
+
+    def extra(self, row: list[float]) -> dict[str, Any]:
+        return {"independent": row}
+
+
+RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (ContinualRunner, MultitaskRunner, IndependentRunner)}
+
+
+class ContinualTrainer:
+    """Runs one configuration end to end; ``run()`` returns the results also saved to ``config.out``.
+
+    Pass ``model`` and ``tokenizer`` to train a model object you already hold (placed with
+    ``device_map``, quantised, …) instead of loading ``config.model.name``.
+    """
+
+    def __init__(
+        self,
+        config: RunConfig,
+        *,
+        model: nn.Module | None = None,
+        tokenizer: Any = None,
+        accelerator: Accelerator | None = None,
+        quiet: bool = False,
+    ) -> None:
+        self.config = config
+        self.engine = Engine(config, model=model, tokenizer=tokenizer, accelerator=accelerator, quiet=quiet)
+
+    def prepare(self) -> None:
+        """Load and validate data, model and targets (nothing is written)."""
+        self.engine.prepare()
+
+    def check_resumable(self) -> None:
+        """Refuse a resume whose configuration differs from the one saved in ``config.out``."""
+        path = Path(self.config.out) / "config.json"
+        try:
+            saved = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path)).flat()
+        except (OSError, ValueError, RecursionError) as err:
+            raise RunDirectoryError(f"{path}: cannot read the run's configuration ({str(err)[:200]})") from err
+        now = self.config.flat()
+        diff = [f"{k}: {saved[k]!r} → {now[k]!r}"[:120] for k in now if k not in RESUME_FREE_KEYS and saved[k] != now[k]]
+        if diff:
+            raise RunDirectoryError(f"{path}: --resume with a different configuration ({'; '.join(diff[:4])})")
+
+    def run(self, fresh: bool = False) -> RunResults:
+        """Run the stream; resumes from the checkpoint in ``config.out`` unless ``fresh``."""
+        if self.engine.loaded is None:
+            self.prepare()
+        runner = RUNNERS[self.config.runner](self.engine)
+        self.engine.accelerator.wait_for_everyone()
+        results = runner.run(fresh)
+        self.engine.accelerator.wait_for_everyone()
+        return results
+
+
+def _fingerprint(engine: Engine) -> dict[str, str]:
+    try:  # TEMPORARY until the data branch lands
+        from jumplora.data import stream_fingerprint
+    except ImportError:
+        return {}
+    return stream_fingerprint(engine.stream)
