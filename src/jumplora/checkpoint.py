@@ -41,6 +41,7 @@ from torch import nn
 from jumplora import faults
 from jumplora.adapters.sparsity import MergeResult
 from jumplora.config import RunConfig
+from jumplora.export import apply_update as _apply_update  # the update format's reader lives there
 from jumplora.io import (
     atomic_save_tensors,
     atomic_write_json,
@@ -331,25 +332,6 @@ def _pack_update(merged: MergeResult) -> dict[str, torch.Tensor]:
             tensors[f"{name}::mask"] = mask.contiguous()
             tensors[f"{name}::values"] = update[mask].contiguous()
     return tensors
-
-
-def _apply_update(model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    modules = dict(model.named_modules())
-    names = {key.split("::")[0] for key in tensors}
-    for name in sorted(names):
-        if name not in modules:
-            raise RunDirectoryError(f"checkpoint update names module {name!r}, which the model does not have")
-        weight = modules[name].weight
-        if f"{name}::dense" in tensors:
-            update = tensors[f"{name}::dense"]
-        else:
-            mask = tensors[f"{name}::mask"]
-            update = torch.zeros(mask.shape, dtype=torch.float32)
-            update[mask] = tensors[f"{name}::values"]
-        if type(modules[name]).__name__ == "Conv1D":
-            update = update.t()
-        with torch.no_grad():
-            weight.data += update.to(device=weight.device, dtype=weight.dtype)
 
 
 def _write_plots(out: Path, results: dict[str, Any]) -> list[str]:

@@ -247,6 +247,22 @@ def report(
         Console(width=None if sys.stdout.isatty() else 200).print(render_table(rows))
 
 
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the merged model, card and per-task updates.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Write a finished run's final model as a standard HF folder, with a model card and per-task updates."""
+    from jumplora.export import export_run
+
+    try:
+        written = export_run(run_dir, out, overwrite=overwrite)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    Console().print(f"exported {escape(str(run_dir))} to {escape(str(written))}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(app())

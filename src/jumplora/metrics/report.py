@@ -138,14 +138,44 @@ def setting_key(config: Mapping[str, Any]) -> str:
     return json.dumps(_strip(config), sort_keys=True, default=str)
 
 
-def setting_label(config: Mapping[str, Any]) -> str:
-    """Short human label, e.g. ``"inclora+jumplora / order1"``."""
-    label = str(config.get("strategy", "?"))
+def stream_label(results: Mapping[str, Any]) -> str:
+    """The stream's name: results' ``stream``, else (older results) the config's stream, file, tasks or order."""
+    if isinstance(results.get("stream"), str):
+        return results["stream"]
+    config = results.get("config") or {}
+    stream = config.get("stream")
+    if isinstance(stream, Mapping):
+        config = stream  # the nested config keeps the stream's fields in their own section
+        if stream.get("name"):
+            return str(stream["name"])
+    if config.get("stream_file"):
+        return Path(str(config["stream_file"])).stem
+    if config.get("tasks"):
+        return ",".join(map(str, config["tasks"]))
+    return f"order{config['order']}" if config.get("order") is not None else "?"
+
+
+def setting_label(config: Mapping[str, Any], stream: str | None = None) -> str:
+    """Short human label, e.g. ``"inclora+jumplora / order1"``; ``stream`` defaults to the config's."""
+    strategy = config.get("strategy", "?")
+    label = str(strategy.get("name", "?") if isinstance(strategy, Mapping) else strategy)
     if config.get("jumplora"):
         label += "+jumplora"
-    if config.get("order") is not None:
-        label += f" / order{config['order']}"
-    return label
+    return f"{label} / {stream or stream_label({'config': config})}"
+
+
+def matrix_rows(results: Mapping[str, Any]) -> list[tuple[str, list[float | None]]]:
+    """R with row labels: the zero-shot row, then "after <task>" (one "final" row for reference runners)."""
+    names = list(results.get("tasks") or [])
+    matrix = list(results.get("accuracy_matrix") or [])
+    rows: list[tuple[str, list[float | None]]] = []
+    if results.get("zero_shot"):
+        rows.append(("zero-shot", list(results["zero_shot"])))
+    if len(matrix) == len(names):
+        rows += [(f"after {name}", list(row)) for name, row in zip(names, matrix, strict=True)]
+    else:
+        rows += [(str(results.get("runner") or "final"), list(row)) for row in matrix]
+    return rows
 
 
 def _finite(v: Any) -> float | None:
