@@ -14,8 +14,10 @@ from jumplora.metrics.plots import (
     plot_accuracy_curves,
     plot_accuracy_heatmap,
     plot_bars,
+    plot_comparison,
     plot_density,
     plot_overlap,
+    plot_run_figures,
     plot_training_curves,
 )
 from jumplora.metrics.report import (
@@ -50,8 +52,10 @@ __all__ = [
     "plot_accuracy_curves",
     "plot_accuracy_heatmap",
     "plot_bars",
+    "plot_comparison",
     "plot_density",
     "plot_overlap",
+    "plot_run_figures",
     "plot_training_curves",
     "render_table",
     "setting_key",
