@@ -44,6 +44,7 @@ def runs(tmp_path: Path) -> list[Path]:
         _run(tmp_path, "a0", strategy="in_c&lora", seed=0, op=0.60, forgetting=0.30),
         _run(tmp_path, "a1", strategy="in_c&lora", seed=1, op=0.70, forgetting=0.10),
         _run(tmp_path, "b0", strategy="seqlora", seed=0, op=0.50, forgetting=0.05),
+        _run(tmp_path, "m0", strategy="multitask", seed=0, op=0.90, forgetting=0.0),
     ]
 
 
@@ -62,12 +63,14 @@ def test_latex_booktabs_bold_best_and_escaped(runs: list[Path]) -> None:
     assert "$50.00 \\pm 0.00$" in row_b
     assert "$\\mathbf{5.00 \\pm 0.00}$" in row_b  # forgetting: lower is better
     assert "$20.00 \\pm 10.00$" in row_a
+    row_m = next(line for line in tex.splitlines() if line.startswith("multitask"))
+    assert "$90.00 \\pm 0.00$" in row_m and "mathbf" not in row_m  # an upper bound, not a competitor
     assert latex_escape("a_b 50% {x}") == "a\\_b 50\\% \\{x\\}"
 
 
 def test_csv_parses_back(runs: list[Path]) -> None:
     rows = list(csv.DictReader(io.StringIO(_report(*map(str, runs), "--format", "csv"))))
-    assert [r["label"] for r in rows] == ["in_c&lora / order1", "seqlora / order1"]
+    assert [r["label"] for r in rows] == ["in_c&lora / order1", "multitask / order1", "seqlora / order1"]
     a = rows[0]
     assert a["n"] == "2" and a["seeds"] == "0;1" and a["stream"] == "order1"
     assert float(a["op_mean"]) == pytest.approx(0.65) and float(a["op_std"]) == pytest.approx(0.05)
@@ -77,9 +80,10 @@ def test_csv_parses_back(runs: list[Path]) -> None:
 
 def test_json_schema(runs: list[Path]) -> None:
     data = json.loads(_report(*map(str, runs), "--format", "json"))
-    assert [d["label"] for d in data] == ["in_c&lora / order1", "seqlora / order1"]
+    assert [d["label"] for d in data] == ["in_c&lora / order1", "multitask / order1", "seqlora / order1"]
+    assert [d["reference"] for d in data] == [False, True, False]
     for d in data:
-        assert {"label", "stream", "n", "seeds", "run_dirs", "config", "metrics"} <= set(d)
+        assert {"label", "stream", "n", "reference", "seeds", "run_dirs", "config", "metrics"} <= set(d)
         assert set(d["metrics"]) == set(METRIC_KEYS)
         assert all(set(v) == {"mean", "std", "n"} for v in d["metrics"].values())
     assert data[0]["metrics"]["forgetting"] == {"mean": pytest.approx(0.2), "std": pytest.approx(0.1), "n": 2}

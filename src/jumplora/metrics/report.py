@@ -82,6 +82,8 @@ METRIC_KEYS: tuple[str, ...] = (*CL_METRIC_KEYS, "density", "jaccard", "jaccard_
 LOWER_IS_BETTER: frozenset[str] = frozenset({"forgetting"})
 #: Columns where the LaTeX table marks the best setting in bold.
 BEST_MARKED: tuple[str, ...] = ("op", "bwt", "fwt", "forgetting")
+#: Runners (or strategy names, in older results) of reference rows: never marked best.
+REFERENCE_RUNNERS: frozenset[str] = frozenset({"multitask", "independent"})
 #: Output formats of :func:`format_rows` and :func:`format_matrices`.
 FORMATS: tuple[str, ...] = ("table", "markdown", "latex", "csv", "json")
 
@@ -238,6 +240,7 @@ def aggregate(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "setting": key,
             "label": setting_label(cfg, stream_label(runs[0])),
             "stream": stream_label(runs[0]),
+            "reference": _is_reference(runs[0]),
             "config": _strip(cfg),
             "n": len(runs),
             "seeds": [r["config"].get("seed") for r in runs],
@@ -334,8 +337,15 @@ def latex_escape(text: str) -> str:
     return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
 
 
+def _is_reference(results: Mapping[str, Any]) -> bool:
+    """Multitask / independent rows are bounds to compare against, not competitors for the bold best."""
+    strategy = (results.get("config") or {}).get("strategy")
+    name = strategy.get("name") if isinstance(strategy, Mapping) else strategy
+    return results.get("runner", name) in REFERENCE_RUNNERS or name in REFERENCE_RUNNERS
+
+
 def _best(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
-    means = [r[f"{key}_mean"] for r in rows if r.get(f"{key}_mean") is not None]
+    means = [r[f"{key}_mean"] for r in rows if r.get(f"{key}_mean") is not None and not r.get("reference")]
     if not means:
         return None
     return min(means) if key in LOWER_IS_BETTER else max(means)
@@ -346,12 +356,20 @@ def _latex_cell(row: Mapping[str, Any], key: str, pct: bool, best: float | None)
     if mean is None:
         return "--"
     cell = _fmt(row, key, pct).replace(" ± ", r" \pm ")
-    bold = key in BEST_MARKED and best is not None and math.isclose(mean, best, rel_tol=0.0, abs_tol=1e-12)
+    bold = (
+        key in BEST_MARKED
+        and not row.get("reference")
+        and best is not None
+        and math.isclose(mean, best, rel_tol=0.0, abs_tol=1e-12)
+    )
     return f"$\\mathbf{{{cell}}}$" if bold else f"${cell}$"
 
 
 def to_latex(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A booktabs tabular (mean ± std over seeds); the best setting per CL metric column in bold."""
+    """A booktabs tabular (mean ± std over seeds); the best CL method per CL metric column in bold.
+
+    Reference rows (multitask, independent) are shown but never bolded: they bound the methods.
+    """
     best = {k: _best(rows, k) for _, k, _ in _COLUMNS}
     header = ["Setting", "$n$", *(latex_escape(name) for name, _, _ in _COLUMNS)]
     lines = [
@@ -374,6 +392,7 @@ def _plain_row(row: Mapping[str, Any]) -> dict[str, Any]:
         "label": row["label"],
         "stream": row.get("stream"),
         "n": row["n"],
+        "reference": bool(row.get("reference")),
         "seeds": list(row.get("seeds") or []),
         "run_dirs": list(row.get("run_dirs") or []),
         "config": row.get("config"),
