@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import peft
@@ -109,6 +111,18 @@ def test_task_update_loads_with_plain_peft(finished, tiny_model: str) -> None:
         merged = peft_model.merge_and_unload()
         for (name, a), b in zip(merged.state_dict().items(), expected.state_dict().values(), strict=True):
             assert torch.equal(a, b), name
+    # A fresh interpreter with PEFT only: SHiRA is PEFT's own method, no jumplora import needed.
+    code = (
+        "import sys, torch, peft; from transformers import AutoModel; from safetensors.torch import load_file\n"
+        f"base, folder = {tiny_model!r}, {str(out / 'task_updates' / '001_rte')!r}\n"
+        "merged = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base), folder).merge_and_unload()\n"
+        "w = merged.encoder.layer[1].attention.self.value.weight - AutoModel.from_pretrained(base).encoder.layer[1]"
+        ".attention.self.value.weight\n"
+        "u = load_file(folder + '/update.safetensors'); m = u['encoder.layer.1.attention.self.value::mask']\n"
+        "assert torch.allclose(w[m], u['encoder.layer.1.attention.self.value::values']) and (w[~m] == 0).all()\n"
+        "assert not any(name.startswith('jumplora') for name in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_model_card(finished) -> None:
@@ -173,6 +187,10 @@ def test_incomplete_run_is_refused(tmp_path: Path, minilm_path: str) -> None:
     shutil.rmtree(run / "checkpoint")
     result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
     assert result.exit_code == 2 and "state.json" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (run / "results.json").write_text(json.dumps({**results, "reference": "multitask"}))
+    result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "multitask reference run" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

@@ -125,7 +125,12 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any], list[
     results = _read_json(run / "results.json")
     if not isinstance(results, dict) or results.get("complete") is not True:
         raise ExportError(f"{run}: the run is incomplete (results.json is not marked complete); finish it first")
+    kind = results.get("runner") or results.get("reference")
+    if kind in ("multitask", "independent"):
+        raise ExportError(f"{run}: a {kind} reference run keeps no model to export (its updates are not saved)")
     config = results.get("config") or _read_json(run / "config.json")
+    if not (run / "checkpoint" / "state.json").is_file():
+        raise ExportError(f"{run / 'checkpoint' / 'state.json'}: missing; the run kept no updates to export")
     state = _read_json(run / "checkpoint" / "state.json")
     updates = state.get("updates") if isinstance(state, dict) else None
     if not isinstance(updates, list) or len(updates) != len(results.get("tasks") or []):
