@@ -20,7 +20,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from grid import LONG_BUDGET, RUNS, STANDARD_BUDGET, TUNE_BUDGET, TUNED, tuning_runs  # noqa: E402
 
 from jumplora.io import read_jsonl  # noqa: E402
-from jumplora.metrics import plot_accuracy_heatmap, plot_bars, plot_overlap, plot_training_curves  # noqa: E402
+from jumplora.metrics.plots import plot_comparison, plot_run_figures  # noqa: E402
 
 DOCS = ROOT / "docs"
 FIGS = DOCS / "results"
@@ -132,39 +132,31 @@ def figures() -> list[str]:
     for variant in ("inclora", "inclora-jl", "ella", "ella-jl"):
         res = load(f"o4-{variant}-s0")
         if res is not None:
-            made.append(
-                plot_accuracy_heatmap(
-                    np.array(res["accuracy_matrix"]),
-                    res["tasks"],
-                    FIGS / f"heatmap_o4_{variant}.png",
-                    title=f"order 4, {variant}, seed 0",
-                )
-            )
+            title = f"order 4, {variant}, seed 0"
+            made += plot_run_figures(res, [], FIGS, f"o4_{variant}", title=title, kinds=("heatmap",))
     for variant in ("inclora-jl", "ella-jl"):
         res = load(f"o4-{variant}-s0")
-        if res is not None and res.get("overlap_matrix"):
-            made.append(plot_overlap(np.array(res["overlap_matrix"]), res["tasks"], FIGS / f"overlap_o4_{variant}.png"))
-        log = read_jsonl(RUNS / f"o4-{variant}-s0" / "train_log.jsonl")
-        if log:
-            made.append(plot_training_curves(log, FIGS / f"training_o4_{variant}.png"))
+        if res is not None:
+            log = read_jsonl(RUNS / f"o4-{variant}-s0" / "train_log.jsonl")
+            made += plot_run_figures(res, log, FIGS, f"o4_{variant}", kinds=("overlap", "training"))
     return [str(Path(p).relative_to(DOCS)) for p in made]
+
+
+def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
+    vals = [v for v in values if v is not None]
+    return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
 
 
 def bar_figures(bars_std: list[dict], bars_long: list[dict]) -> list[str]:
     made = []
     for stream, bars in (("standard", bars_std), ("long", bars_long)):
-        for metric in ("op", "bwt"):
-            rows = [
-                {
-                    "label": b["label"],
-                    "mean": float(np.mean([v for v in b[metric] if v is not None])),
-                    "std": float(np.std([v for v in b[metric] if v is not None])),
-                }
-                for b in bars
-                if any(v is not None for v in b[metric])
-            ]
-            if rows:
-                made.append(plot_bars(rows, metric, FIGS / f"bars_{metric}_{stream}.png"))
+        rows = []
+        for b in bars:
+            row = {"label": b["label"]}
+            for metric in ("op", "bwt"):
+                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(b[metric])
+            rows.append(row)
+        made += plot_comparison(rows, FIGS, ("op", "bwt"), suffix=f"_{stream}")
     return [str(Path(p).relative_to(DOCS)) for p in made]
 
 

@@ -11,8 +11,8 @@ import torch
 
 from jumplora.config import RunConfig
 from jumplora.data import resolve_data_dir
-from jumplora.runners import ContinualTrainer
 from jumplora.io import read_jsonl
+from jumplora.runners import ContinualTrainer
 
 pytestmark = pytest.mark.slow
 

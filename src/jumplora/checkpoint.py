@@ -156,7 +156,8 @@ class RunDirectory:
         kept = [
             r
             for r in read_jsonl(log)
-            if r.get("task_index", 0) < next_task or (r.get("task_index") == next_task and r.get("step", 0) <= done_steps)
+            if r.get("task_index", 0) < next_task
+            or (r.get("task_index") == next_task and r.get("step", 0) <= done_steps)
         ]
         atomic_write_text(log, "".join(json.dumps(r) + "\n" for r in kept))
         _remove_temporaries(self.out)

@@ -276,11 +276,21 @@ def strategies() -> None:
 @app.command()
 def report(
     runs: Annotated[list[Path], typer.Argument(help="Run directories (or folders holding them).")],
-    markdown: Annotated[bool, typer.Option(help="Print a Markdown table instead.")] = False,
+    fmt: Annotated[
+        str, typer.Option("--format", help="table | markdown | latex (booktabs, best in bold) | csv | json.")
+    ] = "table",
+    markdown: Annotated[bool, typer.Option(help="Same as --format markdown.")] = False,
+    matrix: Annotated[bool, typer.Option(help="Print each run's accuracy matrix R instead of the summary.")] = False,
+    plot: Annotated[
+        Path | None, typer.Option(help="Also draw comparison bars and each run's heat map, overlap, curves here.")
+    ] = None,
 ) -> None:
-    """Compare finished runs: mean ± std over seeds of each setting."""
-    from jumplora.metrics.report import aggregate, find_runs, load_runs, render_table, to_markdown
+    """Compare finished runs: mean ± std over seeds of each setting (or each run's R with --matrix)."""
+    from jumplora.metrics.report import FORMATS, aggregate, find_runs, format_matrices, format_rows, load_runs
 
+    fmt = "markdown" if markdown else fmt
+    if fmt not in FORMATS:
+        _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     dirs: list[Path] = []
     for path in runs:
         if (path / "results.json").exists():
@@ -295,10 +305,45 @@ def report(
     if not results:
         _fail("no complete runs to report")
     rows = aggregate(results)
-    if markdown:
-        print(to_markdown(rows))
+    shown = format_matrices(results, fmt) if matrix else format_rows(rows, fmt)
+    if isinstance(shown, str):
+        sys.stdout.write(shown)
     else:
-        Console(width=None if sys.stdout.isatty() else 200).print(render_table(rows))
+        out = Console(width=None if sys.stdout.isatty() else 200)
+        for table in shown if isinstance(shown, list) else [shown]:
+            out.print(table)
+    if plot is not None:
+        _report_plots(results, rows, plot)
+
+
+def _report_plots(results: list[dict], rows: list[dict], out_dir: Path) -> None:
+    from jumplora.io import read_jsonl
+    from jumplora.metrics.plots import plot_comparison, plot_run_figures
+    from jumplora.metrics.report import run_label
+
+    made = plot_comparison(rows, out_dir, metrics=("op", "bwt", "fwt", "forgetting"))
+    names = [Path(r["run_dir"]).name for r in results]
+    for i, (res, name) in enumerate(zip(results, names, strict=True)):
+        unique = name if names.count(name) == 1 else f"{i:03d}_{name}"
+        log = read_jsonl(Path(res["run_dir"]) / "train_log.jsonl")
+        made += plot_run_figures(res, log, out_dir, unique, title=run_label(res))
+    console.print(f"wrote {len(made)} plots to {escape(str(out_dir))}", highlight=False)
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
+    out: Annotated[Path, typer.Argument(help="Output folder for the merged model, card and per-task updates.")],
+    overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+) -> None:
+    """Write a finished run's final model as a standard HF folder, with a model card and per-task updates."""
+    from jumplora.export import export_run
+
+    try:
+        written = export_run(run_dir, out, overwrite=overwrite)
+    except (ValueError, OSError) as err:
+        _fail(str(err))
+    Console().print(f"exported {escape(str(run_dir))} to {escape(str(written))}", highlight=False)
 
 
 _register_run()

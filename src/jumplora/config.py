@@ -71,7 +71,9 @@ class ModelConfig:
     )  # fmt: skip
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) when --model is a hub id.")
     family: str | None = opt(None, "encoder | seq2seq | causal (default: from the model config).")
-    targets: list[str] | None = opt(None, "Comma-separated target modules, or all-linear (default: per model).", csv=True)
+    targets: list[str] | None = opt(
+        None, "Comma-separated target modules, or all-linear (default: per model).", csv=True
+    )
     max_length: int = opt(128, "Maximum prompt length in tokens.")
     rank_options: bool = opt(False, "Generative models: rank the options by likelihood instead of generating.")
     trust_remote_code: bool = opt(False, "Allow custom model code from the model folder.")

@@ -181,7 +181,9 @@ class Engine:
                 chunk = indices[start : start + bs]
                 batch = to_device(family.collate([data.eval_features[i] for i in chunk]), self.accelerator.device)
                 preds = family.predict(model, batch)
-                correct += sum(family.is_correct(p, data.eval_examples[i].answer) for p, i in zip(preds, chunk, strict=True))
+                correct += sum(
+                    family.is_correct(p, data.eval_examples[i].answer) for p, i in zip(preds, chunk, strict=True)
+                )
         model.train(was_training)
         totals = torch.tensor([correct, len(indices)], dtype=torch.float64, device=self.accelerator.device)
         totals = self.accelerator.reduce(totals, reduction="sum")
@@ -198,8 +200,14 @@ class Engine:
 
     # -- training and merging -----------------------------------------------------------------------
     def train_task(
-        self, model: nn.Module, task_index: int, features: list[dict], *, name: str | None = None,
-        partial: tuple[dict, dict] | None = None, on_checkpoint: Callable[[dict, dict], None] | None = None,
+        self,
+        model: nn.Module,
+        task_index: int,
+        features: list[dict],
+        *,
+        name: str | None = None,
+        partial: tuple[dict, dict] | None = None,
+        on_checkpoint: Callable[[dict, dict], None] | None = None,
     ) -> tuple[nn.Module, Sparsifier | None]:
         """Train the adapter of ``model`` on ``features``; returns the (unwrapped) PEFT model.
 
@@ -293,7 +301,9 @@ class TaskLoop:
 
     def _param_groups(self) -> list[dict[str, Any]]:
         optim = self.engine.config.optim
-        theta_ids = {id(p) for p in threshold_parameters(self.model).values()} if self.engine.config.adapter.sparse else set()
+        theta_ids = (
+            {id(p) for p in threshold_parameters(self.model).values()} if self.engine.config.adapter.sparse else set()
+        )
         groups = [{"params": [p for p in self.params if id(p) not in theta_ids], "weight_decay": optim.weight_decay}]
         if theta_ids:
             thetas = [p for p in self.params if id(p) in theta_ids]

@@ -46,9 +46,7 @@ class Runner:
         self.engine = engine
         self.config = engine.config
         self.out = Path(self.config.out)
-        self.rundir = RunDirectory(
-            self.out, self.config.to_dict(), len(engine.tasks), fingerprint=_fingerprint(engine)
-        )
+        self.rundir = RunDirectory(self.out, self.config.to_dict(), len(engine.tasks), fingerprint=_fingerprint(engine))
         self.progress = Progress()
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
@@ -215,7 +213,9 @@ class _ReferenceRunner(Runner):
         self._start_trackers()
         self.progress.zero_shot = engine.evaluate_all(engine.base_model, "zero-shot eval")
         row = self.train_and_evaluate()
-        return self.finish(self.results(True, accuracy_matrix=[row], metrics={"op": float(np.mean(row))}, **self.extra(row)))
+        return self.finish(
+            self.results(True, accuracy_matrix=[row], metrics={"op": float(np.mean(row))}, **self.extra(row))
+        )
 
     def extra(self, row: list[float]) -> dict[str, Any]:
         return {}
@@ -283,7 +283,9 @@ class ContinualTrainer:
         except (OSError, ValueError, RecursionError) as err:
             raise RunDirectoryError(f"{path}: cannot read the run's configuration ({str(err)[:200]})") from err
         now = self.config.flat()
-        diff = [f"{k}: {saved[k]!r} → {now[k]!r}"[:120] for k in now if k not in RESUME_FREE_KEYS and saved[k] != now[k]]
+        diff = [
+            f"{k}: {saved[k]!r} → {now[k]!r}"[:120] for k in now if k not in RESUME_FREE_KEYS and saved[k] != now[k]
+        ]
         if diff:
             raise RunDirectoryError(f"{path}: --resume with a different configuration ({'; '.join(diff[:4])})")
 

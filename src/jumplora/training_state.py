@@ -27,7 +27,9 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sou
     with torch.no_grad():
         for name, p in params.items():
             if tensors[name].shape != p.shape:
-                raise ValueError(f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}")
+                raise ValueError(
+                    f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}"
+                )
             p.copy_(tensors[name].to(device=p.device, dtype=p.dtype))
 
 

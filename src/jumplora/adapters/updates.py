@@ -53,5 +53,7 @@ def apply_update(model: nn.Module, tensors: dict[str, torch.Tensor], sign: float
         if weight_is_transposed(modules[name]):
             update = update.t()
         if tuple(update.shape) != tuple(weight.shape):
-            raise ValueError(f"the update of {name!r} has shape {tuple(update.shape)}, the weight {tuple(weight.shape)}")
+            raise ValueError(
+                f"the update of {name!r} has shape {tuple(update.shape)}, the weight {tuple(weight.shape)}"
+            )
         weight.add_(update.to(device=weight.device, dtype=weight.dtype), alpha=sign)

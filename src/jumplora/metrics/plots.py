@@ -1,8 +1,9 @@
 """Matplotlib figures for runs and reports.
 
-Every function writes exactly one PNG, closes its figure (long sweeps would otherwise leak
-memory) and returns the path. The Agg backend is forced so plotting works on headless
-training machines. Accuracies are fractions in [0, 1] and are displayed in %.
+Every ``plot_*`` function but the two helpers at the end (several figures each) writes exactly one PNG,
+closes its figure (long sweeps would otherwise leak memory) and returns the path. matplotlib is imported
+on first use, with the Agg backend so plotting works on headless training machines. Accuracies are
+fractions in [0, 1] and are displayed in %.
 """
 
 from __future__ import annotations
@@ -10,23 +11,33 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = [
     "plot_accuracy_curves",
     "plot_accuracy_heatmap",
     "plot_bars",
+    "plot_comparison",
     "plot_density",
     "plot_overlap",
+    "plot_run_figures",
     "plot_training_curves",
 ]
+
+
+def _pyplot() -> Any:
+    """matplotlib.pyplot on the headless Agg backend, imported on first use (reports and the CLI stay light)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
@@ -36,7 +47,7 @@ def _save(fig: Figure, path: str | Path) -> Path:
         fig.tight_layout()
         fig.savefig(p, dpi=120)
     finally:
-        plt.close(fig)
+        _pyplot().close(fig)
     return p
 
 
@@ -63,7 +74,7 @@ def _annotated_matrix(
     """Heat map on a fixed [0, 1] colour scale (so runs are visually comparable), cells annotated."""
     T = m.shape[0]
     size = max(4.0, 0.7 * T + 2.0)
-    fig, ax = plt.subplots(figsize=(size + 1.0, size))
+    fig, ax = _pyplot().subplots(figsize=(size + 1.0, size))
     im = ax.imshow(m, cmap=cmap, vmin=0.0, vmax=1.0)
     fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     ax.set_xticks(range(T), labels=list(task_names), rotation=45, ha="right")
@@ -111,7 +122,7 @@ def plot_accuracy_curves(R: Any, task_names: Sequence[str], path: str | Path) ->
     """Accuracy of each task across the stream; the part before the task is trained is dashed."""
     m = _square(R, task_names, "accuracy matrix") * 100.0
     T = m.shape[0]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.8 * T + 3.0), 4.5))
+    fig, ax = _pyplot().subplots(figsize=(max(6.0, 0.8 * T + 3.0), 4.5))
     x = np.arange(T)
     for j, name in enumerate(task_names):
         (line,) = ax.plot(x[j:], m[j:, j], marker="o", label=name)
@@ -133,7 +144,7 @@ def plot_density(
     if len(per_task_density) != len(task_names):
         raise ValueError(f"{len(per_task_density)} densities for {len(task_names)} tasks")
     vals = [100.0 if d is None else 100.0 * float(d) for d in per_task_density]
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.7 * len(vals) + 2.0), 4.0))
+    fig, ax = _pyplot().subplots(figsize=(max(5.0, 0.7 * len(vals) + 2.0), 4.0))
     bars = ax.bar(range(len(vals)), vals, color="tab:blue")
     ax.bar_label(bars, labels=[f"{v:.2f}" for v in vals], fontsize=8)
     ax.set_xticks(range(len(vals)), labels=list(task_names), rotation=45, ha="right")
@@ -168,7 +179,7 @@ def plot_training_curves(log_records: Sequence[Mapping[str, Any]], path: str | P
     """
     recs = sorted(log_records, key=lambda r: _num(r.get("global_step", r.get("step", 0))))
     x = np.array([_num(r.get("global_step", r.get("step", i))) for i, r in enumerate(recs)], dtype=float)
-    fig, axes = plt.subplots(4, 1, figsize=(9.0, 10.0), sharex=True)
+    fig, axes = _pyplot().subplots(4, 1, figsize=(9.0, 10.0), sharex=True)
     ax_loss, ax_gamma, ax_theta, ax_dens = axes
 
     loss = np.array([_num(r.get("loss")) for r in recs], dtype=float)
@@ -254,7 +265,7 @@ def plot_bars(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path) 
         if r["label"] not in labels:
             labels.append(str(r["label"]))
     grouped = groups != [""]
-    fig, ax = plt.subplots(figsize=(max(6.0, 0.9 * len(rows) + 2.5), 4.5))
+    fig, ax = _pyplot().subplots(figsize=(max(6.0, 0.9 * len(rows) + 2.5), 4.5))
     if grouped:
         width = 0.8 / max(1, len(labels))
         for k, lab in enumerate(labels):
@@ -308,3 +319,41 @@ def write_run_plots(out: str | Path, results: Mapping[str, Any]) -> list[str]:
     if log:
         written.append(plot_training_curves(log, plots / "training_curves.png"))
     return [str(Path(p).relative_to(out)) for p in written]
+
+
+def plot_comparison(
+    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, metrics: Sequence[str] = ("op", "bwt"), suffix: str = ""
+) -> list[Path]:
+    """One bar chart per metric comparing settings (``bars_<metric><suffix>.png``), skipping undefined metrics.
+
+    ``rows`` are :func:`jumplora.metrics.report.aggregate` rows (``label``, ``{metric}_mean``/``_std``).
+    """
+    made = []
+    for metric in metrics:
+        present = [r for r in rows if r.get(f"{metric}_mean") is not None]
+        if present:
+            made.append(plot_bars(present, metric, Path(out_dir) / f"bars_{metric}{suffix}.png"))
+    return made
+
+
+def plot_run_figures(
+    results: Mapping[str, Any],
+    log_records: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    name: str,
+    *,
+    title: str | None = None,
+    kinds: Sequence[str] = ("heatmap", "overlap", "training"),
+) -> list[Path]:
+    """A run's accuracy heat map, support overlap and training curves (``<kind>_<name>.png``), where defined."""
+    out, tasks = Path(out_dir), list(results["tasks"])
+    matrix = np.array(results["accuracy_matrix"], dtype=float)
+    made = []
+    if "heatmap" in kinds and matrix.shape == (len(tasks), len(tasks)):
+        made.append(plot_accuracy_heatmap(matrix, tasks, out / f"heatmap_{name}.png", title=title or name))
+    overlap = results.get("overlap_matrix")
+    if "overlap" in kinds and overlap and len(overlap) == len(tasks):
+        made.append(plot_overlap(np.array(overlap), tasks, out / f"overlap_{name}.png"))
+    if "training" in kinds and log_records:
+        made.append(plot_training_curves(log_records, out / f"training_{name}.png"))
+    return made

@@ -7,6 +7,8 @@ averaged; :func:`load_runs` reports them as skipped.
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -14,20 +16,32 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 from rich.table import Table
 
 from jumplora.metrics.cl import cl_metrics
 
 __all__ = [
+    "CL_METRIC_KEYS",
+    "FORMATS",
     "IGNORED_CONFIG_KEYS",
     "METRIC_KEYS",
     "aggregate",
     "find_runs",
+    "format_matrices",
+    "format_rows",
+    "latex_escape",
     "load_results",
     "load_runs",
+    "matrix_rows",
     "render_table",
+    "run_label",
     "setting_key",
     "setting_label",
+    "stream_label",
+    "to_csv",
+    "to_json",
+    "to_latex",
     "to_markdown",
 ]
 
@@ -60,19 +74,18 @@ IGNORED_CONFIG_KEYS: frozenset[str] = frozenset(
     }
 )
 
-#: Aggregated quantities; each row gets ``{key}_mean`` and ``{key}_std``.
-METRIC_KEYS: tuple[str, ...] = (
-    "op",
-    "bwt",
-    "fwt",
-    "fwt_vs_independent",
-    "forgetting",
-    "learning_accuracy",
-    "density",
-    "jaccard",
-    "jaccard_past",
-    "wall_time_s",
-)
+#: CL metrics read from results' ``metrics`` (recomputed from R when absent).
+CL_METRIC_KEYS: tuple[str, ...] = ("op", "bwt", "fwt", "fwt_vs_independent", "forgetting", "learning_accuracy")
+#: Aggregated quantities; each row gets ``{key}_mean``, ``{key}_std`` and ``{key}_n``.
+METRIC_KEYS: tuple[str, ...] = (*CL_METRIC_KEYS, "density", "jaccard", "jaccard_past", "wall_time_s")
+#: Metrics where a lower value is better (the rest of the bolded CL metrics: higher is better).
+LOWER_IS_BETTER: frozenset[str] = frozenset({"forgetting"})
+#: Columns where the LaTeX table marks the best setting in bold.
+BEST_MARKED: tuple[str, ...] = ("op", "bwt", "fwt", "forgetting")
+#: Runners (or strategy names, in older results) of reference rows: never marked best.
+REFERENCE_RUNNERS: frozenset[str] = frozenset({"multitask", "independent"})
+#: Output formats of :func:`format_rows` and :func:`format_matrices`.
+FORMATS: tuple[str, ...] = ("table", "markdown", "latex", "csv", "json")
 
 _REQUIRED = ("config", "tasks", "accuracy_matrix")
 
@@ -138,14 +151,44 @@ def setting_key(config: Mapping[str, Any]) -> str:
     return json.dumps(_strip(config), sort_keys=True, default=str)
 
 
-def setting_label(config: Mapping[str, Any]) -> str:
-    """Short human label, e.g. ``"inclora+jumplora / order1"``."""
-    label = str(config.get("strategy", "?"))
+def stream_label(results: Mapping[str, Any]) -> str:
+    """The stream's name: results' ``stream``, else (older results) the config's stream, file, tasks or order."""
+    if isinstance(results.get("stream"), str):
+        return results["stream"]
+    config = results.get("config") or {}
+    stream = config.get("stream")
+    if isinstance(stream, Mapping):
+        config = stream  # the nested config keeps the stream's fields in their own section
+        if stream.get("name"):
+            return str(stream["name"])
+    if config.get("stream_file"):
+        return Path(str(config["stream_file"])).stem
+    if config.get("tasks"):
+        return ",".join(map(str, config["tasks"]))
+    return f"order{config['order']}" if config.get("order") is not None else "?"
+
+
+def setting_label(config: Mapping[str, Any], stream: str | None = None) -> str:
+    """Short human label, e.g. ``"inclora+jumplora / order1"``; ``stream`` defaults to the config's."""
+    strategy = config.get("strategy", "?")
+    label = str(strategy.get("name", "?") if isinstance(strategy, Mapping) else strategy)
     if config.get("jumplora"):
         label += "+jumplora"
-    if config.get("order") is not None:
-        label += f" / order{config['order']}"
-    return label
+    return f"{label} / {stream or stream_label({'config': config})}"
+
+
+def matrix_rows(results: Mapping[str, Any]) -> list[tuple[str, list[float | None]]]:
+    """R with row labels: the zero-shot row, then "after <task>" (one "final" row for reference runners)."""
+    names = list(results.get("tasks") or [])
+    matrix = list(results.get("accuracy_matrix") or [])
+    rows: list[tuple[str, list[float | None]]] = []
+    if results.get("zero_shot"):
+        rows.append(("zero-shot", list(results["zero_shot"])))
+    if len(matrix) == len(names):
+        rows += [(f"after {name}", list(row)) for name, row in zip(names, matrix, strict=True)]
+    else:
+        rows += [(str(results.get("runner") or "final"), list(row)) for row in matrix]
+    return rows
 
 
 def _finite(v: Any) -> float | None:
@@ -169,7 +212,7 @@ def _run_values(res: Mapping[str, Any]) -> dict[str, float | None]:
     if not isinstance(metrics, Mapping):
         metrics = cl_metrics(res["accuracy_matrix"], res.get("zero_shot"), res.get("independent"))
     per_task = res.get("per_task") or []
-    out: dict[str, float | None] = {k: _finite(metrics.get(k)) for k in METRIC_KEYS[:6]}
+    out: dict[str, float | None] = {k: _finite(metrics.get(k)) for k in CL_METRIC_KEYS}
     out["density"] = _mean(t.get("density") for t in per_task)
     out["jaccard"] = _mean(j for t in per_task for j in (t.get("jaccard_with_earlier") or []))
     out["jaccard_past"] = _mean(t.get("jaccard_with_past") for t in per_task)
@@ -195,7 +238,9 @@ def aggregate(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
         cfg = runs[0]["config"]
         row: dict[str, Any] = {
             "setting": key,
-            "label": setting_label(cfg),
+            "label": setting_label(cfg, stream_label(runs[0])),
+            "stream": stream_label(runs[0]),
+            "reference": _is_reference(runs[0]),
             "config": _strip(cfg),
             "n": len(runs),
             "seeds": [r["config"].get("seed") for r in runs],
@@ -265,7 +310,7 @@ def render_table(
     for name, _, _ in _COLUMNS:
         table.add_column(name, justify="right")
     for r in rows:
-        table.add_row(str(r["label"]), str(r["n"]), *(_fmt(r, k, p) for _, k, p in _COLUMNS))
+        table.add_row(escape(str(r["label"])), str(r["n"]), *(_fmt(r, k, p) for _, k, p in _COLUMNS))
     return table
 
 
@@ -279,4 +324,178 @@ def to_markdown(rows: Sequence[Mapping[str, Any]]) -> str:
     for r in rows:
         cells = [str(r["label"]).replace("|", "\\|"), str(r["n"]), *(_fmt(r, k, p) for _, k, p in _COLUMNS)]
         lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -- paper formats -----------------------------------------------------------------------------------
+_LATEX_SPECIAL = {"\\": r"\textbackslash{}", "&": r"\&", "%": r"\%", "$": r"\$", "#": r"\#", "_": r"\_",
+                  "{": r"\{", "}": r"\}", "~": r"\textasciitilde{}", "^": r"\textasciicircum{}"}  # fmt: skip
+
+
+def latex_escape(text: str) -> str:
+    """Text safe inside a LaTeX table cell (labels carry ``_``, ``%``, ``&``, braces...)."""
+    return "".join(_LATEX_SPECIAL.get(c, c) for c in text)
+
+
+def _is_reference(results: Mapping[str, Any]) -> bool:
+    """Multitask / independent rows are bounds to compare against, not competitors for the bold best."""
+    strategy = (results.get("config") or {}).get("strategy")
+    name = strategy.get("name") if isinstance(strategy, Mapping) else strategy
+    return results.get("runner", name) in REFERENCE_RUNNERS or name in REFERENCE_RUNNERS
+
+
+def _best(rows: Sequence[Mapping[str, Any]], key: str) -> float | None:
+    means = [r[f"{key}_mean"] for r in rows if r.get(f"{key}_mean") is not None and not r.get("reference")]
+    if not means:
+        return None
+    return min(means) if key in LOWER_IS_BETTER else max(means)
+
+
+def _latex_cell(row: Mapping[str, Any], key: str, pct: bool, best: float | None) -> str:
+    mean = row.get(f"{key}_mean")
+    if mean is None:
+        return "--"
+    cell = _fmt(row, key, pct).replace(" ± ", r" \pm ")
+    bold = (
+        key in BEST_MARKED
+        and not row.get("reference")
+        and best is not None
+        and math.isclose(mean, best, rel_tol=0.0, abs_tol=1e-12)
+    )
+    return f"$\\mathbf{{{cell}}}$" if bold else f"${cell}$"
+
+
+def to_latex(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A booktabs tabular (mean ± std over seeds); the best CL method per CL metric column in bold.
+
+    Reference rows (multitask, independent) are shown but never bolded: they bound the methods.
+    """
+    best = {k: _best(rows, k) for _, k, _ in _COLUMNS}
+    header = ["Setting", "$n$", *(latex_escape(name) for name, _, _ in _COLUMNS)]
+    lines = [
+        "% requires \\usepackage{booktabs}",
+        "\\begin{tabular}{l" + "r" * (len(header) - 1) + "}",
+        "\\toprule",
+        " & ".join(header) + " \\\\",
+        "\\midrule",
+    ]
+    for r in rows:
+        cells = [latex_escape(str(r["label"])), str(r["n"]), *(_latex_cell(r, k, p, best[k]) for _, k, p in _COLUMNS)]
+        lines.append(" & ".join(cells) + " \\\\")
+    lines += ["\\bottomrule", "\\end{tabular}"]
+    return "\n".join(lines) + "\n"
+
+
+def _plain_row(row: Mapping[str, Any]) -> dict[str, Any]:
+    """One setting as plain data: label, stream, seeds and (mean, std, n) per metric, as fractions."""
+    return {
+        "label": row["label"],
+        "stream": row.get("stream"),
+        "n": row["n"],
+        "reference": bool(row.get("reference")),
+        "seeds": list(row.get("seeds") or []),
+        "run_dirs": list(row.get("run_dirs") or []),
+        "config": row.get("config"),
+        "metrics": {k: {"mean": row[f"{k}_mean"], "std": row[f"{k}_std"], "n": row[f"{k}_n"]} for k in METRIC_KEYS},
+    }
+
+
+def to_json(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A JSON list, one object per setting (see :func:`_plain_row`); values are fractions, not %."""
+    return json.dumps([_plain_row(r) for r in rows], indent=2, default=str) + "\n"
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """One line per setting: label, stream, n, seeds (``;``-separated), then mean/std/n of every metric."""
+    buffer = io.StringIO()
+    fields = ["label", "stream", "n", "seeds", *(f"{k}_{s}" for k in METRIC_KEYS for s in ("mean", "std", "n"))]
+    writer = csv.DictWriter(buffer, fieldnames=fields, lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        line = {f"{k}_{s}": r[f"{k}_{s}"] for k in METRIC_KEYS for s in ("mean", "std", "n")}
+        writer.writerow({**line, "label": r["label"], "stream": r.get("stream"), "n": r["n"],
+                         "seeds": ";".join(str(s) for s in r.get("seeds") or [])})  # fmt: skip
+    return buffer.getvalue()
+
+
+def format_rows(rows: Sequence[Mapping[str, Any]], fmt: str) -> str | Table:
+    """:func:`aggregate` rows in one of :data:`FORMATS` (a rich Table for ``"table"``)."""
+    writers = {"table": render_table, "markdown": to_markdown, "latex": to_latex, "csv": to_csv, "json": to_json}
+    if fmt not in writers:
+        raise ValueError(f"unknown report format {fmt!r}; expected one of {', '.join(FORMATS)}")
+    return writers[fmt](rows)
+
+
+# -- per-run accuracy matrices -----------------------------------------------------------------------
+def run_label(results: Mapping[str, Any]) -> str:
+    """``setting label (seed s)``: names one run among the seeds of its setting."""
+    seed = _find_seed(results.get("config") or {})
+    return setting_label(results.get("config") or {}, stream_label(results)) + (
+        f" (seed {seed})" if seed is not None else ""
+    )
+
+
+def _find_seed(config: Mapping[str, Any]) -> Any:
+    if "seed" in config:
+        return config["seed"]
+    return next((v["seed"] for v in config.values() if isinstance(v, Mapping) and "seed" in v), None)
+
+
+def _acc(v: Any) -> str:
+    f = _finite(v)
+    return "—" if f is None else f"{100 * f:.1f}"
+
+
+def format_matrices(results: Sequence[Mapping[str, Any]], fmt: str) -> str | list[Table]:
+    """The accuracy matrix R of each run (zero-shot row, then after task i; columns = tasks), in ``fmt``."""
+    if fmt == "json":
+        data = [
+            {"run_dir": r.get("run_dir"), "label": run_label(r), "stream": stream_label(r), "tasks": r["tasks"],
+             "rows": [{"row": name, "accuracy": vals} for name, vals in matrix_rows(r)]}
+            for r in results
+        ]  # fmt: skip
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["run_dir", "label", "row", "task", "accuracy"])
+        for r in results:
+            for name, vals in matrix_rows(r):
+                cells = zip(r["tasks"], vals, strict=True)
+                writer.writerows([r.get("run_dir"), run_label(r), name, task, v] for task, v in cells)
+        return buffer.getvalue()
+    if fmt == "table":
+        return [_matrix_table(r) for r in results]
+    if fmt == "markdown":
+        return "\n".join(_matrix_markdown(r) for r in results)
+    if fmt == "latex":
+        return "\n".join(_matrix_latex(r) for r in results)
+    raise ValueError(f"unknown report format {fmt!r}; expected one of {', '.join(FORMATS)}")
+
+
+def _matrix_table(results: Mapping[str, Any]) -> Table:
+    table = Table(title=escape(f"Accuracy (%) — {run_label(results)} — {results.get('run_dir')}"))
+    table.add_column("after \\ on")
+    for task in results["tasks"]:
+        table.add_column(escape(str(task)), justify="right")
+    for name, vals in matrix_rows(results):
+        table.add_row(escape(name), *(_acc(v) for v in vals))
+    return table
+
+
+def _matrix_markdown(results: Mapping[str, Any]) -> str:
+    tasks = [str(t).replace("|", "\\|") for t in results["tasks"]]
+    lines = [f"### {run_label(results)} ({results.get('run_dir')})", "",
+             "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]  # fmt: skip
+    lines += ["| " + " | ".join([name, *(_acc(v) for v in vals)]) + " |" for name, vals in matrix_rows(results)]
+    return "\n".join(lines) + "\n"
+
+
+def _matrix_latex(results: Mapping[str, Any]) -> str:
+    lines = [f"% {latex_escape(run_label(results))}", "\\begin{tabular}{l" + "r" * len(results["tasks"]) + "}",
+             "\\toprule", " & ".join(["after $\\backslash$ on", *(latex_escape(str(t)) for t in results["tasks"])])
+             + " \\\\", "\\midrule"]  # fmt: skip
+    lines += [" & ".join([latex_escape(name), *(_acc(v).replace("—", "--") for v in vals)]) + " \\\\"
+              for name, vals in matrix_rows(results)]  # fmt: skip
+    lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"

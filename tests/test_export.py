@@ -1,0 +1,203 @@
+"""`jumplora export`: the final merged model as an HF folder, per-task updates (exact, PEFT SHiRA), model card."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import peft
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from transformers import AutoModel
+from typer.testing import CliRunner
+
+from jumplora.cli import app
+from jumplora.config import RunConfig
+from jumplora.engine import ContinualTrainer
+from jumplora.export import apply_task_update, export_run
+
+DATA = "/work/shared/cl_benchmark"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory, tiny_model: str):
+    """A tiny sparse CL run (cb, rte) through the Python API, its trainer, and its export."""
+    if not Path(DATA).is_dir():
+        pytest.skip("benchmark data not available")
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("export")
+    config = RunConfig(
+        out=str(root / "run"), tasks=["cb", "rte"], max_train=16, max_eval=8, data_dir=DATA, model=tiny_model,
+        jumplora=True, batch_size=2, sparsify_start=0.5, sparsify_end=1.0, target_density=0.1, cpu=True,
+    )  # fmt: skip
+    trainer = ContinualTrainer(config, quiet=True)
+    results = trainer.run(fresh=True)
+    result = runner.invoke(app, ["export", str(root / "run"), str(root / "export")])
+    assert result.exit_code == 0, result.output
+    return trainer, results, root / "run", root / "export"
+
+
+def _hidden(model: torch.nn.Module) -> torch.Tensor:
+    ids = torch.arange(1000, 1024).reshape(2, 12)
+    with torch.no_grad():
+        return model.eval()(input_ids=ids, attention_mask=torch.ones_like(ids)).last_hidden_state
+
+
+def _base_plus(base_path: str, updates: list[Path]) -> torch.nn.Module:
+    """Base model + the given checkpoint updates, rebuilt here from the file format (not via export.py)."""
+    model = AutoModel.from_pretrained(base_path)
+    weights = dict(model.named_parameters())
+    for path in updates:
+        tensors = load_file(path)
+        for key in tensors:
+            name, kind = key.split("::")
+            weight = weights[f"{name}.weight"]
+            with torch.no_grad():
+                if kind == "dense":
+                    weight += tensors[key]
+                elif kind == "mask":
+                    delta = torch.zeros_like(weight)
+                    delta[tensors[key]] = tensors[f"{name}::values"]
+                    weight += delta
+    return model
+
+
+def test_export_equals_final_model(finished, tiny_model: str) -> None:
+    trainer, results, run, out = finished
+    exported = AutoModel.from_pretrained(out)
+    final = _hidden(trainer.base_model)  # the run's own final model (updates merged in place)
+    assert not torch.equal(final, _hidden(AutoModel.from_pretrained(tiny_model)))  # training changed it
+    assert torch.equal(_hidden(exported), final)
+    rebuilt = _base_plus(tiny_model, sorted((run / "checkpoint").glob("update_*.safetensors")))
+    assert torch.equal(_hidden(exported), _hidden(rebuilt))
+    assert trainer.evaluate_all(exported, "exported") == results["accuracy_matrix"][-1]
+    assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
+
+
+def test_task_update_remove_and_reapply(finished, tiny_model: str) -> None:
+    _, results, run, out = finished
+    folders = sorted((out / "task_updates").iterdir())
+    assert [f.name for f in folders] == ["000_cb", "001_rte"]
+    updates = sorted((run / "checkpoint").glob("update_*.safetensors"))
+    for k, folder in enumerate(folders):
+        model = AutoModel.from_pretrained(out)
+        apply_task_update(model, folder, sign=-1)
+        without_k = _base_plus(tiny_model, [u for i, u in enumerate(updates) if i != k])
+        torch.testing.assert_close(_hidden(model), _hidden(without_k))
+        apply_task_update(model, folder, sign=+1)
+        torch.testing.assert_close(_hidden(model), _hidden(AutoModel.from_pretrained(out)))
+        meta = json.loads((folder / "task_update.json").read_text())
+        assert meta["task"] == results["tasks"][k] and meta["task_index"] == k and meta["scale"] == 1.0
+        assert meta["base_model"] == tiny_model and meta["stream"] == "cb,rte" and meta["strategy"] == "inclora"
+        assert meta["density"] == pytest.approx(results["per_task"][k]["density"])
+        assert 0 < min(meta["density_per_module"].values()) < 1
+        with safe_open(folder / "update.safetensors", "pt") as f:
+            assert f.metadata()["task"] == results["tasks"][k] and f.metadata()["scale"] == "1.0"
+
+
+def test_task_update_loads_with_plain_peft(finished, tiny_model: str) -> None:
+    _, _, run, out = finished
+    for k, folder in enumerate(sorted((out / "task_updates").iterdir())):
+        assert json.loads((folder / "task_update.json").read_text())["peft"]["type"] == "SHIRA"
+        peft_model = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(tiny_model), folder)
+        expected = _base_plus(tiny_model, [run / "checkpoint" / f"update_{k:03d}.safetensors"])
+        assert torch.equal(_hidden(peft_model), _hidden(expected))  # unmerged forward
+        merged = peft_model.merge_and_unload()
+        for (name, a), b in zip(merged.state_dict().items(), expected.state_dict().values(), strict=True):
+            assert torch.equal(a, b), name
+    # A fresh interpreter with PEFT only: SHiRA is PEFT's own method, no jumplora import needed.
+    code = (
+        "import sys, torch, peft; from transformers import AutoModel; from safetensors.torch import load_file\n"
+        f"base, folder = {tiny_model!r}, {str(out / 'task_updates' / '001_rte')!r}\n"
+        "merged = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(base), folder).merge_and_unload()\n"
+        "w = merged.encoder.layer[1].attention.self.value.weight - AutoModel.from_pretrained(base).encoder.layer[1]"
+        ".attention.self.value.weight\n"
+        "u = load_file(folder + '/update.safetensors'); m = u['encoder.layer.1.attention.self.value::mask']\n"
+        "assert torch.allclose(w[m], u['encoder.layer.1.attention.self.value::values']) and (w[~m] == 0).all()\n"
+        "assert not any(name.startswith('jumplora') for name in sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_model_card(finished) -> None:
+    _, results, _, out = finished
+    card = (out / "README.md").read_text()
+    assert "# inclora + JumpLoRA on cb,rte" in card and "task order: `cb`, `rte`" in card
+    assert "| after \\ on | cb | rte |" in card and "| zero-shot |" in card
+    row = results["accuracy_matrix"][-1]
+    assert f"| after rte | {100 * row[0]:.2f} | {100 * row[1]:.2f} |" in card
+    assert f"| {100 * results['metrics']['op']:.2f} |" in card
+    assert f"| 1 | rte | {100 * results['per_task'][1]['density']:.2f} | task_updates/001_rte |" in card
+    assert "AutoModel.from_pretrained" in card and "`target_density`: 0.1" in card
+
+
+def _synthetic_run(root: Path, model_path: str, nested: bool) -> Path:
+    """A finished run on MiniLM with one hand-made update (no training): exercises the packaging only."""
+    run = root / "run"
+    (run / "checkpoint").mkdir(parents=True)
+    mask = torch.zeros(384, 384, dtype=torch.bool)
+    mask[::7, ::5] = True
+    update = {"encoder.layer.0.attention.self.query::mask": mask,
+              "encoder.layer.0.attention.self.query::values": torch.full((int(mask.sum()),), 0.01),
+              "encoder.layer.1.attention.self.value::dense": torch.full((384, 384), -0.001)}  # fmt: skip
+    save_file(update, run / "checkpoint" / "update_000.safetensors")
+    config = {"model": {"name": model_path}, "strategy": {"name": "seqlora", "args": {}}, "jumplora": False}
+    if not nested:
+        config = {"model": model_path, "strategy": "seqlora", "jumplora": False, "order": 1}
+    results = {"complete": True, "stream": "my-stream", "config": config, "tasks": ["a", "b"],
+               "accuracy_matrix": [[0.5, 0.1], [0.4, 0.6]], "zero_shot": [0.1, 0.1], "metrics": None}  # fmt: skip
+    (run / "results.json").write_text(json.dumps(results))
+    (run / "config.json").write_text(json.dumps(config))
+    (run / "checkpoint" / "state.json").write_text(json.dumps({"updates": [None, "update_000.safetensors"]}))
+    return run
+
+
+@pytest.mark.parametrize("nested", [False, True])
+def test_sentence_transformers_files_and_configs(tmp_path: Path, minilm_path: str, nested: bool) -> None:
+    run = _synthetic_run(tmp_path, str(minilm_path), nested)
+    out = export_run(run, tmp_path / "out")
+    for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
+                 "1_Pooling/config.json", "BASE_MODEL_README.md"):  # fmt: skip
+        assert (out / name).read_bytes() == (Path(minilm_path) / name.replace("BASE_MODEL_", "")).read_bytes()
+    folders = [p.name for p in (out / "task_updates").iterdir()]
+    assert folders == ["001_b"]  # a shared adapter: task a's update is part of task b's
+    meta = json.loads((out / "task_updates" / "001_b" / "task_update.json").read_text())
+    assert meta["tasks_in_update"] == ["a", "b"] and meta["strategy"] == "seqlora"
+    assert meta["density_per_module"]["encoder.layer.1.attention.self.value"] == 1.0
+    assert "# seqlora (dense) on my-stream" in (out / "README.md").read_text()
+    expected = _base_plus(minilm_path, [run / "checkpoint" / "update_000.safetensors"])
+    assert torch.equal(_hidden(AutoModel.from_pretrained(out)), _hidden(expected))
+
+
+def test_incomplete_run_is_refused(tmp_path: Path, minilm_path: str) -> None:
+    run = _synthetic_run(tmp_path, str(minilm_path), nested=True)
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "complete": False}))
+    result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert "incomplete" in result.output and result.output.count("error:") == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # nothing written
+    (run / "results.json").write_text(json.dumps(results))
+    shutil.rmtree(run / "checkpoint")
+    result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "state.json" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+    (run / "results.json").write_text(json.dumps({**results, "reference": "multitask"}))
+    result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "multitask reference run" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
+
+
+def test_output_folder_not_overwritten(tmp_path: Path, minilm_path: str) -> None:
+    run = _synthetic_run(tmp_path, str(minilm_path), nested=False)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
+    assert result.exit_code == 2 and "--overwrite" in result.output
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
