@@ -109,13 +109,22 @@ def is_complete(out: Path) -> bool:
         return False
 
 
+# Reference rows are runners, not strategies; strategy hyper-parameters go through --strategy-arg.
+RUNNER_NAMES = ("multitask", "independent")
+STRATEGY_ARGS = {"ella_lambda": "lam", "olora_lambda": "lam_orth"}
+
+
 def to_args(opts: dict) -> list[str]:
     args = []
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         if key == "r":
             flag = "--r"
-        if value is True:
+        if key == "strategy" and value in RUNNER_NAMES:
+            args += ["--runner", value]
+        elif key in STRATEGY_ARGS:
+            args += ["--strategy-arg", f"{STRATEGY_ARGS[key]}={value}"]
+        elif value is True:
             args.append("--jumplora" if key == "jumplora" else flag)
         elif value is False or value is None:
             continue

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 
 from jumplora.cli import app
 from jumplora.config import RunConfig
-from jumplora.engine import ContinualTrainer
+from jumplora.runners import ContinualTrainer
 from jumplora.export import apply_task_update, export_run
 
 DATA = "/work/shared/cl_benchmark"
@@ -32,7 +32,7 @@ def finished(tmp_path_factory, tiny_model: str):
         pytest.skip("benchmark data not available")
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("export")
-    config = RunConfig(
+    config = RunConfig.from_flat(
         out=str(root / "run"), tasks=["cb", "rte"], max_train=16, max_eval=8, data_dir=DATA, model=tiny_model,
         jumplora=True, batch_size=2, sparsify_start=0.5, sparsify_end=1.0, target_density=0.1, cpu=True,
     )  # fmt: skip
@@ -71,12 +71,12 @@ def _base_plus(base_path: str, updates: list[Path]) -> torch.nn.Module:
 def test_export_equals_final_model(finished, tiny_model: str) -> None:
     trainer, results, run, out = finished
     exported = AutoModel.from_pretrained(out)
-    final = _hidden(trainer.base_model)  # the run's own final model (updates merged in place)
+    final = _hidden(trainer.engine.base_model)  # the run's own final model (updates merged in place)
     assert not torch.equal(final, _hidden(AutoModel.from_pretrained(tiny_model)))  # training changed it
     assert torch.equal(_hidden(exported), final)
     rebuilt = _base_plus(tiny_model, sorted((run / "checkpoint").glob("update_*.safetensors")))
     assert torch.equal(_hidden(exported), _hidden(rebuilt))
-    assert trainer.evaluate_all(exported, "exported") == results["accuracy_matrix"][-1]
+    assert trainer.engine.evaluate_all(exported, "exported") == results["accuracy_matrix"][-1]
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["JumpLoraConfig", "JumpLoraModel", "RunConfig", "__version__", "merge_and_discard"]
+__all__ = ["ContinualTrainer", "JumpLoraConfig", "JumpLoraModel", "RunConfig", "__version__", "merge_and_discard"]
 
 
 def __getattr__(name: str) -> Any:
@@ -17,6 +17,10 @@ def __getattr__(name: str) -> Any:
         from jumplora import adapters
 
         return getattr(adapters, name)
+    if name == "ContinualTrainer":
+        from jumplora.runners import ContinualTrainer
+
+        return ContinualTrainer
     if name == "RunConfig":
         from jumplora.config import RunConfig
 

@@ -7,7 +7,8 @@ Layout of ``out/``::
     train_log.jsonl        one line per logged optimizer step
     plots/*.png            heatmap, curves, density, overlap, training curves (at the end)
     checkpoint/state.json  the commit point: progress (task pointer, rows of R, analytics, step
-                           counter), the data fingerprint, and the files below with their sha256
+                           counter), the data fingerprint, the files below with their sha256, and
+                           a checksum of its own content
     checkpoint/update_NNN.safetensors    task NNN's merged sparse update (see ``adapters.updates``)
     checkpoint/support_NNN.safetensors   task NNN's support (for the overlap analytics)
     checkpoint/strategy_NNN.safetensors  strategy state after NNN tasks (ELLA's W_past, O-LoRA's past A's)
@@ -126,6 +127,8 @@ class RunDirectory:
     def _read_state(self, steps_per_task: list[int]) -> dict[str, Any]:
         path = self.ckpt / "state.json"
         state = _read_json(path, "the checkpoint")
+        if not isinstance(state, dict) or state.get("checksum") != _checksum(state):
+            raise RunDirectoryError(f"{path}: its checksum does not match its content (edited or damaged)")
         try:
             _validate_state(state, self.num_tasks, steps_per_task)
         except (KeyError, TypeError, ValueError) as err:
@@ -217,6 +220,7 @@ class RunDirectory:
         return name
 
     def _commit(self, state: dict[str, Any]) -> None:
+        state = {**state, "checksum": _checksum(state)}
         atomic_write_json(self.ckpt / "state.json", state)  # the commit point
         self._state = state
         keep = {state["strategy"], state["adapter"], (state["partial"] or {}).get("file")}
@@ -241,6 +245,12 @@ def _read_json(path: Path, what: str) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
         raise RunDirectoryError(f"{path}: cannot read {what} ({type(err).__name__})") from err
+
+
+def _checksum(state: dict[str, Any]) -> str:
+    """sha256 of the state's content (all but the checksum itself), in canonical JSON."""
+    body = {k: v for k, v in state.items() if k != "checksum"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
 def _sha256(path: Path) -> str:

@@ -155,10 +155,16 @@ def _run(
     threads: Annotated[Optional[int], typer.Option(help="Torch CPU threads (default: all cores).")] = None,  # noqa: UP045
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only; no progress bars.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging, library warnings included.")] = False,
+    plugin: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="Import a module or .py file first (e.g. one registering a strategy); repeatable."),
+    ] = None,
     **values: Any,
 ) -> None:
     """Train a model on a task stream and write the accuracy matrix, CL metrics and plots."""
     _configure_logging(quiet, verbose)
+    for name in plugin or []:
+        _import_plugin(name)
     if threads is not None and threads < 1:
         _fail(f"--threads must be >= 1, got {threads}")
     config = _config_from_cli(ctx, values, config_file)
@@ -171,6 +177,24 @@ def _run(
 
     if PartialState().is_main_process:
         print_results(results)
+
+
+def _import_plugin(name: str) -> None:
+    """A user's module (``pkg.my_strategy``) or file (``my_strategy.py``), imported for its registrations."""
+    import importlib
+    import importlib.util
+
+    try:
+        if name.endswith(".py"):
+            spec = importlib.util.spec_from_file_location(Path(name).stem, name)
+            if spec is None or not Path(name).is_file():
+                _fail(f"--plugin {name}: file not found")
+            module = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(module)
+        else:
+            importlib.import_module(name)
+    except ImportError as err:
+        _fail(f"--plugin {name}: cannot import it ({err})")
 
 
 def _register_run() -> None:

@@ -311,6 +311,8 @@ class TaskLoop:
         return groups
 
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+        if meta["task"] != self.task_index:
+            raise ValueError(f"a mid-task checkpoint of task {meta['task']} cannot resume task {self.task_index}")
         training_state.restore(self.model, self.optimizer, self.scheduler, meta, tensors)
         self.step, self.running = meta["step"], list(meta["running"])
         self.engine.global_step = meta["global_step"]

@@ -115,14 +115,15 @@ class ContinualRunner(Runner):
             self.progress.zero_shot = engine.evaluate_all(model, "zero-shot eval")
             self._commit(model)
         peft_model: nn.Module | None = model if isinstance(model, peft.PeftModel) else None
-        for i in range(self.progress.next_task, len(engine.tasks)):
+        first = self.progress.next_task  # a mid-task checkpoint belongs to this task only
+        for i in range(first, len(engine.tasks)):
             if peft_model is None or engine.strategy.adapter_lifecycle != "shared":
                 peft_model = engine.new_adapter(model, i)
             else:  # a shared adapter: same per-task seeding, so a resumed run draws the same numbers
                 set_seed(self.config.seed * 1000 + i)
             checkpoint = self._commit_partial if engine.is_main else None
             peft_model, _ = engine.train_task(peft_model, i, engine.tasks[i].train_features,
-                                              partial=partial if i == self.progress.next_task else None,
+                                              partial=partial if i == first else None,
                                               on_checkpoint=checkpoint)  # fmt: skip
             model, peft_model = self._end_task(peft_model, i)
         return self.finish(self.results(True))

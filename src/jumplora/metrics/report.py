@@ -170,9 +170,11 @@ def stream_label(results: Mapping[str, Any]) -> str:
 
 def setting_label(config: Mapping[str, Any], stream: str | None = None) -> str:
     """Short human label, e.g. ``"inclora+jumplora / order1"``; ``stream`` defaults to the config's."""
-    strategy = config.get("strategy", "?")
+    strategy, adapter = config.get("strategy", "?"), config.get("adapter")
     label = str(strategy.get("name", "?") if isinstance(strategy, Mapping) else strategy)
-    if config.get("jumplora"):
+    if config.get("runner") in ("multitask", "independent"):  # reference rows have no strategy
+        label = str(config["runner"])
+    elif adapter.get("sparse") if isinstance(adapter, Mapping) else config.get("jumplora"):
         label += "+jumplora"
     return f"{label} / {stream or stream_label({'config': config})}"
 
