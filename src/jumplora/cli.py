@@ -112,10 +112,12 @@ def run(
     import torch
 
     from jumplora.config import RunConfig
+    from jumplora.data import resolve_stream_source
 
     if threads:
         torch.set_num_threads(threads)
     try:
+        resolve_stream_source(order, stream, _csv(tasks))
         config = RunConfig(
             out=str(out),
             order=order,

@@ -39,7 +39,7 @@ from jumplora.adapters import (
 )
 from jumplora.cl.strategies import REFERENCE_MODES, Strategy, make_strategy
 from jumplora.config import RunConfig
-from jumplora.data import Task, TaskStream, load_benchmark_stream, load_custom_stream, resolve_data_dir
+from jumplora.data import Task, TaskStream, load_stream
 from jumplora.io import append_jsonl
 from jumplora.metrics import cl_metrics, density, density_per_module, jaccard
 from jumplora.models import LoadedModel, PromptExample, load_model
@@ -51,11 +51,9 @@ class NumericalError(RuntimeError):
 
 def load_task_stream(config: RunConfig) -> TaskStream:
     """The stream a config names (custom file, explicit task list, or a benchmark order)."""
+    source = Path(config.stream_file) if config.stream_file else config.order
     caps = {"max_train": config.max_train, "max_eval": config.max_eval, "seed": config.seed}
-    if config.stream_file:
-        data_dir = resolve_data_dir(config.data_dir) if config.data_dir else None
-        return load_custom_stream(config.stream_file, data_dir=data_dir, **caps)
-    return load_benchmark_stream(config.order, resolve_data_dir(config.data_dir), tasks=config.tasks, **caps)
+    return load_stream(source, config.data_dir, tasks=config.tasks, **caps)
 
 
 @dataclass
