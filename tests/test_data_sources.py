@@ -177,7 +177,7 @@ def test_billion_laughs_yaml_fails_fast_in_one_short_line(tmp_path: Path) -> Non
                                             ("s.json", "[" * 101 + "]" * 101)])  # fmt: skip
 def test_deep_nesting_is_a_data_error(tmp_path: Path, name: str, text: str) -> None:
     (tmp_path / name).write_text(text)
-    with pytest.raises(DataError, match="nested deeper than 100 levels"):
+    with pytest.raises(DataError, match=r"nested too deeply \(limit: 100 levels\)"):
         load(tmp_path / name)
 
 

@@ -73,7 +73,7 @@ class _Context:
         try:
             real, root = path.resolve(), self.base.resolve()
         except (OSError, RuntimeError):
-            raise DataError(f"{path}: {where}: is a symlink loop") from None
+            raise DataError(f"{where} = {brief(rel)}: {path} is a symlink loop") from None
         if not real.is_relative_to(root):
             raise DataError(f"{where} = {brief(rel)} is outside the stream file's folder {root}; {_OUTSIDE_HINT}")
         return path

@@ -142,23 +142,27 @@ def check_depth(data: Any, where: str) -> Any:
     while stack:
         node, depth = stack.pop()
         if depth > MAX_DEPTH:
-            raise DataError(f"{where} is nested deeper than {MAX_DEPTH} levels")
+            raise DataError(f"{where}: nested too deeply (limit: {MAX_DEPTH} levels)")
         children = node.values() if isinstance(node, dict) else node
         stack.extend((c, depth + 1) for c in children if isinstance(c, list | dict))
     return data
 
 
-def loads_json(text: str, where: str) -> Any:
-    """Strict JSON: duplicate keys and deep nesting are DataErrors; `where` prefixes every message."""
+def loads_json(text: str, where: str, *, depth: bool = True) -> Any:
+    """Strict JSON: duplicate keys and deep nesting are DataErrors; `where` prefixes every message.
+
+    `depth=False` skips the MAX_DEPTH walk (for large row files, whose rows are only read two fields
+    deep); nesting past the interpreter's recursion limit is still a DataError.
+    """
     try:
         data = json.loads(text, object_pairs_hook=_unique_pairs)
     except json.JSONDecodeError as exc:
         raise DataError(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except RecursionError:
-        raise DataError(f"{where}: JSON is nested deeper than {MAX_DEPTH} levels") from None
+        raise DataError(f"{where}: JSON is nested too deeply (limit: {MAX_DEPTH} levels)") from None
     except _DuplicateKey as exc:
         raise DataError(f"{where}: duplicate key {brief(exc.key)} in a JSON object") from None
-    return check_depth(data, where) if isinstance(data, list | dict) else data
+    return check_depth(data, where) if depth and isinstance(data, list | dict) else data
 
 
 def loads_yaml(text: str, where: str) -> Any:
@@ -199,7 +203,7 @@ def _strict_loader() -> type:
             try:
                 if self.depth > MAX_DEPTH:
                     mark = self.peek_event().start_mark
-                    raise ComposerError(None, None, f"nested deeper than {MAX_DEPTH} levels", mark)
+                    raise ComposerError(None, None, f"nested too deeply (limit: {MAX_DEPTH} levels)", mark)
                 return super().compose_node(parent, index)
             finally:
                 self.depth -= 1

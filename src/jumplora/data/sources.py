@@ -68,10 +68,10 @@ def read_file_rows(path: Path, what: str, sources: dict[str, str]) -> Rows:
         rows, lines = [], []
         for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip():
-                rows.append(loads_json(line, f"{path}: line {lineno}: {what}"))
+                rows.append(loads_json(line, f"{path}: line {lineno}: {what}", depth=False))
                 lines.append(lineno)
         return Rows(rows, str(path), lines=lines)
-    return Rows(loads_json(text, f"{path}: {what}"), str(path))
+    return Rows(loads_json(text, f"{path}: {what}", depth=False), str(path))
 
 
 def _csv_rows(text: str, path: Path, what: str) -> Rows:

@@ -225,38 +225,40 @@ class SplitReader:
         n_dropped = 0
         pairs: list[tuple[str, str]] = []
         for i, item in enumerate(data):
-            at = f"{origin}: {rows.locate(i)}"
-            text, label = _item_fields(item, at, spec)
-            if str(label) in drop:
-                n_dropped += 1
-                continue
-            pairs.append((text, _label(label, rows, at, spec)))
+            try:  # the location is only formatted for a bad item: this loop runs over every row
+                text, label = _item_fields(item, spec)
+                if str(label) in drop:
+                    n_dropped += 1
+                    continue
+                pairs.append((text, _label(label, rows, spec)))
+            except DataError as exc:
+                raise DataError(f"{origin}: {rows.locate(i)}: {exc}") from None
         if not pairs:
             raise DataError(f"{origin}: split '{split}' has no items left after dropping labels {brief(sorted(drop))}")
         kept = sample_cap(pairs, self.caps[split], seed=self.seed, task=spec.task, split=split)
         return [Example(text, label) for text, label in kept], n_dropped
 
 
-def _item_fields(item: Any, at: str, spec: SplitSpec) -> tuple[str, str | int]:
+def _item_fields(item: Any, spec: SplitSpec) -> tuple[str, str | int]:
     """The text (a valid Unicode string) and the raw label (a string or an integer index) of one item."""
     text_key, label_key = spec.text_key, spec.label_key
     if not isinstance(item, dict):
-        raise DataError(f"{at}: expected an object with fields '{text_key}' and '{label_key}', got {type_name(item)}")
+        raise DataError(f"expected an object with fields '{text_key}' and '{label_key}', got {type_name(item)}")
     for key in (text_key, label_key):
         if key not in item:
-            raise DataError(f"{at}: missing field {brief(key)}")
+            raise DataError(f"missing field {brief(key)}")
     text, label = item[text_key], item[label_key]
     if not isinstance(text, str):
-        raise DataError(f"{at}: field {brief(text_key)} must be a string, got {type_name(text)}")
+        raise DataError(f"field {brief(text_key)} must be a string, got {type_name(text)}")
     if isinstance(label, bool) or not isinstance(label, str | int):
-        raise DataError(f"{at}: field {brief(label_key)} must be a string or an integer index, got {type_name(label)}")
-    check_text(text, f"{at}: field {brief(text_key)}")
+        raise DataError(f"field {brief(label_key)} must be a string or an integer index, got {type_name(label)}")
+    check_text(text, f"field {brief(text_key)}")
     if isinstance(label, str):
-        check_text(label, f"{at}: field {brief(label_key)}")
+        check_text(label, f"field {brief(label_key)}")
     return text, label
 
 
-def _label(raw: str | int, rows: Rows, at: str, spec: SplitSpec) -> str:
+def _label(raw: str | int, rows: Rows, spec: SplitSpec) -> str:
     """Map an integer label through the source's ClassLabel names, else the options (index -> option)."""
     key = spec.label_key
     if isinstance(raw, str) and rows.int_strings and raw not in spec.options and _INT.match(raw):
@@ -266,10 +268,10 @@ def _label(raw: str | int, rows: Rows, at: str, spec: SplitSpec) -> str:
         src = f"ClassLabel names of {rows.origin}" if names else f"options in {spec.options_src}"
         names = names or spec.options
         if not 0 <= raw < len(names):
-            raise DataError(f"{at}: field {brief(key)} = {raw} is out of range for the {len(names)} {src}")
+            raise DataError(f"field {brief(key)} = {raw} is out of range for the {len(names)} {src}")
         raw = names[raw]
     if raw not in spec.options:
-        raise DataError(f"{at}: field {brief(key)} = {brief(raw)} is not one of the options in {spec.options_src}")
+        raise DataError(f"field {brief(key)} = {brief(raw)} is not one of the options in {spec.options_src}")
     return raw
 
 
