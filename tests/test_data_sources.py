@@ -266,3 +266,19 @@ def test_fingerprint_changes_with_the_data(tmp_path: Path) -> None:
     (tmp_path / "t.json").write_text(json.dumps(ROWS[::-1]))
     after = stream_fingerprint(load(path))
     assert after[str((tmp_path / "t.json").resolve())] != before[str((tmp_path / "t.json").resolve())]
+
+
+def test_unreadable_and_special_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import jumplora.data.safe as safe
+
+    os.mkfifo(tmp_path / "fifo.json")  # reading it would block forever
+    with pytest.raises(DataError, match=r"fifo\.json: 'train' split file is not a regular file"):
+        load(stream_file(tmp_path, "fifo.json"))
+    (tmp_path / "t.json").write_text(json.dumps(ROWS))
+
+    def denied(*args: object, **kwargs: object) -> None:
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(safe, "open", denied, raising=False)  # root reads any file: simulate chmod 000
+    with pytest.raises(DataError, match=r"stream\.json: cannot read stream file: Permission denied"):
+        load(stream_file(tmp_path, "t.json"))

@@ -32,11 +32,12 @@ def brief(value: Any) -> str:
         return repr(value) if len(value) <= SHOW_CHARS else repr(value[:SHOW_CHARS]) + "…"
     if isinstance(value, list | tuple | dict):
         kind = "mapping" if isinstance(value, dict) else "list"
-        parts = [*value.keys(), *value.values()] if isinstance(value, dict) else list(value[:9])
-        if len(value) <= 8 and all(isinstance(v, _SCALARS) and len(str(v)) <= SHOW_CHARS for v in parts):
-            text = repr(value if isinstance(value, dict) else list(value))
-            if len(text) <= 2 * SHOW_CHARS:
-                return text
+        if len(value) <= 8:  # small and flat: show it; anything else: only its size
+            parts = [*value.keys(), *value.values()] if isinstance(value, dict) else list(value)
+            if all(isinstance(v, _SCALARS) and len(str(v)) <= SHOW_CHARS for v in parts):
+                text = repr(value if isinstance(value, dict) else parts)
+                if len(text) <= 2 * SHOW_CHARS:
+                    return text
         return f"a {kind} of {len(value)} items"
     text = repr(value)
     return text if len(text) <= SHOW_CHARS else text[:SHOW_CHARS] + "…"
