@@ -21,6 +21,7 @@ from jumplora.data import (
     load_custom_stream,
     load_stream,
     resolve_data_dir,
+    stream_fingerprint,
 )
 
 # ------------------------------------------------------------------------------------- real benchmark
@@ -202,6 +203,10 @@ def test_custom_json_stream_with_labels_file_and_preset(tmp_path: Path, mini_ben
 def test_benchmark_loader_on_mini_bench(mini_bench: Path) -> None:
     s = load_benchmark_stream(1, mini_bench, max_train=None, max_eval=None, seed=0, tasks=["agnews"])
     assert s.tasks[0].prompt("t").startswith("Task Instruction: What is the topic")
+    folder = (mini_bench / "TC" / "agnews").resolve()
+    fingerprint = stream_fingerprint(s)  # every file read, for refusing --resume on changed data
+    assert sorted(fingerprint) == [str(folder / f) for f in ("dev.json", "labels.json", "test.json", "train.json")]
+    assert all(v.startswith("size=") and len(v.split("sha256=")[1]) == 64 for v in fingerprint.values())
     with pytest.raises(DataError, match=r"TC/dbpedia.*folder of benchmark task 'dbpedia' not found"):
         load_benchmark_stream(1, mini_bench, max_train=None, max_eval=None, seed=0)
 

@@ -231,7 +231,9 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             pass
     except OSError as err:
         _fail(f"--out {out}: cannot write in {existing} ({err.strerror or err})")
-    if out.is_dir() and any(out.iterdir()) and not (resume or overwrite):
+    from jumplora.lock import LOCK_NAME
+
+    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (resume or overwrite):
         _fail(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
     if resume and not (out / "checkpoint" / "state.json").is_file() and (out / "results.json").exists():
         _fail(f"{out} has results but no checkpoint to resume from")

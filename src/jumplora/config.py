@@ -57,9 +57,13 @@ class StreamConfig:
     allow_outside_paths: bool = opt(False, "Let a stream file name data files outside its folder.")
 
     def problems(self) -> list[str]:
+        from jumplora.data import DataError, resolve_stream_source
+
         out = _at_least(self, 1, "max_train", "max_eval")
-        if self.stream_file and self.tasks:
-            out.append("--stream and --tasks cannot be combined: the stream file lists its own tasks")
+        try:
+            resolve_stream_source(self.order, self.stream_file, self.tasks)
+        except DataError as err:
+            out.append(str(err))
         return out
 
 

@@ -32,7 +32,7 @@ from jumplora.adapters import MergeResult, Sparsifier, merge_and_discard, thresh
 from jumplora.adapters.targets import check_target_modules, weight_is_transposed
 from jumplora.cl import Strategy, StrategyContext, make_strategy
 from jumplora.config import RunConfig
-from jumplora.data import Task, TaskStream, load_benchmark_stream, load_custom_stream, resolve_data_dir
+from jumplora.data import Task, TaskStream, load_stream, resolve_stream_source
 from jumplora.metrics import density, density_per_module, jaccard
 from jumplora.models import LoadedModel, PromptExample, default_target_modules, detect_family, load_model, make_family
 from jumplora.models._utils import to_device
@@ -49,11 +49,9 @@ class NumericalError(RuntimeError):
 def load_task_stream(config: RunConfig) -> TaskStream:
     """The stream a config names (custom file, explicit task list, or a benchmark order)."""
     s = config.stream
-    caps = {"max_train": s.max_train, "max_eval": s.max_eval, "seed": config.seed}
-    if s.stream_file:
-        data_dir = resolve_data_dir(s.data_dir) if s.data_dir else None
-        return load_custom_stream(s.stream_file, data_dir=data_dir, **caps)
-    return load_benchmark_stream(s.order, resolve_data_dir(s.data_dir), tasks=s.tasks, **caps)
+    source = resolve_stream_source(s.order, s.stream_file, s.tasks)
+    return load_stream(source, s.data_dir, max_train=s.max_train, max_eval=s.max_eval, seed=config.seed,
+                       allow_outside_paths=s.allow_outside_paths)  # fmt: skip
 
 
 @dataclass

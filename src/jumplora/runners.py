@@ -10,6 +10,7 @@ Every runner writes results.json in one shape (``jumplora.results.RunResults``).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -28,8 +29,10 @@ from jumplora.adapters.updates import apply_update, pack_update
 from jumplora.checkpoint import Progress, Restored, RunDirectory, RunDirectoryError
 from jumplora.cl import make_strategy
 from jumplora.config import RESUME_FREE_KEYS, RunConfig
+from jumplora.data import stream_fingerprint
 from jumplora.engine import Engine
 from jumplora.io import append_jsonl
+from jumplora.lock import RunLock
 from jumplora.metrics import cl_metrics, jaccard
 from jumplora.results import RunResults
 from jumplora.training_state import adapter_tensors, load_adapter_tensors
@@ -296,14 +299,13 @@ class ContinualTrainer:
             self.prepare()
         runner = RUNNERS[self.config.runner](self.engine)
         self.engine.accelerator.wait_for_everyone()
-        results = runner.run(fresh)
+        # One run per directory: a second run or a live --resume on the same folder is refused here,
+        # after every input was validated and before the first write.
+        with RunLock(Path(self.config.out)) if self.engine.is_main else contextlib.nullcontext():
+            results = runner.run(fresh)
         self.engine.accelerator.wait_for_everyone()
         return results
 
 
 def _fingerprint(engine: Engine) -> dict[str, str]:
-    try:  # TEMPORARY until the data branch lands
-        from jumplora.data import stream_fingerprint
-    except ImportError:
-        return {}
     return stream_fingerprint(engine.stream)

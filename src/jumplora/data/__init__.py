@@ -1,17 +1,18 @@
 """Task streams for continual learning: the 15-task CL benchmark (orders 1-6) and custom YAML/JSON streams."""
 
-from jumplora.data.custom import load_custom_stream, load_stream
+from jumplora.data.custom import StreamSource, load_custom_stream, load_stream, resolve_stream_source
 from jumplora.data.presets import BENCHMARK_TASKS, LONG_ORDERS, ORDERS, STANDARD_ORDERS, TaskPreset
+from jumplora.data.safe import DataError
 from jumplora.data.stream import (
     ENV_VAR,
     SPLITS,
-    DataError,
     Example,
     Task,
     TaskStream,
     load_benchmark_stream,
     resolve_data_dir,
     sample_cap,
+    stream_fingerprint,
 )
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "STANDARD_ORDERS",
     "DataError",
     "Example",
+    "StreamSource",
     "Task",
     "TaskPreset",
     "TaskStream",
@@ -30,5 +32,7 @@ __all__ = [
     "load_custom_stream",
     "load_stream",
     "resolve_data_dir",
+    "resolve_stream_source",
     "sample_cap",
+    "stream_fingerprint",
 ]

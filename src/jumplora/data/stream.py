@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -16,6 +17,20 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from jumplora.data.presets import BENCHMARK_TASKS, ORDERS, TaskPreset
+from jumplora.data.safe import (
+    DataError,
+    brief,
+    check_text,
+    decode_utf8,
+    fingerprint_bytes,
+    loads_json,
+    read_bytes,
+    resolved,
+    type_name,
+)
+from jumplora.data.sources import Rows, read_dataset_rows, read_file_rows
+
+_INT = re.compile(r"^-?\d+$")
 
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 ENV_VAR = "JUMPLORA_DATA"
@@ -28,10 +43,6 @@ _DIR_HINT = (
 )
 
 T = TypeVar("T")
-
-
-class DataError(ValueError):
-    """Bad data or data configuration; the message names the file (or argument) and the field."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,9 +81,7 @@ class Task:
     def split(self, name: str) -> list[Example]:
         """Examples of split `name` ("train", "dev" or "test"); a missing optional split is empty."""
         if name not in SPLITS:
-            raise DataError(
-                f"task '{self.name}': unknown split {name!r} (expected one of {', '.join(SPLITS)})"
-            )
+            raise DataError(f"task '{self.name}': unknown split {brief(name)} (expected one of {', '.join(SPLITS)})")
         return getattr(self, name)
 
 
@@ -82,6 +91,8 @@ class TaskStream:
 
     name: str
     tasks: list[Task]
+    # What the stream was read from: resolved path (or datasets spec) -> fingerprint; see stream_fingerprint.
+    sources: dict[str, str] = field(default_factory=dict)
 
     @property
     def task_names(self) -> list[str]:
@@ -96,7 +107,7 @@ class TaskStream:
         for t in self.tasks:
             if t.name == name:
                 return t
-        raise DataError(f"stream '{self.name}': no task named {name!r} (tasks: {', '.join(self.task_names)})")
+        raise DataError(f"stream '{self.name}': no task named {brief(name)} (tasks: {', '.join(self.task_names)})")
 
     def __len__(self) -> int:
         return len(self.tasks)
@@ -108,54 +119,30 @@ class TaskStream:
 # --------------------------------------------------------------------------------------------- helpers
 
 
-def _type_name(value: Any) -> str:
-    return "null" if value is None else type(value).__name__
-
-
-def read_text(path: Path, what: str) -> str:
-    """Read a UTF-8 file, turning every OS problem into a DataError naming the file."""
-    if not path.exists():
-        raise DataError(f"{path}: {what} not found")
-    if not path.is_file():
-        raise DataError(f"{path}: {what} is not a file")
-    try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(f"{path}: cannot read {what}: {exc}") from None
-
-
-def parse_json_file(path: Path, what: str) -> Any:
-    """Parse a JSON file (or JSON Lines when the suffix is .jsonl)."""
-    text = read_text(path, what)
+def parse_json_file(path: Path, what: str, sources: dict[str, str] | None = None) -> Any:
+    """Parse a bounded JSON file (or JSON Lines when the suffix is .jsonl), recording its fingerprint."""
+    data = read_bytes(path, what)
+    if sources is not None:
+        sources[str(path.resolve())] = fingerprint_bytes(data)
+    text = decode_utf8(data, path, what)
     if path.suffix.lower() == ".jsonl":
-        items = []
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                items.append(json.loads(line))
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}: line {lineno}: invalid JSON in {what}: {exc.msg}") from None
-        return items
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise DataError(
-            f"{path}: invalid JSON in {what} at line {exc.lineno} column {exc.colno}: {exc.msg}"
-        ) from None
+        lines = enumerate(text.splitlines(), 1)
+        return [loads_json(line, f"{path}: line {n}: {what}") for n, line in lines if line.strip()]
+    return loads_json(text, f"{path}: {what}")
 
 
 def check_options(value: Any, where: str) -> tuple[str, ...]:
     """Options must be a non-empty list of distinct non-empty strings (they are the generation targets)."""
     if not isinstance(value, list) or not value:
-        raise DataError(f"{where}: options must be a non-empty list of strings, got {_type_name(value)}")
+        raise DataError(f"{where}: options must be a non-empty list of strings, got {type_name(value)}")
     seen: set[str] = set()
     for i, opt in enumerate(value):
         if not isinstance(opt, str) or not opt.strip():
             hint = " (quote it in YAML)" if isinstance(opt, bool | int | float) else ""
-            raise DataError(f"{where}: option {i} = {opt!r} must be a non-empty string{hint}")
+            raise DataError(f"{where}: option {i} = {brief(opt)} must be a non-empty string{hint}")
+        check_text(opt, f"{where}: option {i}")
         if opt in seen:
-            raise DataError(f"{where}: duplicate option {opt!r}")
+            raise DataError(f"{where}: duplicate option {brief(opt)}")
         seen.add(opt)
     return tuple(value)
 
@@ -164,7 +151,7 @@ def check_cap(name: str, value: int | None) -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise DataError(f"argument '{name}' = {value!r} must be a positive integer or None")
+        raise DataError(f"argument '{name}' = {brief(value)} must be a positive integer or None")
     return value
 
 
@@ -181,8 +168,24 @@ def sample_cap(items: Sequence[T], cap: int | None, *, seed: int, task: str, spl
     return [items[i] for i in keep]
 
 
+@dataclass(frozen=True)
+class SplitSpec:
+    """How to read one split: the source, its fields, and the task's label vocabulary."""
+
+    task: str
+    split: str
+    options: tuple[str, ...]
+    options_src: str
+    text_key: str = "sentence"
+    label_key: str = "label"
+    drop_labels: Sequence[str] = ()
+
+
 class SplitReader:
-    """Parses each file once per load, validates every item, then applies the caps."""
+    """Reads each source once per load, validates every item, then applies the caps.
+
+    `sources` collects the fingerprint (size + sha256, or a datasets fingerprint) of everything read.
+    """
 
     def __init__(self, *, max_train: int | None, max_eval: int | None, seed: int) -> None:
         self.caps = {
@@ -191,68 +194,85 @@ class SplitReader:
             "test": check_cap("max_eval", max_eval),
         }
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise DataError(f"argument 'seed' = {seed!r} must be an integer")
+            raise DataError(f"argument 'seed' = {brief(seed)} must be an integer")
         self.seed = seed
-        self._cache: dict[Path, Any] = {}
-
-    def _parse(self, path: Path, what: str) -> Any:
-        key = path.resolve()
-        if key not in self._cache:
-            self._cache[key] = parse_json_file(path, what)
-        return self._cache[key]
+        self.sources: dict[str, str] = {}
+        self._cache: dict[str, Rows] = {}
 
     def options(self, labels_path: Path) -> tuple[str, ...]:
-        return check_options(self._parse(labels_path, "labels file"), str(labels_path))
+        return check_options(parse_json_file(labels_path, "labels file", self.sources), str(labels_path))
 
-    def split(
-        self,
-        path: Path,
-        *,
-        task: str,
-        split: str,
-        options: tuple[str, ...],
-        options_src: str,
-        text_key: str = "sentence",
-        label_key: str = "label",
-        drop_labels: Sequence[str] = (),
-    ) -> tuple[list[Example], int]:
-        """Validated, capped examples of one split file, and how many `drop_labels` items were dropped."""
-        data = self._parse(path, f"'{split}' split file")
+    def file_rows(self, path: Path, what: str) -> Rows:
+        key = f"file:{resolved(path)}"
+        if key not in self._cache:
+            self._cache[key] = read_file_rows(path, what, self.sources)
+        return self._cache[key]
+
+    def dataset_rows(self, spec: dict, local: list[Path], where: str) -> Rows:
+        key = f"datasets:{json.dumps(spec, sort_keys=True)}"
+        if key not in self._cache:
+            self._cache[key] = read_dataset_rows(spec, local, where, self.sources)
+        return self._cache[key]
+
+    def split(self, rows: Rows, spec: SplitSpec) -> tuple[list[Example], int]:
+        """Validated, capped examples of one split, and how many `drop_labels` items were dropped."""
+        data, origin, split = rows.rows, rows.origin, spec.split
         if not isinstance(data, list):
-            raise DataError(f"{path}: split '{split}' must be a list of objects, got {_type_name(data)}")
+            raise DataError(f"{origin}: split '{split}' must be a list of objects, got {type_name(data)}")
         if not data:
-            raise DataError(f"{path}: split '{split}' is empty")
-        allowed = set(options)
-        drop = set(drop_labels)
+            raise DataError(f"{origin}: split '{split}' is empty")
+        drop = set(spec.drop_labels)
         n_dropped = 0
         pairs: list[tuple[str, str]] = []
         for i, item in enumerate(data):
-            if not isinstance(item, dict):
-                raise DataError(
-                    f"{path}: item {i}: expected an object with fields '{text_key}' and '{label_key}', "
-                    f"got {_type_name(item)}"
-                )
-            for key in (text_key, label_key):
-                if key not in item:
-                    raise DataError(f"{path}: item {i}: missing field '{key}'")
-                if not isinstance(item[key], str):
-                    raise DataError(
-                        f"{path}: item {i}: field '{key}' must be a string, got {_type_name(item[key])}"
-                    )
-            label = item[label_key]
-            if label in drop:
-                n_dropped += 1
-                continue
-            if label not in allowed:
-                raise DataError(
-                    f"{path}: item {i}: field '{label_key}' = {label!r} is not one of the options in "
-                    f"{options_src}"
-                )
-            pairs.append((item[text_key], label))
+            try:  # the location is only formatted for a bad item: this loop runs over every row
+                text, label = _item_fields(item, spec)
+                if str(label) in drop:
+                    n_dropped += 1
+                    continue
+                pairs.append((text, _label(label, rows, spec)))
+            except DataError as exc:
+                raise DataError(f"{origin}: {rows.locate(i)}: {exc}") from None
         if not pairs:
-            raise DataError(f"{path}: split '{split}' has no items left after dropping labels {sorted(drop)}")
-        kept = sample_cap(pairs, self.caps[split], seed=self.seed, task=task, split=split)
+            raise DataError(f"{origin}: split '{split}' has no items left after dropping labels {brief(sorted(drop))}")
+        kept = sample_cap(pairs, self.caps[split], seed=self.seed, task=spec.task, split=split)
         return [Example(text, label) for text, label in kept], n_dropped
+
+
+def _item_fields(item: Any, spec: SplitSpec) -> tuple[str, str | int]:
+    """The text (a valid Unicode string) and the raw label (a string or an integer index) of one item."""
+    text_key, label_key = spec.text_key, spec.label_key
+    if not isinstance(item, dict):
+        raise DataError(f"expected an object with fields '{text_key}' and '{label_key}', got {type_name(item)}")
+    for key in (text_key, label_key):
+        if key not in item:
+            raise DataError(f"missing field {brief(key)}")
+    text, label = item[text_key], item[label_key]
+    if not isinstance(text, str):
+        raise DataError(f"field {brief(text_key)} must be a string, got {type_name(text)}")
+    if isinstance(label, bool) or not isinstance(label, str | int):
+        raise DataError(f"field {brief(label_key)} must be a string or an integer index, got {type_name(label)}")
+    check_text(text, f"field {brief(text_key)}")
+    if isinstance(label, str):
+        check_text(label, f"field {brief(label_key)}")
+    return text, label
+
+
+def _label(raw: str | int, rows: Rows, spec: SplitSpec) -> str:
+    """Map an integer label through the source's ClassLabel names, else the options (index -> option)."""
+    key = spec.label_key
+    if isinstance(raw, str) and rows.int_strings and raw not in spec.options and _INT.match(raw):
+        raw = int(raw)
+    if isinstance(raw, int):
+        names = rows.label_names.get(key)
+        src = f"ClassLabel names of {rows.origin}" if names else f"options in {spec.options_src}"
+        names = names or spec.options
+        if not 0 <= raw < len(names):
+            raise DataError(f"field {brief(key)} = {raw} is out of range for the {len(names)} {src}")
+        raw = names[raw]
+    if raw not in spec.options:
+        raise DataError(f"field {brief(key)} = {brief(raw)} is not one of the options in {spec.options_src}")
+    return raw
 
 
 # ------------------------------------------------------------------------------------------ data dir
@@ -300,29 +320,21 @@ def get_preset(name: str, where: str = "argument 'tasks'") -> TaskPreset:
     """Look up a benchmark task; case and '-'/'_' are ignored so 'SST-2' finds 'sst2'."""
     key = name.strip().lower().replace("-", "").replace("_", "") if isinstance(name, str) else None
     if key not in BENCHMARK_TASKS:
-        raise DataError(f"{where}: unknown task {name!r} (benchmark tasks: {', '.join(BENCHMARK_TASKS)})")
+        raise DataError(f"{where}: unknown task {brief(name)} (benchmark tasks: {', '.join(BENCHMARK_TASKS)})")
     return BENCHMARK_TASKS[key]
 
 
 def load_preset_task(preset: TaskPreset, data_dir: Path, reader: SplitReader) -> Task:
     folder = data_dir / preset.folder
     if not folder.is_dir():
-        raise DataError(
-            f"{folder}: folder of benchmark task '{preset.name}' not found in data dir {data_dir}"
-        )
+        raise DataError(f"{folder}: folder of benchmark task '{preset.name}' not found in data dir {data_dir}")
     labels_path = folder / "labels.json"
     options = reader.options(labels_path)
     splits: dict[str, list[Example]] = {}
     dropped: dict[str, int] = {}
     for s in SPLITS:
-        splits[s], n = reader.split(
-            folder / f"{s}.json",
-            task=preset.name,
-            split=s,
-            options=options,
-            options_src=str(labels_path),
-            drop_labels=preset.drop_labels,
-        )
+        spec = SplitSpec(preset.name, s, options, str(labels_path), drop_labels=preset.drop_labels)
+        splits[s], n = reader.split(reader.file_rows(folder / f"{s}.json", f"'{s}' split file"), spec)
         if n:
             dropped[s] = n
     return Task(name=preset.name, instruction=preset.instruction, options=options, dropped=dropped, **splits)
@@ -341,12 +353,12 @@ def load_benchmark_stream(
     if tasks is None:
         if isinstance(order, bool) or order not in ORDERS:
             raise DataError(
-                f"argument 'order': unknown order {order!r} (standard orders: 1, 2, 3; long orders: 4, 5, 6)"
+                f"argument 'order': unknown order {brief(order)} (standard orders: 1, 2, 3; long orders: 4, 5, 6)"
             )
         names = ORDERS[order]
     else:
         if isinstance(tasks, str) or not list(tasks):
-            raise DataError(f"argument 'tasks' = {tasks!r} must be a non-empty list of task names")
+            raise DataError(f"argument 'tasks' = {brief(tasks)} must be a non-empty list of task names")
         names = list(tasks)
     presets = [get_preset(n) for n in names]
     dupes = sorted({p.name for p in presets if sum(q.name == p.name for q in presets) > 1})
@@ -354,4 +366,13 @@ def load_benchmark_stream(
         raise DataError(f"argument 'tasks': task(s) listed twice: {', '.join(dupes)}")
     reader = SplitReader(max_train=max_train, max_eval=max_eval, seed=seed)
     data_dir = _checked_dir(Path(data_dir), "data_dir")
-    return TaskStream(name=f"order{order}", tasks=[load_preset_task(p, data_dir, reader) for p in presets])
+    loaded = [load_preset_task(p, data_dir, reader) for p in presets]
+    return TaskStream(name=f"order{order}", tasks=loaded, sources=reader.sources)
+
+
+def stream_fingerprint(stream: TaskStream) -> dict[str, str]:
+    """Per file the stream read (resolved path): "size=N sha256=HEX"; per hub datasets spec its fingerprint.
+
+    Store it with a run and compare on `--resume`: any difference means the data changed.
+    """
+    return dict(sorted(stream.sources.items()))
