@@ -71,6 +71,13 @@ def _laughs(where: str) -> str:
     return "\n".join([*lines, "tasks:", task + ", drop_labels: *a9}"]) + "\n"
 
 
+def _bench(*extra: str) -> Callable[[Path], list[str]]:
+    """A valid benchmark stream (two tiny tasks) plus the given options."""
+    from jumplora.data import resolve_data_dir
+
+    return lambda d: ["--tasks", "cb,rte", "--data-dir", str(resolve_data_dir()), "--max-train", "8", *extra]
+
+
 def _symlink_loop(d: Path) -> list[str]:
     os.symlink(d / "loop2.json", d / "loop1.json")
     os.symlink(d / "loop1.json", d / "loop2.json")
@@ -157,6 +164,31 @@ CASES: dict[str, Case] = {
                                       ("field 'train': unknown key 'file'",)),
     "datasets hub offline": Case(lambda d: stream(d, {"dataset": "glue", "config": "rte", "split": "validation"}),
                                  ("dataset 'glue', config 'rte', split 'validation'", "could not be loaded")),
+    # CLI values: refused before anything is read or written (issue 14)
+    "lr nan": Case(_bench("--lr", "nan"), ("lr must be a finite number",)),
+    "lr inf": Case(_bench("--lr", "inf"), ("lr must be a finite number",)),
+    "lr absurd": Case(_bench("--lr", "1e6"), ("lr must be <= 1",)),
+    "theta lr negative": Case(_bench("--theta-lr", "-1"), ("theta_lr must be > 0",)),
+    "theta lr zero": Case(_bench("--theta-lr", "0"), ("theta_lr must be > 0",)),
+    "lora alpha nan": Case(_bench("--lora-alpha", "nan"), ("lora_alpha must be a finite number",)),
+    "bandwidth nan": Case(_bench("--bandwidth", "nan"), ("bandwidth must be a finite number",)),
+    "strategy arg nan": Case(_bench("--strategy", "ella", "--strategy-arg", "lam=nan"), ("'lam' must be a finite",)),
+    "strategy arg unknown": Case(_bench("--strategy", "ella", "--strategy-arg", "lambda=1"),
+                                 ("unknown argument 'lambda'", "valid arguments: lam")),
+    "strategy arg malformed": Case(_bench("--strategy-arg", "lam"), ("expected NAME=VALUE",)),
+    "seed negative": Case(_bench("--seed", "-1"), ("seed must be in [0, 2**32)",)),
+    "seed too large": Case(_bench("--seed", "99999999999"), ("seed must be in [0, 2**32)",)),
+    "threads negative": Case(_bench("--threads", "-1"), ("--threads must be >= 1",)),
+    "max length past the positions": Case(_bench("--max-length", "1000"), ("max_length 1000 exceeds the model's 128",)),
+    "unknown tracker": Case(_bench("--report-to", "nosuchtracker"), ("report_to", "nosuchtracker")),
+    "stream and tasks": Case(lambda d: [*stream(d), "--tasks", "cb"], ("--stream and --tasks conflict",)),
+    "out is a file": Case(lambda d: [*_bench()(d), "--out", str(_write(d / "afile", "x"))], ("is not a directory",)),
+    "out below a file": Case(lambda d: [*_bench()(d), "--out", str(_write(d / "f", "x") / "run")],
+                             ("is not a directory",)),
+    "config file unknown key": Case(lambda d: ["--config", str(_write(d / "c.json", {"optim": {"lrr": 1}}))],
+                                    ("c.json", "unknown key optim.'lrr'")),
+    "config file not a mapping": Case(lambda d: ["--config", str(_write(d / "c.json", [1, 2]))],
+                                      ("c.json", "must be a mapping")),
 }  # fmt: skip
 
 

@@ -29,7 +29,8 @@ def committed(tmp_path: Path, tasks_done: int = 2, num_tasks: int = 3) -> RunDir
         mask = torch.tensor([[True, False], [False, True]])
         update = {"q::mask": mask, "q::values": torch.tensor([1.0, 2.0]) * (task + 1)}
         rundir.commit(progress, update=update, support={"q": mask}, strategy_state={"w_past.q": torch.ones(2, 2)})
-    rundir.commit_partial({"task": tasks_done, "step": 2, "epoch": 0, "micro": 1, "global_step": 10}, {"x": torch.ones(1)})
+    meta = {"task": tasks_done, "step": 2, "epoch": 0, "micro": 1, "global_step": 10}
+    rundir.commit_partial(meta, {"x": torch.ones(1)})
     return rundir
 
 
@@ -101,7 +102,7 @@ def test_an_edited_tensor_file_is_refused(tmp_path, how):
         save_file({}, str(path))
     else:
         path.write_bytes(path.read_bytes()[:20])
-    with pytest.raises(RunDirectoryError, match="update_000.safetensors: content does not match the hash"):
+    with pytest.raises(RunDirectoryError, match=r"update_000\.safetensors: content does not match the hash"):
         reopen(rundir).load(steps_per_task=[4, 4, 4])
 
 

@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 
 from jumplora.cli import app
 from jumplora.config import RunConfig
-from jumplora.runners import ContinualTrainer
 from jumplora.export import apply_task_update, export_run
+from jumplora.runners import ContinualTrainer
 
 DATA = "/work/shared/cl_benchmark"
 runner = CliRunner()

@@ -209,7 +209,7 @@ def test_run_directory_files_are_safetensors_or_json(tmp_path, tiny_model, refer
     assert ckpt_bytes < model_bytes  # only the sparse updates and supports
     for path in out.rglob("*"):
         if path.is_file():
-            assert path.suffix in {".json", ".jsonl", ".safetensors", ".png"}, path
+            assert path.suffix in {".json", ".jsonl", ".safetensors", ".png", ".lock"}, path  # .lock: the PID
     source = Path(__file__).resolve().parents[1] / "src" / "jumplora"
     for py in source.rglob("*.py"):
         assert not re.search(r"torch\.load\(|import pickle|pickle\.loads?\(", py.read_text()), py

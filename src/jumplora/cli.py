@@ -212,9 +212,16 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
     if not verbose:  # library deprecation notices are not the user's business in a CLI run
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", category=UserWarning, module="torch")
         import transformers
 
         transformers.logging.set_verbosity_error()
+    if quiet or not sys.stderr.isatty():  # library progress bars fill redirected logs with \r lines
+        import huggingface_hub
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
+        huggingface_hub.utils.disable_progress_bars()
 
 
 def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:

@@ -180,6 +180,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         problems = _at_least(self, 1, "log_every") + _at_least(self, 0, "checkpoint_every")
+        problems += _check_trackers(self.report_to)
         if not 0 <= self.seed < 2**32:
             problems.append(f"seed must be in [0, 2**32), got {_short(self.seed)}")
         for name, value in _top_fields(self):
@@ -296,6 +297,22 @@ def field_of(flat_name: str) -> dataclasses.Field:
 
 
 # -- validation helpers ---------------------------------------------------------------------------------
+#: Accelerate's trackers; each is the name of the package it needs (checked before the run starts).
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+
+
+def _check_trackers(names: list[str] | None) -> list[str]:
+    import importlib.util
+
+    out = []
+    for name in names or []:
+        if name not in TRACKERS:
+            out.append(f"report_to: unknown tracker {_short(name)}; choose from {', '.join(TRACKERS)}")
+        elif importlib.util.find_spec(name) is None:
+            out.append(f"report_to: tracker {name!r} needs its package (pip install {name})")
+    return out
+
+
 def _short(value: Any, limit: int = 60) -> str:
     """A value for an error message: never a whole user structure."""
     text = repr(value)
