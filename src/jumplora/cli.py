@@ -88,8 +88,18 @@ def run(
     sparsify_start: Annotated[float, typer.Option(help="Fraction of a task's steps where γ starts rising.")] = 0.2,
     sparsify_end: Annotated[float, typer.Option(help="Fraction of a task's steps where γ reaches 1.")] = 0.8,
     target_density: Annotated[
-        float | None, typer.Option(help="Keep this fraction at the θ init (default: the LoRA budget).")
+        float | None,
+        typer.Option(help="Density to init θ at and control towards (default: the LoRA budget per θ group)."),
     ] = None,
+    density_control: Annotated[
+        str, typer.Option(help="none (task loss alone, the paper) | l0 (λ·density penalty) | dual (to target).")
+    ] = "dual",
+    l0_lambda: Annotated[float, typer.Option(help="Weight λ of the l0 density penalty.")] = 1e-4,
+    dual_lr: Annotated[float, typer.Option(help="Dual ascent step of the density multiplier.")] = 0.1,
+    dual_gain: Annotated[float, typer.Option(help="Proportional gain of the density controller.")] = 1.0,
+    controller_theta_lr: Annotated[
+        float | None, typer.Option(help="θ learning rate under a density controller (default 0.05).")
+    ] = 0.05,
     ella_lambda: Annotated[float, typer.Option(help="ELLA λ.")] = 3e4,
     olora_lambda: Annotated[float, typer.Option(help="O-LoRA orthogonality weight λ1.")] = 0.5,
     olora_l2: Annotated[float, typer.Option(help="O-LoRA L2 weight λ2.")] = 0.0,
@@ -145,6 +155,11 @@ def run(
             sparsify_start=sparsify_start,
             sparsify_end=sparsify_end,
             target_density=target_density,
+            density_control=density_control,
+            l0_lambda=l0_lambda,
+            dual_lr=dual_lr,
+            dual_gain=dual_gain,
+            controller_theta_lr=controller_theta_lr,
             lr=lr,
             theta_lr=theta_lr,
             batch_size=batch_size,

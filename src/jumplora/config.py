@@ -45,6 +45,11 @@ class RunConfig:
     sparsify_start: float = 0.2
     sparsify_end: float = 0.8
     target_density: float | None = None
+    density_control: Literal["none", "l0", "dual"] = "dual"
+    l0_lambda: float = 1e-4
+    dual_lr: float = 0.1
+    dual_gain: float = 1.0
+    controller_theta_lr: float | None = 0.05
     # optimisation
     lr: float = 1e-3
     theta_lr: float | None = None

@@ -30,10 +30,9 @@ from jumplora.adapters import (
     JumpLoraConfig,
     MergeResult,
     Sparsifier,
-    SparsitySchedule,
     merge_and_discard,
-    sparsity_stats,
     supports,
+    theta_learning_rate,
     threshold_parameters,
     threshold_values,
 )
@@ -187,6 +186,11 @@ class ContinualTrainer:
             sparsify_start=cfg.sparsify_start,
             sparsify_end=cfg.sparsify_end,
             target_density=cfg.target_density,
+            density_control=cfg.density_control,
+            l0_lambda=cfg.l0_lambda,
+            dual_lr=cfg.dual_lr,
+            dual_gain=cfg.dual_gain,
+            controller_theta_lr=cfg.controller_theta_lr,
         )
 
     # -- evaluation -----------------------------------------------------------------------------------
@@ -254,7 +258,7 @@ class ContinualTrainer:
                 {
                     "params": [p for p in params if id(p) in theta_ids],
                     "weight_decay": 0.0,
-                    "lr": cfg.theta_lr or cfg.lr,
+                    "lr": cfg.theta_lr or theta_learning_rate(model) or cfg.lr,
                 }
             )
         optimizer = torch.optim.AdamW(groups, lr=cfg.lr)
@@ -264,11 +268,7 @@ class ContinualTrainer:
         scheduler = get_constant_schedule_with_warmup(optimizer, round(cfg.warmup_ratio * total_steps))
         sparsifier = None
         if cfg.jumplora:
-            sparsifier = Sparsifier(
-                model,
-                SparsitySchedule(total_steps, cfg.sparsify_start, cfg.sparsify_end),
-                target_density=cfg.target_density,
-            )
+            sparsifier = Sparsifier(model, total_steps)  # window, target and control from the adapter config
         step = 0
         running: list[float] = []
         skip_to: tuple[int, int] | None = None  # (epoch, micro-batch) after which the checkpoint was taken
@@ -279,8 +279,7 @@ class ContinualTrainer:
             self.state.global_step = meta["global_step"]
             skip_to = (meta["epoch"], meta["micro"])
             if sparsifier is not None:
-                sparsifier.initialised_at = meta["sparsifier"]["initialised_at"]
-                sparsifier.gamma = meta["sparsifier"]["gamma"]
+                sparsifier.load_state_dict(meta["sparsifier"])
         if self.strategy is not None:
             self.strategy.on_task_start(model, task_index)
 
@@ -306,6 +305,9 @@ class ContinualTrainer:
                     task_loss = family.loss(wrapped, batch)
                     extra = self.strategy.loss_term(model) if self.strategy is not None else None
                     loss = task_loss + extra if extra is not None else task_loss
+                    density_term = sparsifier.loss_term() if sparsifier is not None else None
+                    if density_term is not None:
+                        loss = loss + density_term
                     if faults.nan_at(task_index, step):
                         loss = loss * float("nan")
                     self._check_loss(loss, task_name, task_index, step)
@@ -316,6 +318,8 @@ class ContinualTrainer:
                         optimizer.step()
                         scheduler.step()
                         optimizer.zero_grad(set_to_none=True)
+                        if sparsifier is not None:
+                            sparsifier.after_step(step)
                 running.append(float(task_loss.detach()))
                 if acc.sync_gradients:
                     step += 1
@@ -337,10 +341,7 @@ class ContinualTrainer:
                             step=step,
                             global_step=self.state.global_step,
                             running=running,
-                            sparsifier={
-                                "initialised_at": sparsifier.initialised_at if sparsifier else None,
-                                "gamma": sparsifier.gamma if sparsifier else 0.0,
-                            },
+                            sparsifier=sparsifier.state_dict() if sparsifier else None,
                         )
                         self.rundir.save_partial(self, meta, tensors)
                     faults.point("step")
@@ -388,12 +389,12 @@ class ContinualTrainer:
             "loss": loss,
             "strategy_loss": float(extra.detach()) if extra is not None else 0.0,
             "lr": scheduler.get_last_lr()[0],
-            "gamma": sparsifier.gamma if sparsifier is not None else 0.0,
+            "gamma": 0.0,
             "theta": threshold_values(model) if self.config.jumplora else {},
             "density": None,
         }
-        if sparsifier is not None and sparsifier.initialised_at is not None:
-            record["density"] = sparsity_stats(model)[0]
+        if sparsifier is not None:
+            record.update(sparsifier.log_state())
         append_jsonl(self.out / "train_log.jsonl", record)
 
     def new_adapter(self, base: nn.Module, task_index: int) -> nn.Module:
