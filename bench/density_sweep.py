@@ -24,7 +24,7 @@ OUT = ROOT / "bench" / "runs" / "density_sweep"
 TABLE = ROOT / "docs" / "density_sweep.md"
 
 # name -> (max_train, batch_size): optimizer steps per task = max_train / batch_size
-LENGTHS = {"S": (160, 16), "M": (800, 16), "L": (1600, 8)}
+LENGTHS = {"S": (160, 16), "M": (400, 8), "L": (800, 4)}
 MODES = {
     "dense": ["--dense"],
     "none": ["--jumplora", "--density-control", "none"],
@@ -32,8 +32,8 @@ MODES = {
     "l0": ["--jumplora", "--density-control", "l0"],
 }
 # Most informative first: if the budget runs out, the tail is what is missing.
-PRIORITY = ["S-dual", "S-none", "L-dual", "L-none", "M-dual", "M-none", "S-dense", "L-dense", "M-dense",
-            "S-l0", "L-l0", "M-l0"]  # fmt: skip
+PRIORITY = ["S-dual", "S-none", "L-dual", "L-none", "S-dense", "L-dense", "S-l0", "M-dual", "M-none",
+            "M-dense", "L-l0", "M-l0"]  # fmt: skip
 
 
 def command(name: str) -> list[str]:
@@ -96,7 +96,7 @@ def write_table() -> None:
         "",
         "`python bench/density_sweep.py`: order 1 (4 tasks), IncLoRA, packaged all-MiniLM-L6-v2, seed 0,",
         "`--eval-split dev --max-eval 100 --threads 1`, ramp 0.2 → 0.8. Steps/task = max-train / batch size",
-        "(S 160/16, M 800/16, L 1600/8). Density cells: final density / target (ratio) per task, in stream order.",
+        "(S 160/16, M 400/8, L 800/4). Density cells: final density / target (ratio) per task, in stream order.",
         "",
         "| steps/task | mode | dev OP | dev BWT | final density / target per task | wall s |",
         "|---|---|---|---|---|---|",

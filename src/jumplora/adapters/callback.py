@@ -20,18 +20,25 @@ from .sparsity import threshold_parameters
 
 
 def give_thresholds_their_lr(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr: float,
-                             adapter: str = "default") -> None:  # fmt: skip
+                             scheduler: Any = None, adapter: str = "default") -> None:  # fmt: skip
     """Move θ into its own param group (learning rate ``lr``, no weight decay); before the first step only.
 
-    A scheduler built before the move leaves the new group at a constant ``lr``.
+    A scheduler already built is told about the group, which keeps a constant ``lr``: the controller must
+    still move θ at the end of a decaying schedule.
     """
     ids = {id(p) for p in threshold_parameters(model, adapter).values()}
     thetas = []
     for group in optimizer.param_groups:
         thetas += [p for p in group["params"] if id(p) in ids]
         group["params"] = [p for p in group["params"] if id(p) not in ids]
-    if thetas:
-        optimizer.add_param_group({"params": thetas, "lr": lr, "weight_decay": 0.0})
+    if not thetas:
+        return
+    optimizer.add_param_group({"params": thetas, "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
+    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the torch scheduler
+    if hasattr(inner, "base_lrs"):
+        inner.base_lrs.append(lr)
+    if hasattr(inner, "lr_lambdas"):
+        inner.lr_lambdas.append(lambda _: 1.0)
 
 
 class JumpLoraCallback(TrainerCallback):
@@ -47,13 +54,14 @@ class JumpLoraCallback(TrainerCallback):
         self.sparsifier: Sparsifier | None = None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
-                       model: torch.nn.Module | None = None, optimizer: Any = None, **kwargs: Any) -> None:  # fmt: skip
+                       model: torch.nn.Module | None = None, optimizer: Any = None, lr_scheduler: Any = None,
+                       **kwargs: Any) -> None:  # fmt: skip
         if model is None:
             raise ValueError("JumpLoraCallback needs the Trainer's model")
         self.sparsifier = Sparsifier(model, max(1, state.max_steps), self.adapter)
         lr = self.sparsifier.theta_lr
         if lr is not None and optimizer is not None and state.global_step == 0:
-            give_thresholds_their_lr(optimizer, model, lr, self.adapter)
+            give_thresholds_their_lr(optimizer, model, lr, lr_scheduler, self.adapter)
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:  # fmt: skip
