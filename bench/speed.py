@@ -15,6 +15,9 @@ Variants, all on deep copies of one model, one batch and one target list:
   JumpLoRA release does. Timed at γ = 0.5 (its cost does not depend on γ).
 - ``ours_g0`` / ``ours_g05`` / ``ours_g1``: ``JumpLoraConfig`` layers at γ = 0 (dense warm-up),
   γ = 0.5 (ramp) and γ = 1 (fully gated), with θ at the budget-matched init and a non-zero B.
+- ``ctl_none`` / ``ctl_l0`` / ``ctl_dual`` (``--density-control``): a whole engine step driven by a
+  ``Sparsifier`` mid-ramp (γ = 0.5) under each density-control mode, so the ratios l0/none and dual/none
+  are the controller's per-step cost (its ΔW = B·A per layer, the θ-only term, the dual update).
 - ``base_infer`` / ``merged_infer``: no-grad forward of the untouched model and of the model after
   ``merge_and_discard`` of the γ = 1 adapter.
 
@@ -55,6 +58,7 @@ from torch import nn
 
 from jumplora.adapters import (
     JumpLoraConfig,
+    Sparsifier,
     init_thresholds_to_budget,
     jumplora_layers,
     jumprelu,
@@ -67,6 +71,9 @@ R, ALPHA = 8, 32.0
 TRAIN_VARIANTS = ("peft_lora", "reference", "ours_g0", "ours_g05", "ours_g1")
 TORCH_OPS_VARIANTS = ("ours_g05_torchops", "ours_g1_torchops")  # GPU: our layer with torch ops, no Triton
 INFER_VARIANTS = ("base_infer", "merged_infer")
+# --density-control: a whole Sparsifier step (before_step, loss_term, backward, AdamW, after_step) mid-ramp
+# (γ = 0.5) under each mode; 'ctl_none' is the paper's rule driven the same way, the baseline of the ratios.
+CONTROL_VARIANTS = ("ctl_none", "ctl_l0", "ctl_dual")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -207,6 +214,13 @@ def build_variant(
             init_thresholds_to_budget(model)
             shared["ours"] = model
         return shared["ours"], True
+    if variant.startswith("ctl_"):
+        model = peft.get_peft_model(copy.deepcopy(base), JumpLoraConfig(
+            r=R, lora_alpha=ALPHA, target_modules=targets, density_control=variant.removeprefix("ctl_")))
+        randomise_b(model)
+        model.bench_sparsifier = Sparsifier(model, 10)  # ramp steps 2..8: step 5 is at γ = 0.5
+        model.bench_sparsifier.before_step(5)
+        return model, True
     if variant == "base_infer":
         return base, False
     if variant == "merged_infer":
@@ -236,6 +250,20 @@ def step_fn(variant: str, model: nn.Module, batch: dict, train: bool) -> Callabl
     opt = torch.optim.AdamW(params, lr=1e-4)
     gamma = GAMMAS.get(variant)
     backend = "torch" if variant.endswith("_torchops") else "auto"
+
+    sparsifier = getattr(model, "bench_sparsifier", None)
+    if sparsifier is not None:
+
+        def controlled_step() -> None:
+            sparsifier.before_step(5)
+            opt.zero_grad(set_to_none=True)
+            loss = model(**batch).last_hidden_state.float().square().mean()
+            term = sparsifier.loss_term()
+            (loss if term is None else loss + term).backward()
+            opt.step()
+            sparsifier.after_step(5)
+
+        return controlled_step
 
     def step() -> None:
         if gamma is not None:
@@ -315,6 +343,7 @@ def bench_config(args: argparse.Namespace, model_name: str, target_key: str) -> 
     shared: dict[str, nn.Module] = {}
     variants = list(TRAIN_VARIANTS) + (list(TORCH_OPS_VARIANTS) if args.torch_ops else [])
     variants += list(INFER_VARIANTS) if target_key == "all" or args.infer_all else []
+    variants += list(CONTROL_VARIANTS) if args.density_control else []
     fns = {}
     for v in variants:
         model, train = build_variant(v, base, targets[target_key], shared)
@@ -384,6 +413,9 @@ def ratios(res: dict, key: str = "time_s") -> dict[str, float]:
     if "ours_g1_torchops" in t:
         out["g1 torchops/peft"] = t["ours_g1_torchops"] / t["peft_lora"]
         out["g05 torchops/peft"] = t["ours_g05_torchops"] / t["peft_lora"]
+    if "ctl_dual" in t:
+        out["l0/none"] = t["ctl_l0"] / t["ctl_none"]
+        out["dual/none"] = t["ctl_dual"] / t["ctl_none"]
     if "merged_infer" in t:
         out["merged/base"] = t["merged_infer"] / t["base_infer"]
     if "peak_mib" in res and key == "time_s":
@@ -451,6 +483,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-memory", dest="memory", action="store_false")
     p.add_argument("--infer-all", action="store_true", help="time merged inference for qv targets too")
     p.add_argument("--torch-ops", action="store_true", help="also time our layer with torch ops instead of Triton")
+    p.add_argument("--density-control", action="store_true", help="also time none / l0 / dual Sparsifier steps")
     p.add_argument("--count-ops", action="store_true", help="profile one step per variant: ops and kernels")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)

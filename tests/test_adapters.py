@@ -415,8 +415,9 @@ def test_peft_save_load_round_trip_and_merge_and_unload(tmp_path):
     loaded_layers = [m for _, m in jumplora_layers(loaded)]
     assert loaded_layers[0].jumplora_theta["default"] is loaded_layers[1].jumplora_theta["default"]
 
-    # PEFT's merge_and_unload equals our sparse merge (γ = 1)
+    # PEFT's merge_and_unload equals our sparse merge (γ = 1; a merge at γ < 1 is refused)
     set_gamma(loaded, 1.0)
+    set_gamma(pm, 1.0)
     ours = merge_and_discard(pm).model
     theirs = loaded.merge_and_unload()
     with torch.no_grad():

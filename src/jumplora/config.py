@@ -101,6 +101,11 @@ class AdapterConfig:
     sparsify_start: float = from_jumplora("sparsify_start")
     sparsify_end: float = from_jumplora("sparsify_end")
     target_density: float | None = from_jumplora("target_density")
+    density_control: str = from_jumplora("density_control", choices=("none", "l0", "dual"))
+    l0_lambda: float = from_jumplora("l0_lambda")
+    dual_lr: float = from_jumplora("dual_lr")
+    dual_gain: float = from_jumplora("dual_gain")
+    controller_theta_lr: float | None = from_jumplora("controller_theta_lr")
 
     def problems(self) -> list[str]:
         try:

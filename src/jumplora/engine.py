@@ -28,7 +28,14 @@ from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
 from jumplora import faults, training_state
-from jumplora.adapters import MergeResult, Sparsifier, merge_and_discard, threshold_parameters, threshold_values
+from jumplora.adapters import (
+    MergeResult,
+    Sparsifier,
+    merge_and_discard,
+    theta_learning_rate,
+    threshold_parameters,
+    threshold_values,
+)
 from jumplora.adapters.targets import check_target_modules, weight_is_transposed
 from jumplora.cl import Strategy, StrategyContext, make_strategy
 from jumplora.config import RunConfig
@@ -305,7 +312,8 @@ class TaskLoop:
         groups = [{"params": [p for p in self.params if id(p) not in theta_ids], "weight_decay": optim.weight_decay}]
         if theta_ids:
             thetas = [p for p in self.params if id(p) in theta_ids]
-            groups.append({"params": thetas, "weight_decay": 0.0, "lr": optim.theta_lr or optim.lr})
+            lr = optim.theta_lr or theta_learning_rate(self.model) or optim.lr  # a density controller sets its own
+            groups.append({"params": thetas, "weight_decay": 0.0, "lr": lr})
         return groups
 
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:

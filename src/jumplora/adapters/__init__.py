@@ -12,7 +12,7 @@ from .jumprelu import jumprelu, rectangle, threshold_grad
 from .layer import JumpLoraLayer, Linear
 from .model import JumpLoraModel, block_name
 from .peft_type import JUMPLORA
-from .schedule import Sparsifier, SparsitySchedule
+from .schedule import Sparsifier, SparsitySchedule, theta_learning_rate
 from .sparsity import (
     MergeResult,
     init_thresholds_to_budget,
@@ -48,6 +48,7 @@ __all__ = [
     "set_gamma",
     "sparsity_stats",
     "supports",
+    "theta_learning_rate",
     "threshold_grad",
     "threshold_parameters",
     "threshold_values",

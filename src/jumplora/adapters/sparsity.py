@@ -145,12 +145,13 @@ class MergeResult:
 
 @torch.no_grad()
 def merge_and_discard(
-    peft_model: nn.Module, adapter: str = "default", keep_updates: bool = False
+    peft_model: nn.Module, adapter: str = "default", keep_updates: bool = False, force: bool = False
 ) -> MergeResult:
     """Merge s·(ΔW ⊙ 1[|ΔW|>θ]) into the base weights and drop the adapter (plain ``nn.Linear`` again).
 
     ``keep_updates`` also returns each merged update ((out, in) layout like the supports, CPU, float32), which
-    strategies such as ELLA accumulate.
+    strategies such as ELLA accumulate. A sparse adapter must be fully gated (γ = 1, θ initialised, as
+    ``Sparsifier.finish()`` leaves it) unless ``force``.
     """
     layers = _layers_with(peft_model, adapter)
     masks = {name: layer.support(adapter).cpu() for name, layer in layers}
@@ -161,5 +162,5 @@ def merge_and_discard(
             updates[name] = update.t() if layer._fan_in_fan_out else update
     if not hasattr(peft_model, "merge_and_unload"):
         raise TypeError("merge_and_discard needs a PeftModel (or PEFT tuner) with merge_and_unload()")
-    base = peft_model.merge_and_unload(adapter_names=[adapter])
+    base = peft_model.merge_and_unload(adapter_names=[adapter], force=force)
     return MergeResult(model=base, supports=masks, updates=updates)

@@ -171,8 +171,34 @@ def _num(v: Any) -> float:
     return f
 
 
+def _density_panel(ax: Any, x: np.ndarray, recs: Sequence[Mapping[str, Any]]) -> None:
+    """Density against its target (with the 0.5×–2× band) and, on a twin axis, the controller state."""
+    dens = np.array([_num(r.get("density")) for r in recs], dtype=float) * 100.0
+    ax.plot(x, dens, color="tab:purple", linewidth=1.0, label="density")
+    target = np.array([_num(r.get("target_density")) for r in recs], dtype=float) * 100.0
+    if np.any(np.isfinite(target)):
+        ax.plot(x, target, color="black", linestyle="--", linewidth=1.0, label="target")
+        ax.fill_between(x, target / 2, target * 2, color="grey", alpha=0.15, label="0.5×–2× target")
+        ax.set_yscale("log")
+    ax.set_ylabel("density (%)")
+    ax.set_xlabel("global step")
+    for key, color in (("multiplier", "tab:orange"), ("density_penalty", "tab:red")):
+        state = np.array([_num(r.get(key)) for r in recs], dtype=float)
+        if np.any(np.isfinite(state)):
+            twin = ax.twinx()
+            twin.plot(x, state, color=color, linewidth=0.8, alpha=0.8, label=key.replace("_", " "))
+            twin.set_ylabel(key.replace("_", " "), color=color)
+            twin.legend(fontsize=7, loc="lower right")
+            break  # the multiplier when there is one, else the l0 penalty
+    ax.legend(fontsize=7, loc="upper left")
+
+
 def plot_training_curves(log_records: Sequence[Mapping[str, Any]], path: str | Path) -> Path:
     """Loss / gamma / theta (log scale, one line per group) / density vs. global_step from train_log.jsonl.
+
+    When the records carry ``target_density`` and the controller state (``multiplier`` or
+    ``density_penalty``, from ``Sparsifier.log_state()``), the density panel shows the target, its
+    0.5×–2× band and the controller state on a second axis.
 
     Dashed vertical lines mark the first step of each new task so that jumps in the
     curves can be attributed to task switches.
@@ -210,10 +236,7 @@ def plot_training_curves(log_records: Sequence[Mapping[str, Any]], path: str | P
         ax_theta.legend(fontsize=7, loc="upper right")
     ax_theta.set_ylabel("theta")
 
-    dens = np.array([_num(r.get("density")) for r in recs], dtype=float) * 100.0
-    ax_dens.plot(x, dens, color="tab:purple", linewidth=1.0)
-    ax_dens.set_ylabel("density (%)")
-    ax_dens.set_xlabel("global step")
+    _density_panel(ax_dens, x, recs)
 
     # Task boundaries: first record whose task differs from the previous one.
     prev: Any = None
