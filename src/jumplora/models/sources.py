@@ -232,11 +232,13 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     except LocalEntryNotFoundError as err:
         hint = "it is not in the HF cache and HF_HUB_OFFLINE is set" if offline else first_line(err)
         raise ModelLoadError(
-            f"model {repo_id!r}{at} could not be loaded: {hint}; download it once online "
-            "(unset HF_HUB_OFFLINE) or pass a local folder"
+            f"model {repo_id!r}{at} is no local folder and could not be loaded as a hub id: {hint}; "
+            "download it once online (unset HF_HUB_OFFLINE) or pass a local folder"
         ) from err
     except (HfHubHTTPError, OSError, ValueError) as err:
-        raise ModelLoadError(f"model {repo_id!r}{at} could not be fetched from the hub: {first_line(err)}") from err
+        raise ModelLoadError(
+            f"model {repo_id!r}{at} is no local folder and could not be fetched as a hub id: {first_line(err)}"
+        ) from err
     return Path(folder)
 
 
