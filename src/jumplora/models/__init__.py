@@ -15,12 +15,15 @@ from .loading import (
     detect_family,
     load_model,
     make_family,
+    max_positions,
 )
 from .seq2seq import Seq2SeqFamily
+from .sources import KNOWN_MODELS, cache_home, convert_gguf, list_models, pull_model, resolve_model
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
     "FAMILY_TARGET_MODULES",
+    "KNOWN_MODELS",
     "MODEL_FAMILIES",
     "CausalFamily",
     "EncoderRankingFamily",
@@ -30,11 +33,17 @@ __all__ = [
     "ModelLoadError",
     "PromptExample",
     "Seq2SeqFamily",
+    "cache_home",
+    "convert_gguf",
     "default_model_path",
     "default_target_modules",
     "detect_family",
     "exact_match",
+    "list_models",
     "load_model",
     "make_family",
+    "max_positions",
     "normalize_answer",
+    "pull_model",
+    "resolve_model",
 ]

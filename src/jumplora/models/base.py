@@ -71,6 +71,10 @@ class ModelFamily(ABC):
     def predict(self, model: torch.nn.Module, batch: dict) -> list[str]:
         """Predicted answer strings (no gradients; putting the model in eval mode is the caller's job)."""
 
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Make the model agree with the family's tokenizer (e.g. pad token); called once after loading."""
+        del model  # encoders need nothing
+
     @contextlib.contextmanager
     def eval_cache(self, model: torch.nn.Module) -> Iterator[None]:
         """Scope inside which weight-dependent, batch-independent results may be cached.

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from ._utils import (
     attention_mask_for,
+    cache_kwarg,
     eos_id,
     example_metadata,
+    forward_params,
     model_device,
     pad_sequences,
+    returned_cache,
     sequence_log_likelihoods,
     to_device,
     token_ids,
@@ -28,12 +31,6 @@ __all__ = ["CausalFamily"]
 _CONTEXT_CHARS = 64
 
 
-def _forward_params(model: torch.nn.Module) -> set[str]:
-    """Keyword names the underlying HF model's forward accepts (looks through a PEFT wrapper)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
-
-
 class CausalFamily(GenerativeFamily):
     """Loss on the answer (+eos) tokens only; predict by greedy generation or option ranking."""
 
@@ -46,8 +43,15 @@ class CausalFamily(GenerativeFamily):
         max_answer_length: int = 16,
         rank_options: bool = False,
         rank_batch_size: int = 16,
+        chat_template: bool | None = None,
     ) -> None:
         super().__init__(tokenizer, max_length, max_answer_length, rank_options, rank_batch_size)
+        has_template = bool(getattr(tokenizer, "chat_template", None))
+        if chat_template and not has_template:
+            raise ValueError("chat_template=True but the tokenizer has no chat template")
+        # Instruction-tuned models answer in their chat format: the prompt is the user turn and the
+        # answer is the assistant's reply. Default: whenever the tokenizer has a template.
+        self.chat_template = has_template if chat_template is None else chat_template
         if max_length <= max_answer_length + 1:
             raise ValueError(f"max_length ({max_length}) must exceed max_answer_length + 1 ({max_answer_length + 1})")
         eos = eos_id(tokenizer)
@@ -62,7 +66,7 @@ class CausalFamily(GenerativeFamily):
         self._continuations: dict[tuple[str, str], list[int]] = {}
 
     def _continuation(self, prompt: str, text: str) -> list[int]:
-        """Token ids of " " + text as it continues the prompt, truncated, plus eos.
+        """Token ids of " " + text (text alone after a chat prompt) as it continues the prompt, truncated, plus eos.
 
         Tokenising " yes" on its own differs from its in-context form for SentencePiece/BPE
         vocabularies, so we tokenise the prompt's tail with and without the answer and take the
@@ -72,28 +76,39 @@ class CausalFamily(GenerativeFamily):
         key = (context, text)
         if key not in self._continuations:
             ctx = token_ids(self.tokenizer, context, add_special_tokens=False)
-            full = token_ids(self.tokenizer, f"{context} {text}", add_special_tokens=False)
+            sep = "" if self.chat_template else " "
+            full = token_ids(self.tokenizer, f"{context}{sep}{text}", add_special_tokens=False)
             if full[: len(ctx)] == ctx and len(full) > len(ctx):
                 ids = full[len(ctx) :]
             else:
-                ids = token_ids(self.tokenizer, f" {text}", add_special_tokens=False)
+                ids = token_ids(self.tokenizer, f"{sep}{text}", add_special_tokens=False)
             self._continuations[key] = [*ids[: self.max_answer_length], self._eos_id]
         return self._continuations[key]
+
+    def _chat_prompt(self, prompt: str) -> str:
+        """The prompt as the user turn, followed by the start of the assistant's turn."""
+        messages = [{"role": "user", "content": prompt}]
+        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
     def encode(self, examples: Sequence[PromptExample]) -> list[dict]:
         features = []
         for ex in examples:
-            prompt = truncate_middle(token_ids(self.tokenizer, ex.prompt), self._prompt_budget)
-            answer = self._continuation(ex.prompt, ex.answer)
-            feature = {
-                "input_ids": prompt + answer,
-                "prompt_length": len(prompt),
-                "answer": ex.answer,
-                "candidates": ex.candidates,
-            }
-            if self.rank_options:
-                feature["candidate_ids"] = tuple(self._continuation(ex.prompt, c) for c in ex.candidates)
-            features.append(feature)
+            text = self._chat_prompt(ex.prompt) if self.chat_template else ex.prompt
+            # a chat template writes its own special tokens
+            ids = token_ids(self.tokenizer, text, add_special_tokens=not self.chat_template)
+            prompt = truncate_middle(ids, self._prompt_budget)
+            answer = self._continuation(text, ex.answer)
+            candidate_ids = tuple(self._continuation(text, c) for c in ex.candidates)
+            features.append(
+                {
+                    "input_ids": prompt + answer,
+                    "prompt_length": len(prompt),
+                    "answer": ex.answer,
+                    "candidates": ex.candidates,
+                    "candidate_ids": candidate_ids,  # ranking is always available as a second metric
+                    "max_new_tokens": max(len(c) - 1 for c in candidate_ids),  # longest option, no eos
+                }
+            )
         return features
 
     def collate(self, features: list[dict]) -> dict:
@@ -110,13 +125,14 @@ class CausalFamily(GenerativeFamily):
             # Left-padded prompts for generation / ranking.
             "prompt_input_ids": pad_sequences(prompts, self._pad_id, left=True),
             "prompt_attention_mask": attention_mask_for(prompts, left=True),
+            "max_new_tokens": [f["max_new_tokens"] for f in features],
             **example_metadata(features),
         }
         return batch
 
     def _score_candidates(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
         device = model_device(model)
-        params = _forward_params(model)
+        params = forward_params(model)
         prompts = [
             row[mask.bool()].tolist()
             for row, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"], strict=True)
@@ -145,22 +161,90 @@ class CausalFamily(GenerativeFamily):
         flat = torch.cat(scores).cpu()
         return list(flat.split([len(c) for c in batch["candidate_ids"]]))
 
-    def generate(self, model: torch.nn.Module, batch: dict) -> list[str]:
+    def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
+        """Answer-token cross-entropy with the LM head run only where some row has an answer token."""
+        if "logits_to_keep" not in forward_params(model):
+            return super().loss(model, batch)
         batch = to_device(batch, model_device(model))
+        targets = batch["labels"][:, 1:]  # position p predicts token p + 1
+        positions = (targets != -100).any(0).nonzero().squeeze(-1)
+        logits = model(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], logits_to_keep=positions
+        ).logits
+        return F.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(), ignore_index=-100)
+
+    def generate(self, model: torch.nn.Module, batch: dict) -> list[str]:
+        """Greedy decoding over a KV cache; the prompt prefix shared by the batch is encoded once.
+
+        Prompts of one task share "Task Instruction: ...\nOptions: ...\nText:", so that prefix runs
+        once at batch size 1, its cache is repeated over the batch and only the rest of each prompt is
+        prefilled (left-padded after the prefix; masked positions and position ids keep every row's
+        computation that of its own unpadded prompt).
+        """
+        batch = to_device(batch, model_device(model))
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        params = forward_params(model)
+        if "position_ids" not in params:  # without explicit positions, left padding would shift them
+            return self._generate_hf(model, batch)
+        prompts = [row[m.bool()] for row, m in zip(ids, mask, strict=True)]
+        shared = _common_prefix(prompts)
+        extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        cache_kw = cache_kwarg(params)
+        with torch.no_grad():
+            cache = None
+            if shared:
+                cache = returned_cache(model(input_ids=prompts[0][None, :shared], use_cache=True))
+                cache.batch_repeat_interleave(len(prompts))
+            rest = [p[shared:].tolist() for p in prompts]
+            rest_mask = attention_mask_for(rest, left=True).to(ids.device)
+            full_mask = torch.cat([rest_mask.new_ones(len(rest), shared), rest_mask], dim=1)
+            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+            out = model(
+                input_ids=pad_sequences(rest, self._pad_id, left=True).to(ids.device),
+                attention_mask=full_mask,
+                position_ids=positions[:, shared:],
+                **{cache_kw: cache},
+                use_cache=True,
+                **extra,
+            )
+            state = {"cache": returned_cache(out), "mask": full_mask, "pos": positions[:, -1:]}
+
+            def step(tokens: torch.Tensor) -> torch.Tensor:
+                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], dim=1)
+                state["pos"] = state["pos"] + 1
+                nxt = model(
+                    input_ids=tokens[:, None],
+                    attention_mask=state["mask"],
+                    position_ids=state["pos"],
+                    use_cache=True,
+                    **{cache_kw: state["cache"]},
+                )
+                state["cache"] = returned_cache(nxt)
+                return nxt.logits[:, -1]
+
+            rows = self.greedy(out.logits[:, -1], step, self.max_new_tokens(batch))
+        return self.decode_answers(rows)
+
+    def _generate_hf(self, model: torch.nn.Module, batch: dict) -> list[str]:
+        """``model.generate`` for models whose forward takes no position ids."""
         ids = batch["prompt_input_ids"]
         with torch.no_grad():
             out = model.generate(
                 input_ids=ids,
                 attention_mask=batch["prompt_attention_mask"],
-                max_new_tokens=self.max_answer_length,
+                max_new_tokens=self.max_new_tokens(batch),
                 do_sample=False,
                 pad_token_id=self._pad_id,
                 eos_token_id=self._eos_id,
             )
-        preds = []
-        for row in out[:, ids.shape[1] :].tolist():
-            if self._eos_id in row:
-                row = row[: row.index(self._eos_id)]
-            text = self.tokenizer.decode(row, skip_special_tokens=True)
-            preds.append(text.split("\n", 1)[0].strip())
-        return preds
+        return self.decode_answers(out[:, ids.shape[1] :].tolist())
+
+
+def _common_prefix(prompts: list[torch.Tensor]) -> int:
+    """Tokens every prompt starts with, leaving each at least one token of its own to prefill."""
+    shortest = min(len(p) for p in prompts)
+    if len(prompts) < 2 or shortest < 2:
+        return 0
+    stacked = torch.stack([p[: shortest - 1] for p in prompts])
+    same = (stacked == stacked[0]).all(0)
+    return int(same.long().cumprod(0).sum())

@@ -1,19 +1,34 @@
 """What the seq2seq and decoder-only families share: the answer is text the model produces.
 
-Training is cross-entropy on the answer tokens only; prediction is greedy generation, or, with
-``rank_options``, the option whose tokens the model finds most likely. Subclasses say how to tokenise,
-how to score candidates and how to generate.
+The prompt is the paper's (``TaskSpec.prompt``)::
+
+    Task Instruction: <instruction>
+    Options: <option 1> | <option 2> | ...
+    Text: <input>
+    Answer:
+
+and the target is the option string (+eos). Training is cross-entropy on the answer tokens only.
+Prediction is greedy generation scored by exact match (``mode="generate"``, the paper's metric), or the
+option whose tokens the model finds most likely (``mode="rank"``); :meth:`predict_both` gives both.
+
+Greedy generation is our own loop over a KV cache: at most as many new tokens as the batch's longest
+option has tokens, and it stops as soon as every row has produced eos or a token containing a newline
+(the answer is the text before the first newline). Up to that point its tokens are those of
+``model.generate(do_sample=False)``.
 """
 
 from __future__ import annotations
 
 from abc import abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from ._utils import answer_token_loss
 from .base import ModelFamily
+
+PREDICT_MODES = ("generate", "rank")
 
 
 class GenerativeFamily(ModelFamily):
@@ -33,20 +48,37 @@ class GenerativeFamily(ModelFamily):
         self.max_answer_length = max_answer_length
         self.rank_options = rank_options
         self.rank_batch_size = max(1, rank_batch_size)
+        self._newline_ids: frozenset[int] | None = None
 
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         return answer_token_loss(model, batch)
 
-    def predict(self, model: torch.nn.Module, batch: dict) -> list[str]:
-        if not self.rank_options:
+    def prepare_model(self, model: torch.nn.Module) -> None:
+        """Give the model the family's pad token when its config has none (``generate`` reads it)."""
+        if getattr(model.config, "pad_token_id", None) is None:
+            model.config.pad_token_id = self._pad_id
+        gen = getattr(model, "generation_config", None)
+        if gen is not None and gen.pad_token_id is None:
+            gen.pad_token_id = self._pad_id
+
+    def predict(self, model: torch.nn.Module, batch: dict, mode: str | None = None) -> list[str]:
+        """Answers by ``mode`` ("generate" | "rank"); default: rank if built with ``rank_options``."""
+        mode = mode or ("rank" if self.rank_options else "generate")
+        if mode == "generate":
             return self.generate(model, batch)
-        scores = self.candidate_log_likelihoods(model, batch)
-        return [cands[int(s.argmax())] for cands, s in zip(batch["candidates"], scores, strict=True)]
+        if mode == "rank":
+            scores = self.candidate_log_likelihoods(model, batch)
+            return [cands[int(s.argmax())] for cands, s in zip(batch["candidates"], scores, strict=True)]
+        raise ValueError(f"unknown predict mode {mode!r}; expected one of {PREDICT_MODES}")
+
+    def predict_both(self, model: torch.nn.Module, batch: dict) -> dict[str, list[str]]:
+        """Generated answers (exact match, the main metric) and ranked options (the second metric)."""
+        return {mode: self.predict(model, batch, mode) for mode in PREDICT_MODES}
 
     def candidate_log_likelihoods(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
         """Per example, the summed log-prob of each of its candidates (+eos)."""
         if "candidate_ids" not in batch:
-            raise ValueError("batch has no candidate_ids: build the family with rank_options=True")
+            raise ValueError("batch has no candidate_ids (features were not built by this family)")
         return self._score_candidates(model, batch)
 
     @abstractmethod
@@ -55,4 +87,52 @@ class GenerativeFamily(ModelFamily):
 
     @abstractmethod
     def generate(self, model: torch.nn.Module, batch: dict) -> list[str]:
-        """Greedy answers, decoded and stripped."""
+        """Greedy answers, decoded, cut at the first newline and stripped."""
+
+    # -- greedy decoding shared by both families ------------------------------------------------
+    def max_new_tokens(self, batch: dict) -> int:
+        """Tokens to generate for a batch: its longest option (features carry their own maximum)."""
+        return max(batch.get("max_new_tokens") or [self.max_answer_length])
+
+    def stop_ids(self) -> frozenset[int]:
+        """eos and every token whose text contains a newline: the answer ends at either."""
+        if self._newline_ids is None:
+            vocab = len(self.tokenizer)
+            texts = self.tokenizer.batch_decode([[i] for i in range(vocab)])
+            self._newline_ids = frozenset(i for i, t in enumerate(texts) if "\n" in t)
+        eos = getattr(self, "_eos_id", None)
+        return self._newline_ids | ({eos} if eos is not None else set())
+
+    def greedy(
+        self, first: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor], max_new: int
+    ) -> list[list[int]]:
+        """Greedy tokens per row, each cut after its first stop token.
+
+        ``first`` is the logits of the first new token (batch, vocab); ``step(tokens)`` feeds one token
+        per row to the cached model and returns the next logits. Finished rows are fed the pad token
+        (as ``generate`` does) until every row has stopped.
+        """
+        stop = self.stop_ids()
+        rows: list[list[int]] = [[] for _ in range(first.shape[0])]
+        done = [False] * len(rows)
+        tokens = first.argmax(-1)
+        for t in range(max_new):
+            for i, tok in enumerate(tokens.tolist()):
+                if not done[i]:
+                    rows[i].append(tok)
+                    done[i] = tok in stop
+            if all(done) or t == max_new - 1:
+                break
+            fed = tokens.masked_fill(torch.tensor(done, device=tokens.device), self._pad_id)
+            tokens = step(fed).argmax(-1)
+        return rows
+
+    def decode_answers(self, rows: list[list[int]]) -> list[str]:
+        """Text of each row before eos / the first newline, stripped."""
+        eos = getattr(self, "_eos_id", None)
+        out = []
+        for row in rows:
+            if eos is not None and eos in row:
+                row = row[: row.index(eos)]
+            out.append(self.tokenizer.decode(row, skip_special_tokens=True).split("\n", 1)[0].strip())
+        return out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,7 @@ from .base import ModelFamily
 from .causal import CausalFamily
 from .encoder import EncoderRankingFamily
 from .seq2seq import Seq2SeqFamily
+from .sources import ModelLoadError, first_line, resolve_model
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -35,6 +37,7 @@ __all__ = [
     "detect_family",
     "load_model",
     "make_family",
+    "max_positions",
 ]
 
 MODEL_FAMILIES: dict[str, type[ModelFamily]] = {
@@ -91,10 +94,6 @@ _AUTO_CLASSES: dict[str, Any] = {
 }
 
 
-class ModelLoadError(ValueError):
-    """A model path is missing, is not a model folder, or could not be loaded."""
-
-
 @dataclass
 class LoadedModel:
     """A model with its tokenizer, the family that drives it and where adapters should go."""
@@ -105,6 +104,8 @@ class LoadedModel:
     family_name: str
     target_modules: list[str]
     path: Path | None = None
+    # Longest input the model's position embeddings allow; None for relative positions (T5).
+    max_positions: int | None = None
 
 
 def _check_family(family: str) -> str:
@@ -153,37 +154,69 @@ def make_family(name: str, tokenizer: Any, *, max_length: int | None = None, ran
     return cls(tokenizer, **kwargs)
 
 
+def max_positions(config: Any) -> int | None:
+    """Absolute-position limit from the config (``max_position_embeddings`` / ``n_positions``)."""
+    if getattr(config, "relative_attention_num_buckets", None) is not None:
+        return None  # T5 & co. have no absolute limit
+    for key in ("max_position_embeddings", "n_positions"):
+        value = getattr(config, key, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def _check_weights(folder: Path) -> None:
+    """Safetensors only: refuse pickled checkpoints and truncated files with one line naming the file."""
+    tensors = sorted(folder.glob("*.safetensors"))
+    if not tensors:
+        pickles = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt*")]
+        found = f" (found {', '.join(sorted(pickles))}: pickled weights are never loaded)" if pickles else ""
+        raise ModelLoadError(f"model folder {str(folder)!r} has no .safetensors weights{found}")
+    for path in tensors:
+        size = path.stat().st_size
+        try:
+            with path.open("rb") as fh:
+                n = int.from_bytes(fh.read(8), "little")
+                if n <= 0 or 8 + n > size:
+                    raise ValueError("header length past the end of the file")
+                header = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as err:
+            raise ModelLoadError(f"{path}: not a valid safetensors file ({err})") from err
+        if 8 + n + end > size:
+            raise ModelLoadError(f"{path}: truncated safetensors file ({size} bytes, header promises {8 + n + end})")
+
+
 def load_model(
     path: str | Path | None,
     family: str | None = None,
     *,
+    revision: str | None = None,
     dtype: torch.dtype = torch.float32,
     trust_remote_code: bool = False,
     max_length: int | None = None,
     rank_options: bool = False,
 ) -> LoadedModel:
-    """Load a local model folder (never the hub); `path=None` gives the packaged MiniLM."""
+    """Load a model folder, ``.gguf`` file, hub id or short name (see :mod:`.sources`); None = MiniLM.
+
+    Weights are read from safetensors only; the family prepares the model (pad token and the like).
+    """
     if family is not None:
         _check_family(family)
-    folder = default_model_path() if path is None else Path(path).expanduser()
-    if not folder.is_dir():
-        raise ModelLoadError(f"model path {str(folder)!r} does not exist or is not a directory")
+    folder = resolve_model(path, revision)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"model path {str(folder)!r} is not a model folder (no config.json)")
+    _check_weights(folder)
     common = {"local_files_only": True, "trust_remote_code": trust_remote_code}
     try:
         config = AutoConfig.from_pretrained(folder, **common)
         name = detect_family(config, family)
         tokenizer = AutoTokenizer.from_pretrained(folder, **common)
-        model = _AUTO_CLASSES[name].from_pretrained(folder, config=config, dtype=dtype, **common)
-    except (OSError, ValueError, KeyError) as err:
-        raise ModelLoadError(f"could not load the model at {str(folder)!r}: {err}") from err
+        model = _AUTO_CLASSES[name].from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True, **common)
+    except (OSError, ValueError, KeyError, RuntimeError) as err:
+        raise ModelLoadError(f"could not load the model at {str(folder)!r}: {first_line(err)}") from err
     fam = make_family(name, tokenizer, max_length=max_length, rank_options=rank_options)
-    if name == "causal" and getattr(model.config, "pad_token_id", None) is None:
-        # The family gave the tokenizer a pad token; let generate() know it too.
-        model.config.pad_token_id = tokenizer.pad_token_id
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id
+    fam.prepare_model(model)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -191,4 +224,5 @@ def load_model(
         family_name=name,
         target_modules=default_target_modules(config, name),
         path=folder,
+        max_positions=max_positions(config),
     )

@@ -10,11 +10,14 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from ._utils import (
     attention_mask_for,
+    cache_kwarg,
     eos_id,
     example_metadata,
+    forward_params,
     model_device,
     pad_id,
     pad_sequences,
+    returned_cache,
     sequence_log_likelihoods,
     to_device,
     token_ids,
@@ -58,15 +61,17 @@ class Seq2SeqFamily(GenerativeFamily):
 
         features = []
         for ex in examples:
-            feature = {
-                "input_ids": truncate_middle(token_ids(self.tokenizer, ex.prompt), self.max_length),
-                "labels": target(ex.answer),
-                "answer": ex.answer,
-                "candidates": ex.candidates,
-            }
-            if self.rank_options:  # only ranking needs the options tokenised
-                feature["candidate_ids"] = tuple(target(c) for c in ex.candidates)
-            features.append(feature)
+            candidate_ids = tuple(target(c) for c in ex.candidates)
+            features.append(
+                {
+                    "input_ids": truncate_middle(token_ids(self.tokenizer, ex.prompt), self.max_length),
+                    "labels": target(ex.answer),
+                    "answer": ex.answer,
+                    "candidates": ex.candidates,
+                    "candidate_ids": candidate_ids,  # ranking is always available as a second metric
+                    "max_new_tokens": max(len(c) for c in candidate_ids) - (self._eos_id is not None),
+                }
+            )
         return features
 
     def collate(self, features: list[dict]) -> dict:
@@ -75,6 +80,7 @@ class Seq2SeqFamily(GenerativeFamily):
             "input_ids": pad_sequences(prompts, self._pad_id),
             "attention_mask": attention_mask_for(prompts),
             "labels": pad_sequences([f["labels"] for f in features], -100),
+            "max_new_tokens": [f["max_new_tokens"] for f in features],
             **example_metadata(features),
         }
         return batch
@@ -103,13 +109,29 @@ class Seq2SeqFamily(GenerativeFamily):
         return list(flat.split([len(c) for c in batch["candidate_ids"]]))
 
     def generate(self, model: torch.nn.Module, batch: dict) -> list[str]:
+        """Greedy decoding: the encoder runs once, the decoder one token at a time over its KV cache."""
         batch = to_device(batch, model_device(model))
+        mask = batch["attention_mask"]
+        start = getattr(model.generation_config, "decoder_start_token_id", None)
+        if start is None:
+            start = model.config.decoder_start_token_id
+        cache_kw = cache_kwarg(forward_params(model))
         with torch.no_grad():
-            out = model.generate(
-                input_ids=batch["input_ids"],
-                attention_mask=batch["attention_mask"],
-                max_new_tokens=self.max_answer_length,
-                do_sample=False,
-            )
-        texts = self.tokenizer.batch_decode(out, skip_special_tokens=True)
-        return [t.strip() for t in texts]
+            encoded = model.get_encoder()(input_ids=batch["input_ids"], attention_mask=mask, return_dict=True)
+            first = torch.full((mask.shape[0], 1), int(start), dtype=torch.long, device=mask.device)
+            out = model(encoder_outputs=encoded, attention_mask=mask, decoder_input_ids=first, use_cache=True)
+            state = {"cache": returned_cache(out)}
+
+            def step(tokens: torch.Tensor) -> torch.Tensor:
+                nxt = model(
+                    encoder_outputs=encoded,
+                    attention_mask=mask,
+                    decoder_input_ids=tokens[:, None],
+                    use_cache=True,
+                    **{cache_kw: state["cache"]},
+                )
+                state["cache"] = returned_cache(nxt)
+                return nxt.logits[:, -1]
+
+            rows = self.greedy(out.logits[:, -1], step, self.max_new_tokens(batch))
+        return self.decode_answers(rows)
