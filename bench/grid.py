@@ -2,6 +2,7 @@
 
     python bench/grid.py tune            # dev-split search (order-1 tasks without yahoo), ~15 min
     python bench/grid.py final           # the grid: orders 1-3 and 4, every strategy ±JumpLoRA
+    python bench/grid.py v2              # the grid again with the density-controlled defaults (issue 10)
     python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
 
 Every run is a `jumplora run` subprocess with one torch thread; ``--workers`` run side by side (2 on
@@ -102,6 +103,36 @@ def final_runs(tuned: dict) -> dict[str, dict]:
     return runs
 
 
+# The study with the density-controlled defaults (issue 10): the paper's ramp 0.2 → 0.8 and
+# `--density-control dual` to the LoRA budget, no hand-tuned late ramp. Order 4 at a budget where dense
+# methods forget (192 train / 100 eval per task), 3 seeds for the headline strategies.
+RUNS_V2 = ROOT / "bench" / "runs_v2"
+V2_BUDGET = {"max_train": 192, "max_eval": 100, "epochs": 1}
+V2_TUNED = {"ella": {"ella_lambda": 1e6}, "olora": {"olora_lambda": 1.0}}  # bench/tuned.json, kept
+
+
+def v2_runs() -> dict[str, dict]:
+    """Most informative first: a grid stopped early still answers the headline."""
+    runs: dict[str, dict] = {}
+
+    def add(strategy: str, jump: bool, order: int, seed: int) -> None:
+        opts = {**BASE, "strategy": strategy, "order": order, "seed": seed, **V2_BUDGET}
+        opts.update(V2_TUNED.get(strategy, {}))
+        if jump:
+            opts["jumplora"] = True
+        runs[f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}"] = opts
+
+    headline = [(s, jl) for s in ("inclora", "ella") for jl in (False, True)]
+    others = [(s, jl) for s in ("seqlora", "olora") for jl in (False, True)] + [("multitask", False)]
+    for order, seed in ((1, 0), (4, 0), (1, 1), (1, 2), (2, 0), (3, 0), (4, 1), (4, 2)):
+        for strategy, jump in headline:
+            add(strategy, jump, order, seed)
+    for order in (1, 2, 3):
+        for strategy, jump in others:
+            add(strategy, jump, order, 0)
+    return runs
+
+
 def is_complete(out: Path) -> bool:
     try:
         return json.loads((out / "results.json").read_text()).get("complete") is True
@@ -133,8 +164,8 @@ def to_args(opts: dict) -> list[str]:
     return args
 
 
-def run_one(name: str, opts: dict) -> tuple[str, float, int]:
-    out = RUNS / name
+def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
+    out = root / name
     if is_complete(out):
         return name, 0.0, 0
     cmd = [
@@ -151,7 +182,7 @@ def run_one(name: str, opts: dict) -> tuple[str, float, int]:
         *to_args(opts),
     ]
     start = time.perf_counter()
-    log = RUNS / f"{name}.log"
+    log = root / f"{name}.log"
     with open(log, "w") as handle:
         code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
     if code == 0:
@@ -162,21 +193,24 @@ def run_one(name: str, opts: dict) -> tuple[str, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["tune", "final"])
+    parser.add_argument("phase", choices=["tune", "final", "v2"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", default="", help="run only names containing this string")
     args = parser.parse_args()
-    RUNS.mkdir(parents=True, exist_ok=True)
+    root = RUNS_V2 if args.phase == "v2" else RUNS
+    root.mkdir(parents=True, exist_ok=True)
     if args.phase == "tune":
         runs = tuning_runs()
+    elif args.phase == "v2":
+        runs = v2_runs()
     else:
         tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
         runs = final_runs(tuned)
     runs = {k: v for k, v in runs.items() if args.only in k}
     start = time.perf_counter()
-    print(f"{len(runs)} runs, {sum(is_complete(RUNS / n) for n in runs)} already complete", flush=True)
+    print(f"{len(runs)} runs, {sum(is_complete(root / n) for n in runs)} already complete", flush=True)
     with ThreadPoolExecutor(args.workers) as pool:
-        for name, secs, code in pool.map(lambda item: run_one(*item), runs.items()):
+        for name, secs, code in pool.map(lambda item: run_one(*item, root=root), runs.items()):
             status = "skip" if secs == 0 else ("ok" if code == 0 else f"FAILED ({code}, see {name}.log)")
             print(f"{name:40s} {status:10s} {secs:7.1f}s  total {time.perf_counter() - start:7.1f}s", flush=True)
 

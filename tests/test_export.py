@@ -76,7 +76,7 @@ def test_export_equals_final_model(finished, tiny_model: str) -> None:
     assert torch.equal(_hidden(exported), final)
     rebuilt = _base_plus(tiny_model, sorted((run / "checkpoint").glob("update_*.safetensors")))
     assert torch.equal(_hidden(exported), _hidden(rebuilt))
-    assert trainer.engine.evaluate_all(exported, "exported") == results["accuracy_matrix"][-1]
+    assert trainer.engine.evaluate_all(exported, "exported")["accuracy"] == results["accuracy_matrix"][-1]
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
 
 

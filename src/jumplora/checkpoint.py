@@ -57,6 +57,9 @@ class Progress:
     per_task: list[dict[str, Any]] = field(default_factory=list)
     global_step: int = 0
     wall_time_s: float = 0.0
+    # The second metric of generative runs (option ranking beside exact match); empty otherwise.
+    rank_zero_shot: list[float] | None = None
+    rank_rows: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -279,6 +282,10 @@ def _validate_state(state: Any, num_tasks: int, steps_per_task: list[int]) -> No
     for i, row in enumerate(rows):
         _expect(isinstance(row, list) and len(row) == num_tasks and all(map(_is_acc, row)),
                 f"field rows[{i}] must hold {num_tasks} accuracies in [0, 1]")  # fmt: skip
+    if state["rank_rows"]:
+        _expect(len(state["rank_rows"]) == n and all(isinstance(r, list) and len(r) == num_tasks and
+                                                      all(map(_is_acc, r)) for r in state["rank_rows"]),
+                f"field rank_rows must hold next_task={n} rows of {num_tasks} accuracies")  # fmt: skip
     for key in ("per_task", "updates", "supports"):
         _expect(isinstance(state[key], list) and len(state[key]) == n, f"field {key} must have next_task={n} entries")
     _expect(type(state["global_step"]) is int and state["global_step"] >= 0, "field global_step must be an int >= 0")

@@ -43,6 +43,7 @@ from jumplora.data import Task, TaskStream, load_stream, resolve_stream_source
 from jumplora.metrics import density, density_per_module, jaccard
 from jumplora.models import LoadedModel, PromptExample, default_target_modules, detect_family, load_model, make_family
 from jumplora.models._utils import to_device
+from jumplora.models.loading import max_positions
 
 log = logging.getLogger("jumplora")
 #: A merged update larger than this many times the base weight's largest entry is a divergence.
@@ -76,8 +77,10 @@ def wrap_model(model: nn.Module, tokenizer: Any, config: RunConfig) -> LoadedMod
     """A model object the user already holds (placed, quantised…) as the engine's LoadedModel."""
     family = detect_family(model.config, config.model.family)
     fam = make_family(family, tokenizer, max_length=config.model.max_length, rank_options=config.model.rank_options)
+    fam.prepare_model(model)
     targets = default_target_modules(model.config, family)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=fam, family_name=family, target_modules=targets)
+    return LoadedModel(model=model, tokenizer=tokenizer, family=fam, family_name=family, target_modules=targets,
+                       max_positions=max_positions(model.config))  # fmt: skip
 
 
 class Engine:
@@ -123,11 +126,14 @@ class Engine:
         if model is not None:
             self.loaded = wrap_model(model, tokenizer, cfg)
         else:
+            m = cfg.model
             self.loaded = load_model(
-                cfg.model.name, cfg.model.family, trust_remote_code=cfg.model.trust_remote_code,
-                max_length=cfg.model.max_length, rank_options=cfg.model.rank_options,
+                m.name, m.family, revision=m.revision, trust_remote_code=m.trust_remote_code,
+                max_length=m.max_length, rank_options=m.rank_options,
             )  # fmt: skip
-        _check_max_length(self.loaded.model, cfg.model.max_length)
+        limit = self.loaded.max_positions
+        if limit is not None and cfg.model.max_length > limit:
+            raise ValueError(f"max_length {cfg.model.max_length} exceeds the model's {limit} positions")
         self.target_modules = check_target_modules(self.loaded.model, cfg.model.targets or self.loaded.target_modules)
         self.peft_config()  # validates the adapter options now, not at the first task
         self.tasks = [self._task_data(task) for task in self.stream.tasks]
@@ -169,10 +175,14 @@ class Engine:
 
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: TaskData) -> float:
-        """Accuracy on the task's eval split (sharded over processes, counts summed)."""
+    def evaluate(self, model: nn.Module, data: TaskData) -> dict[str, float]:
+        """Accuracy on the task's eval split (sharded over processes, counts summed).
+
+        Generative families answer by greedy generation scored by exact match (``accuracy``); the option
+        ranking by likelihood is measured beside it as ``rank_accuracy``.
+        """
         faults.point("eval")
-        family = self.loaded.family
+        family, modes = self.loaded.family, self._predict_modes()
         model = self.accelerator.unwrap_model(model)
         was_training = model.training
         model.eval()
@@ -180,23 +190,31 @@ class Engine:
         indices = list(range(rank, len(data.eval_features), world))
         # Batches of similar lengths pad less (~10 % fewer tokens on the default stream); counts only.
         indices.sort(key=lambda i: len(data.eval_features[i]["input_ids"]))
-        correct, bs = 0, self.config.optim.eval_batch_size
+        correct, bs = dict.fromkeys(modes, 0), self.config.optim.eval_batch_size
         with family.eval_cache(model):
             for start in range(0, len(indices), bs):
                 chunk = indices[start : start + bs]
                 batch = to_device(family.collate([data.eval_features[i] for i in chunk]), self.accelerator.device)
-                preds = family.predict(model, batch)
-                correct += sum(
-                    family.is_correct(p, data.eval_examples[i].answer) for p, i in zip(preds, chunk, strict=True)
-                )
+                answers = [data.eval_examples[i].answer for i in chunk]
+                for key, mode in modes.items():
+                    preds = family.predict(model, batch, mode) if mode else family.predict(model, batch)
+                    correct[key] += sum(family.is_correct(p, a) for p, a in zip(preds, answers, strict=True))
         model.train(was_training)
-        totals = torch.tensor([correct, len(indices)], dtype=torch.float64, device=self.accelerator.device)
+        totals = torch.tensor([*correct.values(), len(indices)], dtype=torch.float64, device=self.accelerator.device)
         totals = self.accelerator.reduce(totals, reduction="sum")
-        return float(totals[0] / max(totals[1], 1))
+        return {key: float(totals[k] / max(totals[-1], 1)) for k, key in enumerate(modes)}
 
-    def evaluate_all(self, model: nn.Module, desc: str) -> list[float]:
+    def _predict_modes(self) -> dict[str, str | None]:
+        """Metric name → predict mode; a generative family that generates also ranks, as a second metric."""
+        if self.loaded.family_name == "encoder" or self.config.model.rank_options:
+            return {"accuracy": None}
+        return {"accuracy": "generate", "rank_accuracy": "rank"}
+
+    def evaluate_all(self, model: nn.Module, desc: str) -> dict[str, list[float]]:
+        """Every task's scores, as one row per metric (``accuracy`` and, for generation, ``rank_accuracy``)."""
         log.info("%s", desc)
-        return [self.evaluate(model, data) for data in self.progress(self.tasks, desc)]
+        scores = [self.evaluate(model, data) for data in self.progress(self.tasks, desc)]
+        return {key: [s[key] for s in scores] for key in scores[0]}
 
     def progress(self, items: Any, desc: str, **kwargs: Any) -> tqdm:
         """A progress bar on a terminal only: redirected logs get the per-task log lines instead."""
@@ -427,16 +445,6 @@ class TaskLoop:
         )  # fmt: skip
         tensors.update({f"strategy.{k}": v for k, v in self.engine.strategy.state_dict().items()})
         return meta, tensors
-
-
-def _check_max_length(model: nn.Module, max_length: int) -> None:
-    """Refuse prompts longer than the model's learned positions (a crash mid-training otherwise)."""
-    config = getattr(model, "config", None)
-    limit = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
-    if getattr(config, "model_type", "") in ("t5", "mt5", "umt5"):
-        limit = None  # relative positions: any length
-    if isinstance(limit, int) and max_length > limit:
-        raise ValueError(f"max_length {max_length} exceeds the model's {limit} positions (max_position_embeddings)")
 
 
 def _tracking_dir(config: RunConfig) -> Any:

@@ -38,3 +38,8 @@ class RunResults(TypedDict):
     wall_time_s: float
     dropped_eval_items: dict[str, int]
     plots: list[str]
+    independent: list[float] | None  # the independent runner's row (FWT against training from scratch)
+    # Generative runs: option ranking by likelihood beside exact match (None for encoders).
+    rank_accuracy_matrix: list[list[float]] | None
+    rank_zero_shot: list[float] | None
+    rank_metrics: dict[str, float | None] | None

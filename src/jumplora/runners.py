@@ -66,6 +66,16 @@ class Runner:
             flat = {k: v for k, v in self.config.flat().items() if isinstance(v, (int, float, str, bool))}
             self.engine.accelerator.init_trackers("jumplora", config=flat)
 
+    def _record(self, scores: dict[str, list[float]], zero_shot: bool = False) -> None:
+        """One evaluation of every task: a row of R (and of the ranking metric when there is one)."""
+        p = self.progress
+        if zero_shot:
+            p.zero_shot, p.rank_zero_shot = scores["accuracy"], scores.get("rank_accuracy")
+        else:
+            p.rows.append(scores["accuracy"])
+            if "rank_accuracy" in scores:
+                p.rank_rows.append(scores["rank_accuracy"])
+
     def results(self, complete: bool, **override: Any) -> RunResults:
         engine, progress = self.engine, self.progress
         names = [d.task.name for d in engine.tasks]
@@ -88,6 +98,11 @@ class Runner:
             "overlap_matrix": [[jaccard(a, b) for b in engine.supports] for a in engine.supports],
             "wall_time_s": progress.wall_time_s,
             "dropped_eval_items": {d.task.name: d.task.dropped for d in engine.tasks if d.task.dropped},
+            "rank_accuracy_matrix": progress.rank_rows or None,
+            "rank_zero_shot": progress.rank_zero_shot,
+            "rank_metrics": cl_metrics(np.array(progress.rank_rows), progress.rank_zero_shot)
+            if progress.rank_rows and len(progress.rank_rows) == len(names)
+            else None,
             "plots": [],
         }
         results.update(override)
@@ -115,7 +130,7 @@ class ContinualRunner(Runner):
         self._start_trackers()
         if self.progress.zero_shot is None:
             set_seed(self.config.seed)
-            self.progress.zero_shot = engine.evaluate_all(model, "zero-shot eval")
+            self._record(engine.evaluate_all(model, "zero-shot eval"), zero_shot=True)
             self._commit(model)
         peft_model: nn.Module | None = model if isinstance(model, peft.PeftModel) else None
         first = self.progress.next_task  # a mid-task checkpoint belongs to this task only
@@ -180,7 +195,7 @@ class ContinualRunner(Runner):
             merged = engine.merge(peft_model, i)
             support, model, peft_model = merged.supports, merged.model, None
         engine.strategy.on_task_end(engine.context(None, i), merged)
-        self.progress.rows.append(engine.evaluate_all(model, f"eval after {engine.tasks[i].task.name}"))
+        self._record(engine.evaluate_all(model, f"eval after {engine.tasks[i].task.name}"))
         self.progress.per_task.append(engine.task_analytics(engine.tasks[i].task.name, support, thresholds))
         engine.supports.append(support)
         self.progress.next_task = i + 1
@@ -215,7 +230,7 @@ class _ReferenceRunner(Runner):
         if engine.is_main:
             self.rundir.start()
         self._start_trackers()
-        self.progress.zero_shot = engine.evaluate_all(engine.base_model, "zero-shot eval")
+        self._record(engine.evaluate_all(engine.base_model, "zero-shot eval"), zero_shot=True)
         row = self.train_and_evaluate()
         return self.finish(
             self.results(True, accuracy_matrix=[row], metrics={"op": float(np.mean(row))}, **self.extra(row))
@@ -234,7 +249,7 @@ class MultitaskRunner(_ReferenceRunner):
         peft_model, _ = engine.train_task(engine.new_adapter(engine.base_model, 0), 0, features, name="multitask")
         merged = engine.merge(peft_model, 0)
         self.progress.per_task.append(engine.task_analytics("multitask", merged.supports, {}))
-        return engine.evaluate_all(merged.model, "eval multitask")
+        return engine.evaluate_all(merged.model, "eval multitask")["accuracy"]
 
 
 class IndependentRunner(_ReferenceRunner):
@@ -245,7 +260,7 @@ class IndependentRunner(_ReferenceRunner):
         for i, data in enumerate(engine.tasks):
             peft_model, _ = engine.train_task(engine.new_adapter(copy.deepcopy(initial), i), i, data.train_features)
             merged = engine.merge(peft_model, i)
-            row.append(engine.evaluate(merged.model, data))
+            row.append(engine.evaluate(merged.model, data)["accuracy"])
             self.progress.per_task.append(engine.task_analytics(data.task.name, merged.supports, {}))
         return row
 

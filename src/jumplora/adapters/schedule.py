@@ -258,6 +258,8 @@ class Sparsifier:
         self.gamma = state["gamma"]
         for name, value in state.get("multipliers", {}).items():
             self.groups[name].multiplier = float(value)
+        for name, value in state.get("scales", {}).items():  # the scale tracking continues from here
+            self.groups[name].scale = None if value is None else float(value)
         for name, value in state.get("scales", {}).items():
             self.groups[name].scale = value
         set_gamma(self.model, self.gamma, self.adapter)

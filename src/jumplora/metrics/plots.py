@@ -219,50 +219,44 @@ def plot_training_curves(log_records: Sequence[Mapping[str, Any]], path: str | P
     ax_gamma.plot(x, [_num(r.get("gamma")) for r in recs], color="tab:green", linewidth=1.0)
     ax_gamma.set_ylabel("gamma")
 
+    _theta_panel(ax_theta, x, recs)
+    _density_panel(ax_dens, x, recs)
+    _task_boundaries(axes, x, recs)
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    ax_loss.set_title("Training curves" if recs else "no training records")
+    return _save(fig, path)
+
+
+def _theta_panel(ax: Any, x: np.ndarray, recs: Sequence[Mapping[str, Any]]) -> None:
+    """θ of each threshold group on a log scale (zeros, negatives and missing values dropped)."""
     groups: list[str] = []
     for r in recs:
-        for g in r.get("theta") or {}:
-            if g not in groups:
-                groups.append(g)
-    plotted_theta = False
+        groups += [g for g in r.get("theta") or {} if g not in groups]
+    plotted = False
     for g in groups:
         vals = np.array([_num((r.get("theta") or {}).get(g)) for r in recs], dtype=float)
-        vals[~(vals > 0)] = np.nan  # log scale: drop zeros / negatives / missing
+        vals[~(vals > 0)] = np.nan
         if np.any(np.isfinite(vals)):
-            ax_theta.plot(x, vals, label=g, linewidth=1.0)
-            plotted_theta = True
-    if plotted_theta:
-        ax_theta.set_yscale("log")
-        ax_theta.legend(fontsize=7, loc="upper right")
-    ax_theta.set_ylabel("theta")
+            ax.plot(x, vals, label=g, linewidth=1.0)
+            plotted = True
+    if plotted:
+        ax.set_yscale("log")
+        ax.legend(fontsize=7, loc="upper right")
+    ax.set_ylabel("theta")
 
-    _density_panel(ax_dens, x, recs)
 
-    # Task boundaries: first record whose task differs from the previous one.
+def _task_boundaries(axes: Any, x: np.ndarray, recs: Sequence[Mapping[str, Any]]) -> None:
+    """A dashed line at the first step of each new task, named on the top panel."""
     prev: Any = None
     for xi, r in zip(x, recs, strict=True):
         tid = r.get("task_index", r.get("task"))
         if prev is not None and tid != prev:
             for ax in axes:
                 ax.axvline(xi, color="grey", linestyle="--", linewidth=0.8, alpha=0.7)
-            ax_loss.annotate(
-                str(r.get("task", tid)),
-                (xi, 0.97),
-                xycoords=("data", "axes fraction"),
-                fontsize=7,
-                rotation=90,
-                va="top",
-                ha="right",
-                color="grey",
-            )
+            axes[0].annotate(str(r.get("task", tid)), (xi, 0.97), xycoords=("data", "axes fraction"),
+                             fontsize=7, rotation=90, va="top", ha="right", color="grey")  # fmt: skip
         prev = tid
-    for ax in axes:
-        ax.grid(alpha=0.3)
-    if not recs:
-        ax_loss.set_title("no training records")
-    else:
-        ax_loss.set_title("Training curves")
-    return _save(fig, path)
 
 
 def _mean_std(row: Mapping[str, Any], metric: str) -> tuple[float, float]:
