@@ -233,7 +233,7 @@ class RunConfig:
         index = flat_fields()
         unknown = sorted(set(values) - set(index))
         if unknown:
-            raise ConfigError(f"{source}: unknown setting {_short(unknown[0])!r}")
+            raise ConfigError(f"{source}: unknown setting {_short(unknown[0])}")
         parts: dict[str, dict[str, Any]] = {name: {} for name in PART_TYPES}
         top: dict[str, Any] = {}
         for key, value in values.items():

@@ -114,6 +114,7 @@ class Engine:
         self.loaded: LoadedModel | None = None
         self.tasks: list[TaskData] = []
         self.supports: list[dict[str, torch.Tensor]] = []
+        self.overlap: list[list[float]] = []  # Jaccard of the supports, task by task
         self.global_step = 0
         self.on_log: Callable[[dict[str, Any]], None] = lambda record: None
 
@@ -293,6 +294,14 @@ class Engine:
             "jaccard_with_earlier": [jaccard(support, earlier) for earlier in self.supports],
             "jaccard_with_past": jaccard(support, past_union) if past_union else None,
         }
+
+    def add_support(self, support: dict[str, torch.Tensor]) -> None:
+        """Keep a finished task's support and its Jaccard overlap with every earlier one (computed once)."""
+        self.supports.append(support)
+        row = [jaccard(support, other) for other in self.supports]
+        for earlier, value in zip(self.overlap, row, strict=False):
+            earlier.append(value)
+        self.overlap.append(row)
 
     def thresholds(self, model: nn.Module) -> dict[str, float]:
         return threshold_values(model) if self.config.adapter.sparse else {}

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 
+from jumplora.adapters import supports
 from jumplora.adapters.updates import apply_update, pack_update
 from jumplora.checkpoint import Progress, Restored, RunDirectory, RunDirectoryError
 from jumplora.cl import make_strategy
@@ -33,7 +34,7 @@ from jumplora.data import stream_fingerprint
 from jumplora.engine import Engine
 from jumplora.io import append_jsonl
 from jumplora.lock import RunLock
-from jumplora.metrics import cl_metrics, jaccard
+from jumplora.metrics import cl_metrics
 from jumplora.results import RunResults
 from jumplora.training_state import adapter_tensors, load_adapter_tensors
 
@@ -95,7 +96,7 @@ class Runner:
             "independent": None,
             "metrics": metrics,
             "per_task": progress.per_task,
-            "overlap_matrix": [[jaccard(a, b) for b in engine.supports] for a in engine.supports],
+            "overlap_matrix": engine.overlap,
             "wall_time_s": progress.wall_time_s,
             "dropped_eval_items": {d.task.name: d.task.dropped for d in engine.tasks if d.task.dropped},
             "rank_accuracy_matrix": progress.rank_rows or None,
@@ -173,7 +174,8 @@ class ContinualRunner(Runner):
             for update in restored.updates:
                 if update is not None:
                     apply_update(model, update)
-            engine.supports = restored.supports
+            for support in restored.supports:
+                engine.add_support(support)
             engine.strategy.load_state_dict(restored.strategy_state or {})
             if restored.adapter is not None:
                 model = peft.get_peft_model(model, engine.peft_config())
@@ -188,8 +190,6 @@ class ContinualRunner(Runner):
         thresholds = engine.thresholds(peft_model)
         merged = None
         if engine.strategy.adapter_lifecycle == "shared" and not last:
-            from jumplora.adapters import supports
-
             support, model = supports(peft_model), peft_model
         else:
             merged = engine.merge(peft_model, i)
@@ -197,7 +197,7 @@ class ContinualRunner(Runner):
         engine.strategy.on_task_end(engine.context(None, i), merged)
         self._record(engine.evaluate_all(model, f"eval after {engine.tasks[i].task.name}"))
         self.progress.per_task.append(engine.task_analytics(engine.tasks[i].task.name, support, thresholds))
-        engine.supports.append(support)
+        engine.add_support(support)
         self.progress.next_task = i + 1
         self._commit(model, merged)
         return model, peft_model

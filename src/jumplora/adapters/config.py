@@ -32,9 +32,6 @@ class JumpLoraConfig(PeftConfig):
         metadata={"help": "Module names (suffix match) or a regex, as in PEFT LoRA; 'all-linear' works too."},
     )
     exclude_modules: list[str] | str | None = field(default=None, metadata={"help": "Modules to skip."})
-    fan_in_fan_out: bool = field(
-        default=False, metadata={"help": "True for layers storing weights as (in, out), e.g. GPT-2's Conv1D."}
-    )
     bias: Literal["none", "all"] = field(default="none", metadata={"help": "Train biases too ('all')."})
     modules_to_save: list[str] | None = field(default=None, metadata={"help": "Extra trainable modules."})
     layers_to_transform: list[int] | int | None = field(default=None)

@@ -24,6 +24,7 @@ from torch import nn
 from . import kernels
 from .config import JumpLoraConfig
 from .jumprelu import jumprelu
+from .targets import weight_is_transposed
 
 
 class _FusedJumpLoraLinear(torch.autograd.Function):
@@ -118,7 +119,7 @@ class JumpLoraLayer(BaseTunerLayer):
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
             self.in_features, self.out_features = base.in_features, base.out_features
-        elif hasattr(base, "weight") and base.weight.ndim == 2:  # transformers' Conv1D: weight is (in, out)
+        elif weight_is_transposed(base):  # transformers' Conv1D: weight is (in, out)
             self.in_features, self.out_features = base.weight.shape
         else:
             raise TypeError(f"JumpLoRA supports nn.Linear (and GPT-2's Conv1D), got {type(base).__name__}")
@@ -196,7 +197,7 @@ class JumpLoraLayer(BaseTunerLayer):
 
     @property
     def _fan_in_fan_out(self) -> bool:
-        return not isinstance(self.get_base_layer(), nn.Linear)
+        return weight_is_transposed(self.get_base_layer())
 
 
 class Linear(nn.Module, JumpLoraLayer):

@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import JumpLoraConfig
 from .layer import JumpLoraLayer, Linear
+from .targets import is_adaptable
 
 # Transformer blocks are numbered children of a container with one of these names:
 # BERT `encoder.layer.3`, T5 `encoder.block.3`, LLaMA/Qwen/BART `layers.3`, GPT-2 `transformer.h.3`.
@@ -41,7 +42,7 @@ def threshold_group(config: JumpLoraConfig, module_name: str) -> str:
 
 def _is_supported_linear(module: nn.Module) -> bool:
     base = module.get_base_layer() if isinstance(module, JumpLoraLayer) else module
-    return isinstance(base, nn.Linear) or type(base).__name__ == "Conv1D"
+    return is_adaptable(base)
 
 
 class JumpLoraModel(BaseTuner):
@@ -94,10 +95,6 @@ class JumpLoraModel(BaseTuner):
                 for adapter, is_sparse in module.sparse.items():
                     if not is_sparse:
                         module.jumplora_theta[adapter].requires_grad_(False)
-
-    def _check_new_adapter_config(self, config: JumpLoraConfig) -> None:
-        if config.fan_in_fan_out and config.target_modules == "all-linear":
-            raise ValueError("fan_in_fan_out=True does not combine with target_modules='all-linear'")
 
     def merge_and_unload(
         self,
