@@ -194,3 +194,38 @@ def test_console_script_exit_code(tmp_path):
     )
     assert proc.returncode == 2 and "error:" in proc.stderr and "a.yaml" in proc.stderr
     assert proc.stdout == "" and not out.exists()
+
+
+def test_config_file_then_options_over_it(tmp_path, monkeypatch):
+    """`--config` takes a saved config.json (or YAML); options given on the command line override it."""
+    import typer
+
+    from jumplora import cli
+    from jumplora.config import RunConfig
+
+    saved = RunConfig.from_flat(out=str(tmp_path / "a"), tasks=["cb"], lr=3e-4, strategy="ella", jumplora=True)
+    (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+    (tmp_path / "run.yaml").write_text("optim: {lr: 0.0005}\nstrategy: {name: olora}\nstream: {tasks: [rte]}\n")
+    seen = []
+
+    def capture(config, **kwargs):
+        seen.append(config)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(cli, "execute", capture)
+    args = ["run", "--config", str(tmp_path / "config.json"), "--seed", "3", "--out", str(tmp_path / "b")]
+    assert runner.invoke(app, args).exit_code == 0
+    assert seen[-1] == saved.replace(seed=3, out=str(tmp_path / "b"))
+    args = ["run", "--config", str(tmp_path / "run.yaml"), "--strategy-arg", "lam_orth=2"]
+    assert runner.invoke(app, args).exit_code == 0
+    assert seen[-1].optim.lr == 5e-4 and seen[-1].stream.tasks == ["rte"]
+    assert seen[-1].strategy.name == "olora" and seen[-1].strategy.args["lam_orth"] == 2.0
+    result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "--strategy", "ella"])
+    assert result.exit_code == 0 and seen[-1].strategy.args == {"lam": 3e4}  # a new strategy drops the file's args
+
+
+def test_strategies_command_lists_every_strategy_and_its_arguments():
+    result = runner.invoke(app, ["strategies"])
+    assert result.exit_code == 0
+    for needle in ("inclora", "seqlora", "ella", "lam", "olora", "lam_orth", "replay", "memory_per_task"):
+        assert needle in result.stdout

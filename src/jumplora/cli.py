@@ -80,13 +80,12 @@ def _base_type(hint: Any) -> type:
 
 def _config_from_cli(ctx: typer.Context, values: dict[str, Any], config_file: Path | None) -> Any:
     """A RunConfig from the options; with ``--config``, the file first and explicit options over it."""
-    from click.core import ParameterSource
-
     from jumplora.config import ConfigError, RunConfig, field_of
 
     flat = {}
     for name, value in values.items():
-        if config_file is not None and ctx.get_parameter_source(name) != ParameterSource.COMMANDLINE:
+        source = ctx.get_parameter_source(name)  # typer may vendor click: compare by name
+        if config_file is not None and getattr(source, "name", None) != "COMMANDLINE":
             continue
         meta = field_of(name).metadata
         if meta.get("csv"):
@@ -99,7 +98,7 @@ def _config_from_cli(ctx: typer.Context, values: dict[str, Any], config_file: Pa
     try:
         if config_file is None:
             return RunConfig.from_flat(source="options", **flat)
-        return RunConfig.from_dict({**_read_config_file(config_file), **_nest(flat)}, source=str(config_file))
+        return RunConfig.from_dict(_merge(_read_config_file(config_file), _nest(flat)), source=str(config_file))
     except ConfigError as err:
         _fail(str(err))
 
@@ -111,6 +110,19 @@ def _key_values(items: list[str]) -> dict[str, str]:
         if not sep or not key.strip():
             _fail(f"--strategy-arg {item[:60]!r}: expected NAME=VALUE, e.g. --strategy-arg lam=1e6")
         out[key.strip()] = value.strip()
+    return out
+
+
+def _merge(saved: dict[str, Any], given: dict[str, Any]) -> dict[str, Any]:
+    """The file's settings with the command line's over them; a new strategy drops the file's arguments."""
+    out = {k: dict(v) if isinstance(v, dict) else v for k, v in saved.items()}
+    for key, value in given.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            if key == "strategy" and "name" in value and "args" not in value:
+                out[key].pop("args", None)
+            out[key].update(value)
+        else:
+            out[key] = value
     return out
 
 
@@ -126,15 +138,12 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 def _read_config_file(path: Path) -> dict[str, Any]:
     """A saved config.json (or a YAML file of the same shape); a run's results.json works too."""
-    from jumplora.data.stream import DataError, parse_json_file
+    from jumplora.data.safe import DataError, decode_utf8, loads_json, loads_yaml, read_bytes
 
     try:
-        if path.suffix.lower() in (".yaml", ".yml"):
-            from jumplora.data.custom import parse_yaml_file
-
-            data = parse_yaml_file(path)
-        else:
-            data = parse_json_file(path, "run configuration")
+        text = decode_utf8(read_bytes(path, "run configuration"), path, "run configuration")
+        yaml = path.suffix.lower() in (".yaml", ".yml")
+        data = loads_yaml(text, f"{path}") if yaml else loads_json(text, f"{path}")
     except DataError as err:
         _fail(str(err))
     if isinstance(data, dict) and "config" in data and "accuracy_matrix" in data:
