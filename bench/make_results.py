@@ -17,7 +17,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from grid import LONG_BUDGET, RUNS, STANDARD_BUDGET, TUNE_BUDGET, TUNED, tuning_runs  # noqa: E402
+from grid import LONG_BUDGET, RUNS, RUNS_V2, STANDARD_BUDGET, TUNE_BUDGET, TUNED, V2_BUDGET, tuning_runs  # noqa: E402
 
 from jumplora.io import read_jsonl  # noqa: E402
 from jumplora.metrics.plots import plot_comparison, plot_run_figures  # noqa: E402
@@ -26,8 +26,8 @@ DOCS = ROOT / "docs"
 FIGS = DOCS / "results"
 
 
-def load(name: str) -> dict | None:
-    path = RUNS / name / "results.json"
+def load(name: str, root: Path = RUNS) -> dict | None:
+    path = root / name / "results.json"
     if not path.exists():
         return None
     data = json.loads(path.read_text())
@@ -59,16 +59,18 @@ def run_summary(res: dict) -> dict:
     }
 
 
-def group_runs(prefix: str, seeds: tuple[int, ...]) -> list[dict]:
+def group_runs(prefix: str, seeds: tuple[int, ...], root: Path = RUNS) -> list[dict]:
     summaries = []
     for seed in seeds:
-        res = load(f"{prefix}-s{seed}")
+        res = load(f"{prefix}-s{seed}", root)
         if res is not None:
             summaries.append(run_summary(res))
     return summaries
 
 
-def table_for(orders: list[int], seeds: tuple[int, ...], label: str, suffix: str = "") -> tuple[str, list[dict]]:
+def table_for(
+    orders: list[int], seeds: tuple[int, ...], label: str, suffix: str = "", root: Path = RUNS
+) -> tuple[str, list[dict]]:
     methods = [(s, jl) for s in ("seqlora", "inclora", "ella", "olora") for jl in (False, True)]
     lines = [
         f"### {label}",
@@ -77,14 +79,14 @@ def table_for(orders: list[int], seeds: tuple[int, ...], label: str, suffix: str
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     bars = []
-    present = [o for o in orders if any((RUNS / f"o{o}-inclora{suffix}-s{seed}").exists() for seed in seeds)]
+    present = [o for o in orders if any(load(f"o{o}-inclora{suffix}-s{seed}", root) for seed in seeds)]
     if not present:
         return f"### {label}\n\nNot run yet (`python bench/grid.py final` continues the grid).\n", []
     lines[0] = f"### {label} — orders present: {', '.join(map(str, present))}"
     for strategy, jl in [*methods, ("multitask", False)]:
         rows = []
         for order in orders:
-            rows += group_runs(f"o{order}-{strategy}{'-jl' if jl else ''}{suffix}", seeds)
+            rows += group_runs(f"o{order}-{strategy}{'-jl' if jl else ''}{suffix}", seeds, root)
         if not rows:
             continue
         name = f"{strategy}{' + JumpLoRA' if jl else ''}"
@@ -121,9 +123,84 @@ def tuning_table() -> str:
             lines.append(f"| {name} | not run | | |")
             continue
         s = run_summary(res)
-        dens = "—" if not res["config"]["jumplora"] else f"{100 * s['density']:.1f}"
+        dens = "—" if not _sparse(res["config"]) else f"{100 * s['density']:.1f}"
         lines.append(f"| {name} | {100 * s['op']:.1f} | {100 * s['bwt']:+.1f} | {dens} |")
     return "\n".join(lines) + "\n"
+
+
+def _sparse(config: dict) -> bool:
+    """Whether a run used JumpLoRA, in the flat (first study) or the nested (v2) config."""
+    adapter = config.get("adapter")
+    return bool(adapter.get("sparse") if isinstance(adapter, dict) else config.get("jumplora"))
+
+
+def density_rows(root: Path) -> str:
+    """Every sparse run: its final density per task against the target (the budget unless set)."""
+    lines = ["| run | per task: final density / target (ratio) | in 0.5×–2× |", "|---|---|---|"]
+    for path in sorted(root.glob("*/results.json")):
+        res = json.loads(path.read_text())
+        if not res.get("complete") or not _sparse(res["config"]):
+            continue
+        targets = _targets(path.parent)
+        cells, ok = [], True
+        for task, target in zip(res["per_task"], targets, strict=False):
+            ratio = task["density"] / target if target else float("nan")
+            ok = ok and 0.5 <= ratio <= 2.0
+            cells.append(f"{100 * task['density']:.1f}/{100 * target:.1f} ({ratio:.2f}×)")
+        lines.append(f"| {path.parent.name} | {' · '.join(cells)} | {'yes' if ok else '**no**'} |")
+    return "\n".join(lines) + "\n"
+
+
+def _targets(run: Path) -> list[float]:
+    """Each task's density target, as the controller logged it (last record of the task)."""
+    last: dict[int, float] = {}
+    for record in read_jsonl(run / "train_log.jsonl"):
+        if record.get("target_density") is not None:
+            last[record["task_index"]] = record["target_density"]
+    return [last[i] for i in sorted(last)]
+
+
+def main_command_table() -> str:
+    lines = ["| `jumplora run --order 1 --strategy inclora …` | OP | BWT | FWT | forgetting | density | wall (s) |",
+             "|---|---|---|---|---|---|---|"]  # fmt: skip
+    for name, flag in (("main-inclora-jl", "--jumplora"), ("main-inclora", "--dense")):
+        res = load(name, RUNS_V2)
+        if res is None:
+            lines.append(f"| `{flag}` | not run yet | | | | | |")
+            continue
+        s = run_summary(res)
+        dens = f"{100 * s['density']:.1f}" if _sparse(res["config"]) else "100 (dense)"
+        lines.append(f"| `{flag}` | {100 * s['op']:.1f} | {100 * s['bwt']:+.1f} | {100 * s['fwt']:+.1f} | "
+                     f"{100 * s['forgetting']:.1f} | {dens} | {s['wall']:.0f} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def v2_section() -> list[str]:
+    std_table, _ = table_for([1, 2, 3], (0, 1, 2), "Standard CL, orders 1–3 (3 seeds on order 1)", root=RUNS_V2)
+    long_table, _ = table_for([4], (0, 1, 2), "Long CL, order 4 (15 tasks)", root=RUNS_V2)
+    sweep = DOCS / "density_sweep.md"
+    return [
+        "## Current defaults: density control (`--density-control dual`, the paper's ramp 0.2 → 0.8)",
+        "",
+        "`python bench/grid.py v2 && python bench/make_results.py`. Every default as shipped: θ matched to the",
+        "LoRA budget after the first optimizer step, then held at it by the dual controller; no hand-tuned",
+        f"ramp. Budget per task {V2_BUDGET}, batch 16; ELLA λ = 1e6, O-LoRA λ1 = 1 (tuned in the first study).",
+        "",
+        "### The README's main command, sparse and dense (order 1, all defaults: 256 train / 200 test, seed 0)",
+        "",
+        main_command_table(),
+        std_table,
+        long_table,
+        "### Final density against its target, every sparse run",
+        "",
+        density_rows(RUNS_V2),
+        "### How the default was chosen (dev splits)",
+        "",
+        sweep.read_text().split("\n", 1)[1] if sweep.exists() else "Not run yet.",
+        "",
+        "# First study: the paper's rule without density control (late ramp 0.8 → 1.0 hand-tuned)",
+        "",
+    ]
 
 
 def figures() -> list[str]:
@@ -180,6 +257,7 @@ def main() -> None:
     text = [
         "# Results: JumpLoRA on the 15-task CL benchmark, CPU study (all-MiniLM-L6-v2)",
         "",
+        *v2_section(),
         "Generated by `python bench/grid.py tune && python bench/grid.py final && python bench/make_results.py`",
         "(numbers as measured; accuracies in %, mean ± population std over seeds).",
         "",
