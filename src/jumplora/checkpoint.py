@@ -91,7 +91,7 @@ class RunDirectory:
         """A fresh run: clear what an earlier run left (results first: never a stale 'complete')."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "results.json").unlink(missing_ok=True)
-        for folder in (self.ckpt, self.out / "plots"):
+        for folder in (self.ckpt, self.out / "plots", self.out / "tracking"):
             if folder.is_dir():
                 shutil.rmtree(folder)
         (self.out / "train_log.jsonl").unlink(missing_ok=True)
