@@ -24,7 +24,7 @@ OUT = ROOT / "bench" / "runs" / "density_sweep"
 TABLE = ROOT / "docs" / "density_sweep.md"
 
 # name -> (max_train, batch_size): optimizer steps per task = max_train / batch_size
-LENGTHS = {"S": (160, 16), "M": (400, 8), "L": (800, 4)}
+LENGTHS = {"S": (160, 16), "M": (200, 4), "L": (400, 4)}
 MODES = {
     "dense": ["--dense"],
     "none": ["--jumplora", "--density-control", "none"],
@@ -96,7 +96,7 @@ def write_table() -> None:
         "",
         "`python bench/density_sweep.py`: order 1 (4 tasks), IncLoRA, packaged all-MiniLM-L6-v2, seed 0,",
         "`--eval-split dev --max-eval 100 --threads 1`, ramp 0.2 → 0.8. Steps/task = max-train / batch size",
-        "(S 160/16, M 400/8, L 800/4). Density cells: final density / target (ratio) per task, in stream order.",
+        "(S 160/16, M 200/4, L 400/4). Density cells: final density / target (ratio) per task, in stream order.",
         "",
         "| steps/task | mode | dev OP | dev BWT | final density / target per task | wall s |",
         "|---|---|---|---|---|---|",
@@ -106,7 +106,8 @@ def write_table() -> None:
     missing = [n for n in PRIORITY if not finished(n)]
     if missing:
         lines += ["", f"Not run (budget): {', '.join(missing)}."]
-    TABLE.write_text("\n".join(lines) + "\n")
+    notes = TABLE.read_text().partition("\n## Notes")[1:] if TABLE.exists() else ("", "")
+    TABLE.write_text("\n".join(lines) + "\n" + "".join(notes))  # hand-written notes survive a re-run
 
 
 def main() -> None:

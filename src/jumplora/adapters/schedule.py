@@ -70,7 +70,7 @@ class _Group:
     multiplier: float = 0.0
     density: float | None = None  # measured at the current step (for the penalty and the dual update)
     band_per_eps: float = 0.0
-    scale: float | None = None  # mean |ΔW| when θ was last set or tracked
+    scale: float | None = None  # RMS of ΔW when θ was last set or tracked
 
 
 def theta_learning_rate(model: nn.Module, adapter: str = "default") -> float | None:
@@ -142,6 +142,7 @@ class Sparsifier:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
             self.initialised_at = step
             for group in self.groups.values():
+                group.scale = self._rms(group)
                 self._measure(group)
         elif self.controlling:
             self._track_scale()
@@ -175,29 +176,34 @@ class Sparsifier:
 
     @torch.no_grad()
     def _measure(self, group: _Group) -> None:
-        """Density, kernel mass / ε and mean |ΔW| of one threshold group at the current θ and ΔW."""
+        """Density and kernel mass / ε of one threshold group at the current θ (one ΔW = B·A per layer)."""
         layer0 = group.layers[0]
         theta = layer0.theta(self.adapter).detach()
         eps = layer0.bandwidth[self.adapter]
         kept = band = 0
-        total = 0.0
         for layer in group.layers:
             magnitude = layer.delta_weight(self.adapter).abs().float()
             kept += int((magnitude > theta).sum())
             band += int(((magnitude - theta).abs() < eps / 2).sum())
-            total += float(magnitude.sum())
         # At least one entry in the kernel: under Adam the sign of θ's gradient is what counts, and a θ that
         # has left every entry behind (an empty kernel) would otherwise never come back.
         group.density, group.band_per_eps = kept / group.entries, max(band, 1) / group.entries / eps
-        group.scale = total / group.entries
+
+    @torch.no_grad()
+    def _rms(self, group: _Group) -> float:
+        """RMS of ΔW over the group from r×r products, ‖BA‖² = Σ (BᵀB)⊙(AAᵀ): no weight-sized work."""
+        total = 0.0
+        for layer in group.layers:
+            a, b = layer.jumplora_A[self.adapter].float(), layer.jumplora_B[self.adapter].float()
+            total += float(((b.t() @ b) * (a @ a.t())).sum())
+        return math.sqrt(max(total, 0.0) / group.entries)
 
     @torch.no_grad()
     def _track_scale(self) -> None:
-        """θ ← θ·s_now/s_before with s = mean |ΔW| of the group: the optimizer cannot move log θ by more
+        """θ ← θ·s_now/s_before with s the RMS of the group's ΔW: the optimizer cannot move log θ by more
         than its learning rate per step, while ΔW of a short task grows by 1.3–1.5× per step."""
         for group in self.groups.values():
-            before = group.scale
-            self._measure(group)
+            before, group.scale = group.scale, self._rms(group)
             if before and group.scale > 0:
                 raw = group.layers[0].jumplora_theta[self.adapter]
                 ratio = torch.tensor(group.scale / before, dtype=raw.dtype, device=raw.device)
@@ -205,7 +211,7 @@ class Sparsifier:
                     raw.add_(ratio.log())
                 else:
                     raw.mul_(ratio)
-                self._measure(group)
+            self._measure(group)
 
     def after_step(self, step: int) -> None:
         """Dual ascent, multiplier += dual_lr·log(density/target), from the density measured at this step
