@@ -180,11 +180,14 @@ class Sparsifier:
         layer0 = group.layers[0]
         theta = layer0.theta(self.adapter).detach()
         eps = layer0.bandwidth[self.adapter]
-        kept = band = 0
+        counts = torch.zeros(3, dtype=torch.int64, device=theta.device)  # one host sync per group, not per layer
         for layer in group.layers:
-            magnitude = layer.delta_weight(self.adapter).abs().float()
-            kept += int((magnitude > theta).sum())
-            band += int(((magnitude - theta).abs() < eps / 2).sum())
+            magnitude = layer.delta_weight(self.adapter).abs()
+            counts[0] += (magnitude > theta).sum()  # kept
+            counts[1] += (magnitude > theta - eps / 2).sum()  # minus counts[2]: inside the open kernel
+            counts[2] += (magnitude >= theta + eps / 2).sum()
+        kept, above_low, above_high = counts.tolist()
+        band = above_low - above_high
         # At least one entry in the kernel: under Adam the sign of θ's gradient is what counts, and a θ that
         # has left every entry behind (an empty kernel) would otherwise never come back.
         group.density, group.band_per_eps = kept / group.entries, max(band, 1) / group.entries / eps
