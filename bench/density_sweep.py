@@ -24,7 +24,7 @@ OUT = ROOT / "bench" / "runs" / "density_sweep"
 TABLE = ROOT / "docs" / "density_sweep.md"
 
 # name -> (max_train, batch_size): optimizer steps per task = max_train / batch_size
-LENGTHS = {"S": (160, 16), "M": (400, 8), "L": (800, 4)}
+LENGTHS = {"S": (160, 16), "M": (200, 4), "L": (400, 4)}
 MODES = {
     "dense": ["--dense"],
     "none": ["--jumplora", "--density-control", "none"],
@@ -71,12 +71,21 @@ def task_targets(name: str) -> dict[str, float | None]:
     return targets
 
 
+def _op_bwt(matrix: list[list[float]]) -> tuple[float, float]:
+    """OP and BWT over the tasks done so far (rows of R = tasks trained, columns = tasks evaluated)."""
+    k = len(matrix)
+    op = sum(matrix[-1][:k]) / k
+    bwt = sum(matrix[-1][i] - matrix[i][i] for i in range(k - 1)) / (k - 1) if k > 1 else 0.0
+    return op, bwt
+
+
 def row(name: str) -> str | None:
-    if not finished(name):
+    path = OUT / name / "results.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    if not results.get("accuracy_matrix"):
         return None
     length, mode = name.split("-")
     max_train, batch = LENGTHS[length]
-    results = json.loads((OUT / name / "results.json").read_text())
     targets = task_targets(name)
     cells = []
     for task in results["per_task"]:
@@ -85,8 +94,9 @@ def row(name: str) -> str | None:
             cells.append("1")
         else:
             cells.append(f"{task['density']:.3f}/{target:.3f} ({task['density'] / target:.1f}×)")
-    m = results["metrics"]
-    return (f"| {max_train // batch} | {mode} | {100 * m['op']:.1f} | {100 * m['bwt']:.1f} | "
+    op, bwt = _op_bwt(results["accuracy_matrix"])
+    done = "" if results.get("complete") else f" (partial: {results['tasks_done']}/{len(results['tasks'])} tasks)"
+    return (f"| {max_train // batch} | {mode}{done} | {100 * op:.1f} | {100 * bwt:.1f} | "
             f"{' · '.join(cells)} | {results['wall_time_s']:.0f} |")  # fmt: skip
 
 
@@ -96,17 +106,18 @@ def write_table() -> None:
         "",
         "`python bench/density_sweep.py`: order 1 (4 tasks), IncLoRA, packaged all-MiniLM-L6-v2, seed 0,",
         "`--eval-split dev --max-eval 100 --threads 1`, ramp 0.2 → 0.8. Steps/task = max-train / batch size",
-        "(S 160/16, M 400/8, L 800/4). Density cells: final density / target (ratio) per task, in stream order.",
+        "(S 160/16, M 200/4, L 400/4). Density cells: final density / target (ratio) per task, in stream order.",
         "",
         "| steps/task | mode | dev OP | dev BWT | final density / target per task | wall s |",
         "|---|---|---|---|---|---|",
     ]
     names = sorted(PRIORITY, key=lambda n: ("SML".index(n[0]), list(MODES).index(n.split("-")[1])))
     lines += [r for r in map(row, names) if r is not None]
-    missing = [n for n in PRIORITY if not finished(n)]
+    missing = [n for n in PRIORITY if row(n) is None]
     if missing:
-        lines += ["", f"Not run (budget): {', '.join(missing)}."]
-    TABLE.write_text("\n".join(lines) + "\n")
+        lines += ["", f"Not run (CPU budget): {', '.join(missing)}."]
+    notes = TABLE.read_text().partition("\n## Notes")[1:] if TABLE.exists() else ("", "")
+    TABLE.write_text("\n".join(lines) + "\n" + "".join(notes))  # hand-written notes survive a re-run
 
 
 def main() -> None:

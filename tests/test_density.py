@@ -144,7 +144,7 @@ def test_l0_penalty_reaches_only_theta_through_the_rectangle_kernel():
     magnitudes = torch.cat([m.delta_weight("default").detach().abs().flatten() for m in layers])
     density = float((magnitudes > theta).float().mean())
     band = float(((magnitudes - theta).abs() < 0.05 / 2).float().mean())
-    assert float(term) == pytest.approx(0.5 * density)
+    assert float(term.detach()) == pytest.approx(0.5 * density)
     raw = threshold_parameters(pm)["global"]
     # d/d log θ of λ·density ≈ λ·(−(1/ε)·mean K)·θ
     assert float(raw.grad) == pytest.approx(-0.5 * band / 0.05 * float(theta), rel=1e-5)
@@ -230,8 +230,8 @@ def test_training_plot_shows_target_and_controller(tmp_path, monkeypatch):
     bare = [{k: v for k, v in r.items() if k not in ("target_density", "multiplier", "density_penalty")}
             for r in records]  # fmt: skip
     plots.plot_training_curves(bare, tmp_path / "u.png")
-    density_axis = figures[1].axes[3]  # loss, gamma, theta, density
-    assert {line.get_label() for line in density_axis.get_lines()} == {"density"}
+    bare_labels = {line.get_label() for ax in figures[1].axes for line in ax.get_lines()}
+    assert "density" in bare_labels and not {"target", "multiplier", "density penalty"} & bare_labels
 
 
 # -- PEFT registration on `import jumplora` ----------------------------------------------------------------
