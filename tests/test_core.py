@@ -32,6 +32,7 @@ def test_adapter_part_defaults_are_jumplora_configs():
     reference = JumpLoraConfig(target_modules=["query"], sparse=False)
     for name in ("r", "lora_alpha", "bandwidth", "sparsify_start", "sparsify_end", "density_control"):
         assert getattr(built, name) == getattr(reference, name), name
+    assert built.lora_alpha == 32  # the value every study used (the CLI's and PEFT config's defaults once differed)
 
 
 def test_every_flat_name_is_unique_and_reaches_a_field():

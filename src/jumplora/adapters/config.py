@@ -25,7 +25,7 @@ class JumpLoraConfig(PeftConfig):
     """
 
     r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=16, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
+    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
     target_modules: list[str] | str | None = field(
         default=None,
