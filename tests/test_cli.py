@@ -138,6 +138,10 @@ def test_model_config_invalid(paths):
     folder = paths["tmp"] / "broken"
     folder.mkdir()
     (folder / "config.json").write_text("{not json")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, str(folder / "model.safetensors"))  # weights present: the config is what fails
     result = invoke(paths["out"], "--tasks", "cb", "--model", str(folder))
     assert_bad_input(result, paths["out"], "broken", "could not load the model")
 
