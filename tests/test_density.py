@@ -28,6 +28,7 @@ from jumplora.adapters import (
     threshold_parameters,
 )
 from jumplora.adapters.model import PACKAGED_MINILM_ID, stable_model_name
+from jumplora.config import RunConfig
 
 VOCAB = 64
 
@@ -269,3 +270,33 @@ def test_controller_theta_lr_only_under_control():
     assert theta_learning_rate(peft_bert(density_control="none")) is None
     assert theta_learning_rate(peft_bert(density_control="dual", controller_theta_lr=0.03)) == 0.03
     assert math.isclose(theta_learning_rate(peft_bert(density_control="l0")), JumpLoraConfig().controller_theta_lr)
+
+
+def test_theta_gradient_added_after_backward_equals_the_loss_term():
+    """The engine adds the density term's θ-gradient after the model's backward (DDP-safe); it is the
+    gradient the term gives inside the loss."""
+    from jumplora.engine import TaskLoop
+
+    grads = []
+    for inside in (True, False):
+        pm = peft_bert(seed=3, density_control="dual", sparsify_start=0.0)
+        sparsifier = Sparsifier(pm, 10)
+        optimizer = make_optimizer(pm)
+        for step in range(3):  # past the θ init, with the controller on
+            sparsifier.before_step(step)
+            loss, term = task_loss(pm, step), sparsifier.loss_term()
+            if term is not None and inside:
+                (loss + term).backward()
+            else:
+                loss.backward()
+                if term is not None:
+                    loop = TaskLoop.__new__(TaskLoop)  # only the method under test, on this model
+                    loop.model, loop.engine = pm, type("E", (), {"config": RunConfig()})()
+                    loop._add_theta_gradient(term)
+            grad = threshold_parameters(pm)["global"].grad
+            grads.append(0.0 if grad is None else float(grad))
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            sparsifier.after_step(step)
+    inside_grads, after_grads = grads[:3], grads[3:]
+    assert after_grads == pytest.approx(inside_grads, rel=1e-6, abs=1e-12) and any(g != 0 for g in inside_grads)

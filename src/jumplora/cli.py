@@ -55,6 +55,8 @@ def _option(flat_name: str) -> inspect.Parameter:
     flag = meta.get("flag") or "--" + flat_name.replace("_", "-")
     default = f.default_factory() if f.default is dataclasses.MISSING else f.default
     kind = _base_type(f.type)
+    if kind is bool and "/" not in flag:
+        flag = f"{flag}/--no-{flag[2:]}"
     if meta.get("csv"):
         kind, default = Optional[str], ",".join(default) if default else None  # noqa: UP045 - typer needs Optional
     elif flat_name == "strategy_args":

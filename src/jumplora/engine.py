@@ -397,11 +397,13 @@ class TaskLoop:
             task_loss = engine.loaded.family.loss(self.wrapped, batch)
             extra = engine.strategy.loss_term(self.ctx, batch, task_loss)
             penalty = self.sparsifier.loss_term() if self.sparsifier is not None else None
-            loss = sum(t for t in (extra, penalty) if t is not None) + task_loss
+            loss = task_loss + extra if extra is not None else task_loss
             if faults.poisoned(self.task_index, self.step):
                 loss = loss * float("nan")
-            engine.check_loss(loss, self.task_index, self.step)
+            engine.check_loss(loss if penalty is None else loss + penalty.detach(), self.task_index, self.step)
             acc.backward(loss)
+            if penalty is not None:
+                self._add_theta_gradient(penalty)
             engine.strategy.after_backward(self.ctx)
             if acc.sync_gradients:
                 if engine.config.optim.max_grad_norm:
@@ -411,6 +413,19 @@ class TaskLoop:
                 self.optimizer.zero_grad(set_to_none=True)
         self.running.append(float(task_loss.detach()))
         return extra
+
+    def _add_theta_gradient(self, penalty: torch.Tensor) -> None:
+        """The density-control term's gradient, added to θ's after the backward pass.
+
+        Outside the wrapped model's backward on purpose: under DDP a θ the forward did not use (γ = 0)
+        is already marked ready, and a second autograd hook on it would be an error. Every process adds
+        the same gradient (θ and ΔW are in sync), scaled like the loss for gradient accumulation.
+        """
+        thetas = list(threshold_parameters(self.model).values())
+        grads = torch.autograd.grad(penalty / self.engine.config.optim.grad_accum, thetas, allow_unused=True)
+        for theta, grad in zip(thetas, grads, strict=True):
+            if grad is not None:
+                theta.grad = grad if theta.grad is None else theta.grad + grad
 
     def _after_optimizer_step(self, extra: torch.Tensor | None) -> None:
         engine = self.engine

@@ -258,7 +258,8 @@ def model_card(results: Mapping[str, Any], tasks: list[dict[str, Any]], base_id:
     from jumplora.metrics.report import matrix_rows, stream_label
 
     config = results["config"]
-    method = f"{strategy_name(config)} + JumpLoRA" if config.get("jumplora") else f"{strategy_name(config)} (dense)"
+    sparse = _config_field(config, "adapter", "sparse", "jumplora")
+    method = f"{strategy_name(config)} + JumpLoRA" if sparse else f"{strategy_name(config)} (dense)"
     names = list(results["tasks"])
     lines = [f"# {method} on {stream_label(results)}", "",
              f"Base model: `{base_id}`, with the merged updates of a jumplora continual-learning run.", "",

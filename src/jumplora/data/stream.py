@@ -367,7 +367,8 @@ def load_benchmark_stream(
     reader = SplitReader(max_train=max_train, max_eval=max_eval, seed=seed)
     data_dir = _checked_dir(Path(data_dir), "data_dir")
     loaded = [load_preset_task(p, data_dir, reader) for p in presets]
-    return TaskStream(name=f"order{order}", tasks=loaded, sources=reader.sources)
+    name = f"order{order}" if tasks is None else ",".join(p.name for p in presets)  # a task list names itself
+    return TaskStream(name=name, tasks=loaded, sources=reader.sources)
 
 
 def stream_fingerprint(stream: TaskStream) -> dict[str, str]:
