@@ -71,7 +71,7 @@ def test_two_processes_match_one(tmp_path, tiny_model, strategy):
 
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r1["complete"] and r2["complete"]
-    assert r2["config"]["batch_size"] * 2 == r1["config"]["batch_size"]
+    assert r2["config"]["optim"]["batch_size"] * 2 == r1["config"]["optim"]["batch_size"]
     np.testing.assert_allclose(r2["accuracy_matrix"], r1["accuracy_matrix"], atol=1 / MAX_EVAL + 1e-9)
     np.testing.assert_allclose(r2["zero_shot"], r1["zero_shot"], atol=1e-9)
 
