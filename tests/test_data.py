@@ -108,7 +108,7 @@ def test_option_space_union(data_dir: Path) -> None:
 
 def test_explicit_tasks_and_case_insensitive_names(data_dir: Path) -> None:
     s = load_benchmark_stream(9, data_dir, max_train=3, max_eval=3, seed=0, tasks=["SST-2", "cb"])
-    assert s.name == "order9" and s.task_names == ["sst2", "cb"]
+    assert s.name == "sst2,cb" and s.task_names == ["sst2", "cb"]  # a task list names the stream, not an order
 
 
 def test_resolve_data_dir_env_and_explicit(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
