@@ -18,7 +18,7 @@ import time
 from collections import defaultdict
 
 from jumplora.config import RunConfig
-from jumplora.engine import ContinualTrainer
+from jumplora.runners import ContinualTrainer
 
 PHASES = {
     "prepare": "set-up (data, tokenisation, model)",
@@ -45,12 +45,12 @@ def main() -> None:
     overrides = {"strategy": "inclora", "jumplora": True, "out": "/tmp/jumplora_profile"}
     for key, value in zip(rest[::2], rest[1::2], strict=True):
         name = key.lstrip("-").replace("-", "_")
-        overrides[name] = value.split(",") if name in ("tasks", "target_modules") else _parse(value)
+        overrides[name] = value.split(",") if name in ("tasks", "targets") else _parse(value)
     trainer = ContinualTrainer(RunConfig.from_flat(**overrides), quiet=True)
 
     spent: dict[str, float] = defaultdict(float)
     for method in PHASES:
-        original = getattr(trainer, method)
+        original = getattr(trainer.engine, method)
 
         @functools.wraps(original)
         def timed(*args, _original=original, _name=method, **kwargs):
@@ -60,7 +60,7 @@ def main() -> None:
             finally:
                 spent[_name] += time.perf_counter() - t0
 
-        setattr(trainer, method, timed)
+        setattr(trainer.engine, method, timed)
 
     profiler = cProfile.Profile()
     t0 = time.perf_counter()
