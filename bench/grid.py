@@ -125,6 +125,7 @@ def v2_runs() -> dict[str, dict]:
     # The README's main command as a user runs it (every default), and the same with --dense.
     runs["main-inclora-jl"] = {"order": 1, "strategy": "inclora", "jumplora": True}
     runs["main-inclora"] = {"order": 1, "strategy": "inclora"}
+    runs["main-inclora-none"] = {"order": 1, "strategy": "inclora", "jumplora": True, "density_control": "none"}
     headline = [(s, jl) for s in ("inclora", "ella") for jl in (False, True)]
     others = [(s, jl) for s in ("seqlora", "olora") for jl in (False, True)] + [("multitask", False)]
     for order, seed in ((1, 0), (4, 0), (1, 1), (1, 2), (2, 0), (3, 0), (4, 1), (4, 2)):

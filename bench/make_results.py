@@ -163,7 +163,8 @@ def _targets(run: Path) -> list[float]:
 def main_command_table() -> str:
     lines = ["| `jumplora run --order 1 --strategy inclora …` | OP | BWT | FWT | forgetting | density | wall (s) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, flag in (("main-inclora-jl", "--jumplora"), ("main-inclora", "--dense")):
+    for name, flag in (("main-inclora-jl", "--jumplora"), ("main-inclora", "--dense"),
+                       ("main-inclora-none", "--jumplora --density-control none")):
         res = load(name, RUNS_V2)
         if res is None:
             lines.append(f"| `{flag}` | not run yet | | | | | |")
@@ -194,6 +195,7 @@ def v2_section() -> list[str]:
         "### Final density against its target, every sparse run",
         "",
         density_rows(RUNS_V2),
+        (DOCS / "RESULTS_v2_discussion.md").read_text() if (DOCS / "RESULTS_v2_discussion.md").exists() else "",
         "### How the default was chosen (dev splits)",
         "",
         sweep.read_text().split("\n", 1)[1] if sweep.exists() else "Not run yet.",
