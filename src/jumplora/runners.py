@@ -50,7 +50,8 @@ class Runner:
         self.engine = engine
         self.config = engine.config
         self.out = Path(self.config.out)
-        self.rundir = RunDirectory(self.out, self.config.to_dict(), len(engine.tasks), fingerprint=_fingerprint(engine))
+        fingerprint = stream_fingerprint(engine.stream)
+        self.rundir = RunDirectory(self.out, self.config.to_dict(), len(engine.tasks), fingerprint=fingerprint)
         self.progress = Progress()
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
@@ -321,6 +322,3 @@ class ContinualTrainer:
         self.engine.accelerator.wait_for_everyone()
         return results
 
-
-def _fingerprint(engine: Engine) -> dict[str, str]:
-    return stream_fingerprint(engine.stream)
