@@ -248,7 +248,7 @@ def test_lora_init_follows_the_method():
     assert torch.count_nonzero(b) == 0
     bound = 1 / 100**0.5  # kaiming_uniform with a=√5 on fan_in = 100
     assert a.abs().max() <= bound and a.abs().max() > 0.8 * bound
-    assert layer.scaling["default"] == 16 / 8
+    assert layer.scaling["default"] == 32 / 8  # lora_alpha defaults to 32, the value of every study
 
 
 # -- threshold groups and the budget-matched init ----------------------------------------------------
