@@ -33,9 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load as safetensors_load
 
 from jumplora import faults
-from jumplora.io import atomic_save_tensors, atomic_write_json, atomic_write_text, load_tensors, read_jsonl
+from jumplora.io import atomic_save_tensors, atomic_write_json, atomic_write_text, read_jsonl
 from jumplora.io import remove_temporaries as _remove_temporaries
 
 FORMAT_VERSION = 3
@@ -146,13 +147,17 @@ class RunDirectory:
         return state
 
     def _load_checked(self, name: str, hashes: dict[str, str]) -> dict[str, torch.Tensor]:
+        """One read of the file: its hash is checked, then the same bytes are parsed."""
         path = self.ckpt / name
-        if not path.is_file():
-            raise RunDirectoryError(f"{self.ckpt / 'state.json'}: names {name}, which is missing from {self.ckpt}")
-        if _sha256(path) != hashes[name]:
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            state = self.ckpt / "state.json"
+            raise RunDirectoryError(f"{state}: names {name}, which is missing from {self.ckpt}") from err
+        if hashlib.sha256(data).hexdigest() != hashes[name]:
             raise RunDirectoryError(f"{path}: content does not match the hash in state.json (edited or damaged)")
         try:
-            return load_tensors(path)
+            return safetensors_load(data)
         except Exception as err:  # safetensors raises its own error types
             raise RunDirectoryError(f"{path}: not a readable safetensors file ({type(err).__name__})") from err
 

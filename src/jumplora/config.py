@@ -188,10 +188,7 @@ class RunConfig:
         problems += _check_trackers(self.report_to)
         if not 0 <= self.seed < 2**32:
             problems.append(f"seed must be in [0, 2**32), got {_short(self.seed)}")
-        for name, value in _top_fields(self):
-            choices = _field_meta(type(self), name).get("choices")
-            if choices and value not in choices:
-                problems.append(f"{name} must be one of {', '.join(choices)}; got {_short(value)}")
+        problems += _check_choices(self)
         for part in self.parts():
             problems += _check_choices(part) + _finite(part) + part.problems()
         if problems:
@@ -322,14 +319,6 @@ def _short(value: Any, limit: int = 60) -> str:
     """A value for an error message: never a whole user structure."""
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + f"… ({len(text)} chars)"
-
-
-def _field_meta(owner: type, name: str) -> dict[str, Any]:
-    return next(f.metadata for f in dataclasses.fields(owner) if f.name == name)
-
-
-def _top_fields(config: RunConfig) -> list[tuple[str, Any]]:
-    return [(f.name, getattr(config, f.name)) for f in dataclasses.fields(config) if f.name not in PART_TYPES]
 
 
 def _check_choices(part: Any) -> list[str]:

@@ -41,9 +41,8 @@ from jumplora.cl import Strategy, StrategyContext, make_strategy
 from jumplora.config import RunConfig
 from jumplora.data import Task, TaskStream, load_stream, resolve_stream_source
 from jumplora.metrics import density, density_per_module, jaccard
-from jumplora.models import LoadedModel, PromptExample, default_target_modules, detect_family, load_model, make_family
+from jumplora.models import LoadedModel, PromptExample, load_model, wrap_model
 from jumplora.models._utils import to_device
-from jumplora.models.loading import max_positions
 
 log = logging.getLogger("jumplora")
 #: A merged update larger than this many times the base weight's largest entry is a divergence.
@@ -71,16 +70,6 @@ class TaskData:
     eval_examples: list[PromptExample]
     train_features: list[dict] = field(default_factory=list)
     eval_features: list[dict] = field(default_factory=list)
-
-
-def wrap_model(model: nn.Module, tokenizer: Any, config: RunConfig) -> LoadedModel:
-    """A model object the user already holds (placed, quantised…) as the engine's LoadedModel."""
-    family = detect_family(model.config, config.model.family)
-    fam = make_family(family, tokenizer, max_length=config.model.max_length, rank_options=config.model.rank_options)
-    fam.prepare_model(model)
-    targets = default_target_modules(model.config, family)
-    return LoadedModel(model=model, tokenizer=tokenizer, family=fam, family_name=family, target_modules=targets,
-                       max_positions=max_positions(model.config))  # fmt: skip
 
 
 class Engine:
@@ -125,7 +114,8 @@ class Engine:
         self.stream = load_task_stream(cfg)
         model, tokenizer = self._given
         if model is not None:
-            self.loaded = wrap_model(model, tokenizer, cfg)
+            m = cfg.model
+            self.loaded = wrap_model(model, tokenizer, m.family, max_length=m.max_length, rank_options=m.rank_options)
         else:
             m = cfg.model
             self.loaded = load_model(

@@ -16,6 +16,7 @@ from .loading import (
     load_model,
     make_family,
     max_positions,
+    wrap_model,
 )
 from .seq2seq import Seq2SeqFamily
 from .sources import KNOWN_MODELS, cache_home, convert_gguf, list_models, pull_model, resolve_model
@@ -46,4 +47,5 @@ __all__ = [
     "normalize_answer",
     "pull_model",
     "resolve_model",
+    "wrap_model",
 ]

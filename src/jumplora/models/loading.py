@@ -38,6 +38,7 @@ __all__ = [
     "load_model",
     "make_family",
     "max_positions",
+    "wrap_model",
 ]
 
 MODEL_FAMILIES: dict[str, type[ModelFamily]] = {
@@ -215,6 +216,20 @@ def load_model(
         model = _AUTO_CLASSES[name].from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True, **common)
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelLoadError(f"could not load the model at {str(folder)!r}: {first_line(err)}") from err
+    return wrap_model(model, tokenizer, name, max_length=max_length, rank_options=rank_options, path=folder)
+
+
+def wrap_model(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    family: str | None = None,
+    *,
+    max_length: int | None = None,
+    rank_options: bool = False,
+    path: Path | None = None,
+) -> LoadedModel:
+    """A model object (loaded here, or held by the user: placed, quantised…) with its family and targets."""
+    name = detect_family(model.config, family)
     fam = make_family(name, tokenizer, max_length=max_length, rank_options=rank_options)
     fam.prepare_model(model)
     return LoadedModel(
@@ -222,7 +237,7 @@ def load_model(
         tokenizer=tokenizer,
         family=fam,
         family_name=name,
-        target_modules=default_target_modules(config, name),
-        path=folder,
-        max_positions=max_positions(config),
+        target_modules=default_target_modules(model.config, name),
+        path=path,
+        max_positions=max_positions(model.config),
     )
