@@ -7,14 +7,15 @@
 
 Every run is a `jumplora run` subprocess with one torch thread; ``--workers`` run side by side (2 on
 this 2-core machine). A run whose ``results.json`` says ``"complete": true`` is skipped, so the grid
-can be stopped and continued. Run directories keep only results.json and train_log.jsonl once done
-(checkpoints are deleted) so they can be committed.
+can be stopped and continued; a run stopped mid-way resumes from its checkpoint. Run directories keep
+only results.json and train_log.jsonl once done (checkpoints are deleted) so they can be committed.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -172,6 +173,8 @@ def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
     out = root / name
     if is_complete(out):
         return name, 0.0, 0
+    # A run stopped mid-way (session end, crash) picks up from its last checkpoint instead of restarting.
+    restart = "--resume" if (out / "checkpoint").is_dir() else "--overwrite"
     cmd = [
         sys.executable,
         "-m",
@@ -179,7 +182,7 @@ def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
         "run",
         "--out",
         str(out),
-        "--overwrite",
+        restart,
         "--quiet",
         "--threads",
         "1",
@@ -188,7 +191,9 @@ def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
     start = time.perf_counter()
     log = root / f"{name}.log"
     with open(log, "w") as handle:
-        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT)
+        # This checkout's code, also when the grid runs from a separate worktree of a fixed commit.
+        env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+        code = subprocess.call(cmd, stdout=handle, stderr=subprocess.STDOUT, cwd=ROOT, env=env)
     if code == 0:
         shutil.rmtree(out / "checkpoint", ignore_errors=True)
         log.unlink(missing_ok=True)
