@@ -506,7 +506,9 @@ def bench_generation(args: argparse.Namespace) -> dict:
     stream = load_benchmark_stream(1, resolve_data_dir(None), max_train=args.batch, max_eval=args.gen_examples)
     batches, train = [], []
     for task in stream.tasks:
-        feats = fam.encode([PromptExample(task.prompt(e.text), e.label, task.options) for e in task.split("test")])
+        # The stream's option space, as `jumplora run` ranks by default (33 options on order 1).
+        options = stream.option_space
+        feats = fam.encode([PromptExample(task.prompt(e.text), e.label, options) for e in task.split("test")])
         feats.sort(key=lambda f: len(f["input_ids"]))
         batches += [fam.collate(feats[i : i + args.gen_batch]) for i in range(0, len(feats), args.gen_batch)]
         train.append(fam.collate(fam.encode([PromptExample(task.prompt(e.text), e.label, task.options)
@@ -527,6 +529,12 @@ def bench_generation(args: argparse.Namespace) -> dict:
         "ours": lambda: [p for b in batches for p in fam.generate(model, b)],
         "hf_generate": lambda: hf_loop(None),
         "hf_generate_16": lambda: hf_loop(16),
+        # A run's whole evaluation: exact match and option ranking, as the engine calls them now
+        # (one prefill serves both) and before (generation, then every prompt + option run in full).
+        "eval_both_shared_prefill": lambda: [fam.predict_both(model, b) for b in batches],
+        "eval_both_full_sequences": lambda: [
+            (fam.generate(model, b), fam._score_full_sequences(model, b)) for b in batches
+        ],
     }
     answers = {k: fn() for k, fn in variants.items()}  # warm-up, and the answers to compare
     gold = [a for b in batches for a in b["answers"]]
@@ -536,10 +544,17 @@ def bench_generation(args: argparse.Namespace) -> dict:
             times[k].append(_median_time(fn, 1))
     result = {
         "examples": n, "batch": args.gen_batch, "max_length": args.gen_max_length,
+        "options": len(stream.option_space),
         "examples_per_s": {k: n / statistics.median(t) for k, t in times.items()},
         "time_all_s": times,
         "same_answers_as_hf": answers["ours"] == answers["hf_generate"],
-        "em": {k: sum(fam.is_correct(p, g) for p, g in zip(v, gold, strict=True)) / n for k, v in answers.items()},
+        "same_eval_both_ways": _same_evaluation(
+            answers["eval_both_shared_prefill"], answers["eval_both_full_sequences"], batches
+        ),
+        "em": {
+            k: sum(fam.is_correct(p, g) for p, g in zip(v, gold, strict=True)) / n
+            for k, v in answers.items() if k.startswith(("ours", "hf"))
+        },
     }  # fmt: skip
     print(json.dumps({k: v for k, v in result.items() if k != "time_all_s"}), flush=True)  # before the slow part
     peft_model = peft.get_peft_model(model, JumpLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"]))
@@ -556,15 +571,28 @@ def bench_generation(args: argparse.Namespace) -> dict:
     return result
 
 
+def _same_evaluation(shared: list[dict], full: list[tuple], batches: list[dict]) -> bool:
+    """Both evaluation paths give the same generated answers and the same top-ranked options."""
+    for both, (generated, scores), b in zip(shared, full, batches, strict=True):
+        ranked = [cands[int(sc.argmax())] for cands, sc in zip(b["candidates"], scores, strict=True)]
+        if both["generate"] != generated or both["rank"] != ranked:
+            return False
+    return True
+
+
 def print_generation(res: dict, args: argparse.Namespace) -> None:
     eps = res["examples_per_s"]
     print(f"\n## SmolLM2-135M evaluation, order-1 test items ({res['examples']}), batch {res['batch']}, "
           f"max_length {res['max_length']}, {args.threads} threads, median of {args.repeats}\n")  # fmt: skip
-    print("| variant | examples/s | ours ÷ variant | EM |")
+    print("| generation | examples/s | ours ÷ variant | EM |")
     print("|---|---|---|---|")
-    for k, v in eps.items():
-        print(f"| {k} | {v:.2f} | {eps['ours'] / v:.2f} | {100 * res['em'][k]:.1f} |")
+    for k in ("ours", "hf_generate", "hf_generate_16"):
+        print(f"| {k} | {eps[k]:.2f} | {eps['ours'] / eps[k]:.2f} | {100 * res['em'][k]:.1f} |")
     print(f"\nsame answers as model.generate (same budget): {res['same_answers_as_hf']}")
+    shared, full = eps["eval_both_shared_prefill"], eps["eval_both_full_sequences"]
+    print(f"whole evaluation (exact match + ranking over {res['options']} options): one shared prefill "
+          f"{shared:.2f} ex/s, generation + full-sequence ranking {full:.2f} ex/s, ratio {shared / full:.2f}; "
+          f"same answers and rankings: {res['same_eval_both_ways']}")  # fmt: skip
     t = res["train_step_s"]
     print(f"training step (family loss + backward, JumpLoRA q,v r={R}, γ=1, batch {res['train_batch']}): "
           f"answer positions {t['answer_positions']:.3f} s, full logits {t['full_logits']:.3f} s")  # fmt: skip

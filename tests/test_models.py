@@ -478,3 +478,23 @@ def test_prepare_model_sets_pad_token(tiny_llama, gen_tokenizer):
     tiny_llama.generation_config.pad_token_id = None
     CausalFamily(gen_tokenizer).prepare_model(tiny_llama)
     assert tiny_llama.config.pad_token_id == tiny_llama.generation_config.pad_token_id == gen_tokenizer.pad_token_id
+
+
+@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
+def test_ranking_from_the_prefill_equals_full_sequences(request, fixture, gen_tokenizer):
+    """Candidates continued from the prompts' cache score as when each prompt + candidate runs in full
+    (shared prefix, left padding, candidates of 1-5 tokens split over chunks); the cache stays usable
+    for generation afterwards."""
+    model = request.getfixturevalue(fixture).eval()
+    fam = CausalFamily(gen_tokenizer, max_answer_length=8, rank_batch_size=4)
+    options = ("alpha beta gamma delta epsilon", "no", "", "yes indeed")
+    examples = _task_prompts(["short", "a somewhat longer input text here", "mid length one"], options)
+    batch = fam.collate(fam.encode(examples))
+    cached = fam.candidate_log_likelihoods(model, batch)
+    full = fam._score_full_sequences(model, batch)
+    assert len(cached) == len(full) == 3
+    for ours, reference in zip(cached, full, strict=True):
+        assert torch.allclose(ours, reference, atol=1e-4)
+    both = fam.predict_both(model, batch)
+    assert both["generate"] == fam.generate(model, batch)
+    assert both["rank"] == [ex.candidates[int(s.argmax())] for ex, s in zip(examples, full, strict=True)]

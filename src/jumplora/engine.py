@@ -187,13 +187,23 @@ class Engine:
                 chunk = indices[start : start + bs]
                 batch = to_device(family.collate([data.eval_features[i] for i in chunk]), self.accelerator.device)
                 answers = [data.eval_examples[i].answer for i in chunk]
-                for key, mode in modes.items():
-                    preds = family.predict(model, batch, mode) if mode else family.predict(model, batch)
+                for key, preds in self._predictions(model, batch, modes).items():
                     correct[key] += sum(family.is_correct(p, a) for p, a in zip(preds, answers, strict=True))
         model.train(was_training)
         totals = torch.tensor([*correct.values(), len(indices)], dtype=torch.float64, device=self.accelerator.device)
         totals = self.accelerator.reduce(totals, reduction="sum")
         return {key: float(totals[k] / max(totals[-1], 1)) for k, key in enumerate(modes)}
+
+    def _predictions(self, model: nn.Module, batch: dict, modes: dict[str, str | None]) -> dict[str, list[str]]:
+        """Metric name → answers; generation and ranking together share one prefill of the prompts."""
+        family = self.loaded.family
+        if len(modes) > 1:
+            both = family.predict_both(model, batch)
+            return {key: both[mode] for key, mode in modes.items()}
+        return {
+            key: family.predict(model, batch, mode) if mode else family.predict(model, batch)
+            for key, mode in modes.items()
+        }
 
     def _predict_modes(self) -> dict[str, str | None]:
         """Metric name → predict mode; a generative family that generates also ranks, as a second metric."""

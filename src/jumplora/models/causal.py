@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -131,6 +132,100 @@ class CausalFamily(GenerativeFamily):
         return batch
 
     def _score_candidates(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
+        if not self._takes_positions(model):
+            return self._score_full_sequences(model, batch)
+        batch = to_device(batch, model_device(model))
+        with torch.no_grad():
+            return self._score_from_prefill(model, self._prefill(model, batch), batch["candidate_ids"])
+
+    def predict_both(self, model: torch.nn.Module, batch: dict) -> dict[str, list[str]]:
+        """Both metrics from one prefill: each prompt is encoded once, then ranked and continued."""
+        if not self._takes_positions(model):
+            return super().predict_both(model, batch)
+        batch = to_device(batch, model_device(model))
+        with torch.no_grad():
+            prefill = self._prefill(model, batch)
+            scores = self._score_from_prefill(model, prefill, batch["candidate_ids"])  # leaves the cache intact
+            generated = self._greedy_from_prefill(model, prefill, self.max_new_tokens(batch))
+        ranked = [cands[int(s.argmax())] for cands, s in zip(batch["candidates"], scores, strict=True)]
+        return {"generate": generated, "rank": ranked}
+
+    @staticmethod
+    def _takes_positions(model: torch.nn.Module) -> bool:
+        """Cached decoding needs explicit position ids: with left padding, implicit ones would shift."""
+        return "position_ids" in forward_params(model)
+
+    def _prefill(self, model: torch.nn.Module, batch: dict) -> _Prefill:
+        """Encode the prompts into a KV cache; the prefix shared by the whole batch runs once.
+
+        Prompts of one task share "Task Instruction: ...\nOptions: ...\nText:", so that prefix runs at
+        batch size 1, its cache is repeated over the batch and only the rest of each prompt is prefilled
+        (left-padded after the prefix; masked positions and position ids keep every row's computation
+        that of its own unpadded prompt).
+        """
+        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        params = forward_params(model)
+        prompts = [row[m.bool()] for row, m in zip(ids, mask, strict=True)]
+        shared = _common_prefix(prompts)
+        cache_kw = cache_kwarg(params)
+        cache = None
+        if shared:
+            cache = returned_cache(model(input_ids=prompts[0][None, :shared], use_cache=True))
+            cache.batch_repeat_interleave(len(prompts))
+        rest = [p[shared:].tolist() for p in prompts]
+        rest_mask = attention_mask_for(rest, left=True).to(ids.device)
+        full_mask = torch.cat([rest_mask.new_ones(len(rest), shared), rest_mask], dim=1)
+        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
+        extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
+        out = model(
+            input_ids=pad_sequences(rest, self._pad_id, left=True).to(ids.device),
+            attention_mask=full_mask,
+            position_ids=positions[:, shared:],
+            **{cache_kw: cache},
+            use_cache=True,
+            **extra,
+        )
+        return _Prefill(out.logits[:, -1], returned_cache(out), full_mask, positions[:, -1:], cache_kw)
+
+    def _score_from_prefill(
+        self, model: torch.nn.Module, prefill: _Prefill, candidate_ids: Sequence[Sequence[Sequence[int]]]
+    ) -> list[torch.Tensor]:
+        """Summed log-prob of every candidate (+eos), continuing copies of the prompts' cache rows.
+
+        The first candidate token is scored from the prefill's logits; the rest run as a short
+        continuation of the prompt's cache, ``rank_batch_size`` candidates at a time. The prefill's own
+        cache is not modified, so generation can continue from it afterwards.
+        """
+        first_logp = torch.log_softmax(prefill.logits.float(), dim=-1)
+        rows = [(i, list(cand)) for i, cands in enumerate(candidate_ids) for cand in cands]
+        device = prefill.mask.device
+        scores = []
+        for start in range(0, len(rows), self.rank_batch_size):
+            chunk = rows[start : start + self.rank_batch_size]
+            index = torch.tensor([i for i, _ in chunk], device=device)
+            first = first_logp[index, torch.tensor([c[0] for _, c in chunk], device=device)]
+            width = max(len(c) for _, c in chunk) - 1
+            if width == 0:  # every candidate is a single token (eos only)
+                scores.append(first)
+                continue
+            # Right padding: pad positions come after each row's real tokens, so no scored token sees them.
+            tokens = pad_sequences([c[:-1] for _, c in chunk], self._pad_id).to(device)
+            labels = pad_sequences([c[1:] for _, c in chunk], -100).to(device)
+            mask = torch.cat([prefill.mask[index], prefill.mask.new_ones(len(chunk), width)], dim=1)
+            positions = prefill.last_position[index] + 1 + torch.arange(width, device=device)
+            out = model(
+                input_ids=tokens,
+                attention_mask=mask,
+                position_ids=positions,
+                use_cache=True,
+                **{prefill.cache_kw: _cache_rows(prefill.cache, index)},
+            )
+            scores.append(first + sequence_log_likelihoods(out.logits, labels))
+        flat = torch.cat(scores).cpu()
+        return list(flat.split([len(c) for c in candidate_ids]))
+
+    def _score_full_sequences(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
+        """Every prompt + candidate run in full: ranking for models whose forward takes no position ids."""
         device = model_device(model)
         params = forward_params(model)
         prompts = [
@@ -174,56 +269,31 @@ class CausalFamily(GenerativeFamily):
         return F.cross_entropy(logits.float().flatten(0, 1), targets[:, positions].flatten(), ignore_index=-100)
 
     def generate(self, model: torch.nn.Module, batch: dict) -> list[str]:
-        """Greedy decoding over a KV cache; the prompt prefix shared by the batch is encoded once.
-
-        Prompts of one task share "Task Instruction: ...\nOptions: ...\nText:", so that prefix runs
-        once at batch size 1, its cache is repeated over the batch and only the rest of each prompt is
-        prefilled (left-padded after the prefix; masked positions and position ids keep every row's
-        computation that of its own unpadded prompt).
-        """
-        batch = to_device(batch, model_device(model))
-        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
-        params = forward_params(model)
-        if "position_ids" not in params:  # without explicit positions, left padding would shift them
+        """Greedy decoding over a KV cache, continuing the shared-prefix prefill (see :meth:`_prefill`)."""
+        if not self._takes_positions(model):
             return self._generate_hf(model, batch)
-        prompts = [row[m.bool()] for row, m in zip(ids, mask, strict=True)]
-        shared = _common_prefix(prompts)
-        extra: dict[str, Any] = {"logits_to_keep": 1} if "logits_to_keep" in params else {}
-        cache_kw = cache_kwarg(params)
+        batch = to_device(batch, model_device(model))
         with torch.no_grad():
-            cache = None
-            if shared:
-                cache = returned_cache(model(input_ids=prompts[0][None, :shared], use_cache=True))
-                cache.batch_repeat_interleave(len(prompts))
-            rest = [p[shared:].tolist() for p in prompts]
-            rest_mask = attention_mask_for(rest, left=True).to(ids.device)
-            full_mask = torch.cat([rest_mask.new_ones(len(rest), shared), rest_mask], dim=1)
-            positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-            out = model(
-                input_ids=pad_sequences(rest, self._pad_id, left=True).to(ids.device),
-                attention_mask=full_mask,
-                position_ids=positions[:, shared:],
-                **{cache_kw: cache},
+            return self._greedy_from_prefill(model, self._prefill(model, batch), self.max_new_tokens(batch))
+
+    def _greedy_from_prefill(self, model: torch.nn.Module, prefill: _Prefill, max_new: int) -> list[str]:
+        """Greedy answers; the prefill's cache grows with every step."""
+        state = {"cache": prefill.cache, "mask": prefill.mask, "pos": prefill.last_position}
+
+        def step(tokens: torch.Tensor) -> torch.Tensor:
+            state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], dim=1)
+            state["pos"] = state["pos"] + 1
+            nxt = model(
+                input_ids=tokens[:, None],
+                attention_mask=state["mask"],
+                position_ids=state["pos"],
                 use_cache=True,
-                **extra,
+                **{prefill.cache_kw: state["cache"]},
             )
-            state = {"cache": returned_cache(out), "mask": full_mask, "pos": positions[:, -1:]}
+            state["cache"] = returned_cache(nxt)
+            return nxt.logits[:, -1]
 
-            def step(tokens: torch.Tensor) -> torch.Tensor:
-                state["mask"] = torch.cat([state["mask"], state["mask"].new_ones(len(tokens), 1)], dim=1)
-                state["pos"] = state["pos"] + 1
-                nxt = model(
-                    input_ids=tokens[:, None],
-                    attention_mask=state["mask"],
-                    position_ids=state["pos"],
-                    use_cache=True,
-                    **{cache_kw: state["cache"]},
-                )
-                state["cache"] = returned_cache(nxt)
-                return nxt.logits[:, -1]
-
-            rows = self.greedy(out.logits[:, -1], step, self.max_new_tokens(batch))
-        return self.decode_answers(rows)
+        return self.decode_answers(self.greedy(prefill.logits, step, max_new))
 
     def _generate_hf(self, model: torch.nn.Module, batch: dict) -> list[str]:
         """``model.generate`` for models whose forward takes no position ids."""
@@ -238,6 +308,27 @@ class CausalFamily(GenerativeFamily):
                 eos_token_id=self._eos_id,
             )
         return self.decode_answers(out[:, ids.shape[1] :].tolist())
+
+
+class _Prefill(NamedTuple):
+    """Prompts encoded into a KV cache: what generation and ranking continue from."""
+
+    logits: torch.Tensor  # (batch, vocab): the distribution of the first answer token
+    cache: Any
+    mask: torch.Tensor  # (batch, cached length): 0 on left padding
+    last_position: torch.Tensor  # (batch, 1): position id of each prompt's last token
+    cache_kw: str  # the forward's name for the cache argument
+
+
+def _cache_rows(cache: Any, index: torch.Tensor) -> Any:
+    """A cache holding the given batch rows (repeats allowed); ``cache`` itself is left untouched."""
+    if hasattr(cache, "layers"):  # transformers >= 4.56: selecting rebinds each layer's tensors
+        rows = copy.copy(cache)
+        rows.layers = [copy.copy(layer) for layer in cache.layers]
+    else:
+        rows = copy.deepcopy(cache)
+    rows.batch_select_indices(index)
+    return rows
 
 
 def _common_prefix(prompts: list[torch.Tensor]) -> int:
