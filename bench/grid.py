@@ -3,6 +3,8 @@
     python bench/grid.py tune            # dev-split search (order-1 tasks without yahoo), ~15 min
     python bench/grid.py final           # the grid: orders 1-3 and 4, every strategy ±JumpLoRA
     python bench/grid.py v2              # the grid again with the density-controlled defaults (issue 10)
+    python bench/grid.py smollm2-probe   # SmolLM2-135M: the budget at which dense IncLoRA forgets (dev)
+    python bench/grid.py smollm2         # SmolLM2-135M: the generative study at that budget (issue 11)
     python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
 
 Every run is a `jumplora run` subprocess with one torch thread; ``--workers`` run side by side (2 on
@@ -138,6 +140,45 @@ def v2_runs() -> dict[str, dict]:
     return runs
 
 
+# The generative study (issue 11): SmolLM2-135M-Instruct answers in free text, scored by exact match.
+# First a budget search on dev splits (dense IncLoRA must forget measurably), then the grid at that budget.
+RUNS_SMOL = ROOT / "bench" / "runs_smollm2"
+SMOL_BASE = {"model": "smollm2-135m", "batch_size": 8, "eval_batch_size": 16, "r": 8, "lora_alpha": 32}
+SMOL_PROBE_TASKS = TUNE_TASKS  # dev splits; yahoo's dev split is its train split
+SMOL_PROBES = {  # name → (lr, max_train, epochs): optimizer steps per task = max_train * epochs / 8
+    "probe-lr3e-3-e1": (3e-3, 160, 1),
+    "probe-lr1e-3-e3": (1e-3, 160, 3),
+    "probe-lr3e-3-e3": (3e-3, 160, 3),
+}
+
+
+def smollm2_probe_runs() -> dict[str, dict]:
+    """Dense IncLoRA at growing budgets: where does the generative model start to forget?"""
+    return {
+        name: {**SMOL_BASE, "strategy": "inclora", "tasks": SMOL_PROBE_TASKS, "eval_split": "dev", "lr": lr,
+               "max_train": n, "epochs": epochs, "max_eval": 48, "seed": 0}
+        for name, (lr, n, epochs) in SMOL_PROBES.items()
+    }  # fmt: skip
+
+
+# The study budget, chosen from the probes above (see docs/RESULTS.md, SmolLM2 section).
+SMOL_BUDGET = {"lr": 3e-3, "max_train": 160, "epochs": 1, "max_eval": 48}
+
+
+def smollm2_runs() -> dict[str, dict]:
+    """Order 1 first (headline strategies, then the rest), then more seeds, then orders 2-3."""
+    runs: dict[str, dict] = {}
+    methods = [(s, jl) for s in ("inclora", "ella", "seqlora", "olora") for jl in (False, True)]
+    for order, seed in ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0)):
+        for strategy, jump in [*methods, ("multitask", False)]:
+            opts = {**SMOL_BASE, **SMOL_BUDGET, "strategy": strategy, "order": order, "seed": seed}
+            opts.update(V2_TUNED.get(strategy, {}))
+            if jump:
+                opts["jumplora"] = True
+            runs[f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}"] = opts
+    return runs
+
+
 def is_complete(out: Path) -> bool:
     try:
         return json.loads((out / "results.json").read_text()).get("complete") is True
@@ -202,13 +243,17 @@ def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["tune", "final", "v2"])
+    parser.add_argument("phase", choices=["tune", "final", "v2", "smollm2-probe", "smollm2"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", default="", help="run only names containing this string")
     args = parser.parse_args()
-    root = RUNS_V2 if args.phase == "v2" else RUNS
+    root = {"v2": RUNS_V2, "smollm2-probe": RUNS_SMOL, "smollm2": RUNS_SMOL}.get(args.phase, RUNS)
     root.mkdir(parents=True, exist_ok=True)
-    if args.phase == "tune":
+    if args.phase == "smollm2-probe":
+        runs = smollm2_probe_runs()
+    elif args.phase == "smollm2":
+        runs = smollm2_runs()
+    elif args.phase == "tune":
         runs = tuning_runs()
     elif args.phase == "v2":
         runs = v2_runs()
