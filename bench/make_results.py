@@ -191,6 +191,7 @@ def main_command_table() -> str:
 
 def v2_section() -> list[str]:
     std_table, _ = table_for([1, 2, 3], (0, 1, 2), "Standard CL, orders 1–3 (3 seeds on order 1)", root=RUNS_V2)
+    o1_table, _ = table_for([1], (0, 1, 2), "Order 1 only (3 seeds)", root=RUNS_V2)
     long_table, _ = table_for([4], (0, 1, 2), "Long CL, order 4 (15 tasks)", root=RUNS_V2)
     sweep = DOCS / "density_sweep.md"
     return [
@@ -204,6 +205,7 @@ def v2_section() -> list[str]:
         "",
         main_command_table(),
         std_table,
+        o1_table,
         long_table,
         "### Final density against its target, every sparse run",
         "",
