@@ -263,6 +263,7 @@ def smollm2_rows(names: list[str]) -> list[str]:
 
 def smollm2_section() -> list[str]:
     probes = smollm2_rows(list(SMOL_PROBES))
+    probes_missing = [n for n in SMOL_PROBES if load(n, RUNS_SMOL) is None]
     grid = smollm2_rows(list(smollm2_runs()))
     missing = [n for n in smollm2_runs() if load(n, RUNS_SMOL) is None]
     discussion = DOCS / "RESULTS_smollm2_discussion.md"
@@ -277,10 +278,13 @@ def smollm2_section() -> list[str]:
         "",
         "## Budget search: when does dense IncLoRA forget? (dev splits of dbpedia, amazon, agnews; seed 0)",
         "",
-        "`python bench/grid.py smollm2-probe`. The diagonal column reads accuracy on task i right after",
-        "training it → after the last task.",
+        "`python bench/grid.py smollm2-probe`; 160 training and 48 dev items per task, batch 8, so `e1` is 20",
+        "optimizer steps per task and `e3` (3 epochs) 60. The diagonal column reads accuracy on task i right",
+        "after training it → after the last task.",
         "",
         *(probes if len(probes) > 2 else ["Not run yet."]),
+        "",
+        f"Not run (CPU time): {', '.join(probes_missing)}." if probes_missing else "",
         "",
         "## Order 1 (test splits)",
         "",
