@@ -114,16 +114,21 @@ V2_BUDGET = {"max_train": 192, "max_eval": 100, "epochs": 1}
 V2_TUNED = {"ella": {"ella_lambda": 1e6}, "olora": {"olora_lambda": 1.0}}  # bench/tuned.json, kept
 
 
+def study_run(settings: dict, strategy: str, jump: bool, order: int, seed: int) -> tuple[str, dict]:
+    """A run of a study at its defaults (v2 and SmolLM2): its directory name and its options."""
+    opts = {**settings, "strategy": strategy, "order": order, "seed": seed, **V2_TUNED.get(strategy, {})}
+    if jump:
+        opts["jumplora"] = True
+    return f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}", opts
+
+
 def v2_runs() -> dict[str, dict]:
     """Most informative first: a grid stopped early still answers the headline."""
     runs: dict[str, dict] = {}
 
     def add(strategy: str, jump: bool, order: int, seed: int) -> None:
-        opts = {**BASE, "strategy": strategy, "order": order, "seed": seed, **V2_BUDGET}
-        opts.update(V2_TUNED.get(strategy, {}))
-        if jump:
-            opts["jumplora"] = True
-        runs[f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}"] = opts
+        name, opts = study_run({**BASE, **V2_BUDGET}, strategy, jump, order, seed)
+        runs[name] = opts
 
     # The README's main command as a user runs it (every default), and the same with --dense.
     runs["main-inclora-jl"] = {"order": 1, "strategy": "inclora", "jumplora": True}
@@ -168,16 +173,12 @@ SMOL_BUDGET = {"lr": 1e-3, "max_train": 160, "epochs": 3, "max_eval": 48}
 
 def smollm2_runs() -> dict[str, dict]:
     """Order 1 first (headline strategies, then the rest), then more seeds, then orders 2-3."""
-    runs: dict[str, dict] = {}
     methods = [(s, jl) for s in ("inclora", "ella", "seqlora", "olora") for jl in (False, True)]
-    for order, seed in ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0)):
-        for strategy, jump in [*methods, ("multitask", False)]:
-            opts = {**SMOL_BASE, **SMOL_BUDGET, "strategy": strategy, "order": order, "seed": seed}
-            opts.update(V2_TUNED.get(strategy, {}))
-            if jump:
-                opts["jumplora"] = True
-            runs[f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}"] = opts
-    return runs
+    return dict(
+        study_run({**SMOL_BASE, **SMOL_BUDGET}, strategy, jump, order, seed)
+        for order, seed in ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))
+        for strategy, jump in [*methods, ("multitask", False)]
+    )
 
 
 def is_complete(out: Path) -> bool:

@@ -505,9 +505,8 @@ def bench_generation(args: argparse.Namespace) -> dict:
     model, fam = loaded.model.eval(), loaded.family
     stream = load_benchmark_stream(1, resolve_data_dir(None), max_train=args.batch, max_eval=args.gen_examples)
     batches, train = [], []
+    options = stream.option_space  # what `jumplora run` ranks by default (32 options on order 1)
     for task in stream.tasks:
-        # The stream's option space, as `jumplora run` ranks by default (33 options on order 1).
-        options = stream.option_space
         feats = fam.encode([PromptExample(task.prompt(e.text), e.label, options) for e in task.split("test")])
         feats.sort(key=lambda f: len(f["input_ids"]))
         batches += [fam.collate(feats[i : i + args.gen_batch]) for i in range(0, len(feats), args.gen_batch)]
@@ -573,9 +572,10 @@ def bench_generation(args: argparse.Namespace) -> dict:
 
 def _same_evaluation(shared: list[dict], full: list[tuple], batches: list[dict]) -> bool:
     """Both evaluation paths give the same generated answers and the same top-ranked options."""
+    from jumplora.models.generative import GenerativeFamily
+
     for both, (generated, scores), b in zip(shared, full, batches, strict=True):
-        ranked = [cands[int(sc.argmax())] for cands, sc in zip(b["candidates"], scores, strict=True)]
-        if both["generate"] != generated or both["rank"] != ranked:
+        if both["generate"] != generated or both["rank"] != GenerativeFamily.best_options(b["candidates"], scores):
             return False
     return True
 

@@ -113,11 +113,10 @@ class Engine:
         cfg = self.config
         self.stream = load_task_stream(cfg)
         model, tokenizer = self._given
+        m = cfg.model
         if model is not None:
-            m = cfg.model
             self.loaded = wrap_model(model, tokenizer, m.family, max_length=m.max_length, rank_options=m.rank_options)
         else:
-            m = cfg.model
             self.loaded = load_model(
                 m.name, m.family, revision=m.revision, trust_remote_code=m.trust_remote_code,
                 max_length=m.max_length, rank_options=m.rank_options,

@@ -147,8 +147,7 @@ class CausalFamily(GenerativeFamily):
             prefill = self._prefill(model, batch)
             scores = self._score_from_prefill(model, prefill, batch["candidate_ids"])  # leaves the cache intact
             generated = self._greedy_from_prefill(model, prefill, self.max_new_tokens(batch))
-        ranked = [cands[int(s.argmax())] for cands, s in zip(batch["candidates"], scores, strict=True)]
-        return {"generate": generated, "rank": ranked}
+        return {"generate": generated, "rank": self.best_options(batch["candidates"], scores)}
 
     @staticmethod
     def _takes_positions(model: torch.nn.Module) -> bool:
@@ -163,9 +162,9 @@ class CausalFamily(GenerativeFamily):
         (left-padded after the prefix; masked positions and position ids keep every row's computation
         that of its own unpadded prompt).
         """
-        ids, mask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
+        ids = batch["prompt_input_ids"]
         params = forward_params(model)
-        prompts = [row[m.bool()] for row, m in zip(ids, mask, strict=True)]
+        prompts = _unpadded_prompts(batch)
         shared = _common_prefix(prompts)
         cache_kw = cache_kwarg(params)
         cache = None
@@ -228,10 +227,7 @@ class CausalFamily(GenerativeFamily):
         """Every prompt + candidate run in full: ranking for models whose forward takes no position ids."""
         device = model_device(model)
         params = forward_params(model)
-        prompts = [
-            row[mask.bool()].tolist()
-            for row, mask in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"], strict=True)
-        ]
+        prompts = [p.tolist() for p in _unpadded_prompts(batch)]
         rows = [(prompts[i], cand) for i, cands in enumerate(batch["candidate_ids"]) for cand in cands]
         scores = []
         with torch.no_grad():
@@ -329,6 +325,11 @@ def _cache_rows(cache: Any, index: torch.Tensor) -> Any:
         rows = copy.deepcopy(cache)
     rows.batch_select_indices(index)
     return rows
+
+
+def _unpadded_prompts(batch: dict) -> list[torch.Tensor]:
+    """Each prompt's token ids without its left padding."""
+    return [row[m.bool()] for row, m in zip(batch["prompt_input_ids"], batch["prompt_attention_mask"], strict=True)]
 
 
 def _common_prefix(prompts: list[torch.Tensor]) -> int:

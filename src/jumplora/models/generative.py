@@ -67,13 +67,17 @@ class GenerativeFamily(ModelFamily):
         if mode == "generate":
             return self.generate(model, batch)
         if mode == "rank":
-            scores = self.candidate_log_likelihoods(model, batch)
-            return [cands[int(s.argmax())] for cands, s in zip(batch["candidates"], scores, strict=True)]
+            return self.best_options(batch["candidates"], self.candidate_log_likelihoods(model, batch))
         raise ValueError(f"unknown predict mode {mode!r}; expected one of {PREDICT_MODES}")
 
     def predict_both(self, model: torch.nn.Module, batch: dict) -> dict[str, list[str]]:
         """Generated answers (exact match, the main metric) and ranked options (the second metric)."""
         return {mode: self.predict(model, batch, mode) for mode in PREDICT_MODES}
+
+    @staticmethod
+    def best_options(candidates: list[tuple[str, ...]], scores: list[torch.Tensor]) -> list[str]:
+        """Per example, the candidate with the highest score."""
+        return [cands[int(s.argmax())] for cands, s in zip(candidates, scores, strict=True)]
 
     def candidate_log_likelihoods(self, model: torch.nn.Module, batch: dict) -> list[torch.Tensor]:
         """Per example, the summed log-prob of each of its candidates (+eos)."""
