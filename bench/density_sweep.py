@@ -1,11 +1,13 @@
-"""Density-control sweep: task length (≈10 → 200 optimizer steps) × mode, on dev splits; resumable.
+"""Density-control sweep: task length (10 → 200 optimizer steps) × mode, on dev splits; resumable.
 
-Each run is `jumplora run --order 1 --strategy inclora` on the packaged MiniLM with ``--eval-split dev``;
-a run whose ``results.json`` says ``complete`` is skipped, so the script can be stopped and restarted.
-Outputs: ``bench/runs/density_sweep/<name>/`` and the summary table ``docs/density_sweep.md``.
+Two models. The packaged MiniLM runs `jumplora run --order 1 --strategy inclora --eval-split dev` (names
+``S-dual``, …). SmolLM2-135M runs dense-probe settings of bench/grid.py (dbpedia, amazon, agnews; dev;
+48 items per task; names ``smol-S-dual``, …). A run whose ``results.json`` says ``complete`` is skipped,
+so the script can be stopped and restarted. Outputs: ``bench/runs/density_sweep/<name>/`` and the
+summary table ``docs/density_sweep.md``.
 
     python bench/density_sweep.py --jobs 2            # run what is missing, then write the table
-    python bench/density_sweep.py --only S-dual,L-dual
+    python bench/density_sweep.py --only S-dual,smol-L-dual
     python bench/density_sweep.py --table-only
 """
 
@@ -23,31 +25,59 @@ ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "bench" / "runs" / "density_sweep"
 TABLE = ROOT / "docs" / "density_sweep.md"
 
-# name -> (max_train, batch_size): optimizer steps per task = max_train / batch_size
-LENGTHS = {"S": (160, 16), "M": (200, 4), "L": (400, 4)}
+# Task length → options; optimizer steps per task = max_train × epochs / batch size.
+MINILM_LENGTHS = {
+    "S": ["--max-train", "160", "--batch-size", "16"],  # 10 steps
+    "M": ["--max-train", "200", "--batch-size", "4"],  # 50 steps
+    "L": ["--max-train", "400", "--batch-size", "4"],  # 100 steps
+    "XL": ["--max-train", "800", "--batch-size", "4"],  # 200 steps
+}
+MINILM = ["--order", "1", "--max-eval", "100"]
+SMOL_LENGTHS = {
+    "S": ["--max-train", "80", "--epochs", "1"],  # 10 steps
+    "L": ["--max-train", "160", "--epochs", "3"],  # 60 steps: the SmolLM2 study budget
+}
+SMOL = ["--model", "smollm2-135m", "--tasks", "dbpedia,amazon,agnews", "--max-eval", "48", "--batch-size", "8",
+        "--eval-batch-size", "16", "--lr", "1e-3", "--r", "8", "--lora-alpha", "32"]  # fmt: skip
+STEPS = {"S": 10, "M": 50, "L": 100, "XL": 200, "smol-S": 10, "smol-L": 60}
 MODES = {
     "dense": ["--dense"],
     "none": ["--jumplora", "--density-control", "none"],
     "dual": ["--jumplora", "--density-control", "dual"],
     "l0": ["--jumplora", "--density-control", "l0"],
 }
+# Runs identical to one done elsewhere (same options and seed): the table reads that run.
+REUSED = {"smol-L-dense": ROOT / "bench" / "runs_smollm2" / "probe-lr1e-3-e3"}
 # Most informative first: if the budget runs out, the tail is what is missing.
-PRIORITY = ["S-dual", "S-none", "L-dual", "L-none", "S-dense", "L-dense", "S-l0", "M-dual", "M-none",
-            "M-dense", "L-l0", "M-l0"]  # fmt: skip
+PRIORITY = ["S-dual", "S-none", "L-dual", "L-none", "S-dense", "L-dense", "S-l0", "L-l0", "XL-none", "XL-dual",
+            "smol-L-none", "smol-L-dual", "smol-S-none", "smol-S-dual", "smol-S-dense", "XL-dense", "M-dual",
+            "M-none", "M-dense", "XL-l0", "M-l0"]  # fmt: skip
+
+
+def split(name: str) -> tuple[str, str]:
+    """'smol-L-dual' → ('smol-L', 'dual')."""
+    length, _, mode = name.rpartition("-")
+    return length, mode
 
 
 def command(name: str) -> list[str]:
-    length, mode = name.split("-")
-    max_train, batch = LENGTHS[length]
+    length, mode = split(name)
+    if length.startswith("smol-"):
+        setting = SMOL + SMOL_LENGTHS[length.removeprefix("smol-")]
+    else:
+        setting = MINILM + MINILM_LENGTHS[length]
     return [
-        sys.executable, "-m", "jumplora.cli", "run", "--order", "1", "--strategy", "inclora",
-        "--eval-split", "dev", "--max-train", str(max_train), "--batch-size", str(batch), "--max-eval", "100",
-        "--threads", "1", "--quiet", "--overwrite", "--out", str(OUT / name), *MODES[mode],
+        sys.executable, "-m", "jumplora.cli", "run", "--strategy", "inclora", "--eval-split", "dev", "--seed", "0",
+        *setting, "--threads", "1", "--quiet", "--overwrite", "--out", str(OUT / name), *MODES[mode],
     ]  # fmt: skip
 
 
+def run_dir(name: str) -> Path:
+    return REUSED.get(name, OUT / name)
+
+
 def finished(name: str) -> bool:
-    path = OUT / name / "results.json"
+    path = run_dir(name) / "results.json"
     return path.exists() and json.loads(path.read_text()).get("complete", False)
 
 
@@ -64,7 +94,7 @@ def run(name: str) -> None:
 def task_targets(name: str) -> dict[str, float | None]:
     """Each task's target density (last train_log record of the task), None for dense runs."""
     targets: dict[str, float | None] = {}
-    log = OUT / name / "train_log.jsonl"
+    log = run_dir(name) / "train_log.jsonl"
     for line in log.read_text().splitlines() if log.exists() else []:
         record = json.loads(line)
         targets[record["task"]] = record.get("target_density")
@@ -80,12 +110,11 @@ def _op_bwt(matrix: list[list[float]]) -> tuple[float, float]:
 
 
 def row(name: str) -> str | None:
-    path = OUT / name / "results.json"
+    path = run_dir(name) / "results.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     if not results.get("accuracy_matrix"):
         return None
-    length, mode = name.split("-")
-    max_train, batch = LENGTHS[length]
+    length, mode = split(name)
     targets = task_targets(name)
     cells = []
     for task in results["per_task"]:
@@ -96,7 +125,9 @@ def row(name: str) -> str | None:
             cells.append(f"{task['density']:.3f}/{target:.3f} ({task['density'] / target:.1f}×)")
     op, bwt = _op_bwt(results["accuracy_matrix"])
     done = "" if results.get("complete") else f" (partial: {results['tasks_done']}/{len(results['tasks'])} tasks)"
-    return (f"| {max_train // batch} | {mode}{done} | {100 * op:.1f} | {100 * bwt:.1f} | "
+    model = "SmolLM2-135M" if length.startswith("smol-") else "MiniLM"
+    reused = f" (= {run_dir(name).name})" if name in REUSED else ""
+    return (f"| {model} | {STEPS[length]} | {mode}{reused}{done} | {100 * op:.1f} | {100 * bwt:.1f} | "
             f"{' · '.join(cells)} | {results['wall_time_s']:.0f} |")  # fmt: skip
 
 
@@ -104,14 +135,21 @@ def write_table() -> None:
     lines = [
         "# Density-control sweep (dev splits)",
         "",
-        "`python bench/density_sweep.py`: order 1 (4 tasks), IncLoRA, packaged all-MiniLM-L6-v2, seed 0,",
-        "`--eval-split dev --max-eval 100 --threads 1`, ramp 0.2 → 0.8. Steps/task = max-train / batch size",
-        "(S 160/16, M 200/4, L 400/4). Density cells: final density / target (ratio) per task, in stream order.",
+        "`python bench/density_sweep.py`, IncLoRA, seed 0, `--eval-split dev --threads 1`, the paper's ramp",
+        "0.2 → 0.8. Steps/task = max-train × epochs / batch size.",
+        "- **MiniLM** (packaged all-MiniLM-L6-v2): order 1 (4 tasks), 100 dev items per task; S 160/16,",
+        "  M 200/4, L 400/4, XL 800/4 (max-train / batch size).",
+        "- **SmolLM2-135M-Instruct** (generative, exact match): dbpedia, amazon, agnews (yahoo's dev split is its",
+        "  train split), 48 dev items per task, batch 8, lr 1e-3; S 80 × 1 epoch, L 160 × 3 epochs (the study",
+        "  budget). Its dense L row is the budget probe of bench/grid.py, run with the same options.",
         "",
-        "| steps/task | mode | dev OP | dev BWT | final density / target per task | wall s |",
-        "|---|---|---|---|---|---|",
+        "Density cells: final density / target (ratio) per task, in stream order.",
+        "",
+        "| model | steps/task | mode | dev OP | dev BWT | final density / target per task | wall s |",
+        "|---|---|---|---|---|---|---|",
     ]
-    names = sorted(PRIORITY, key=lambda n: ("SML".index(n[0]), list(MODES).index(n.split("-")[1])))
+    order = list(STEPS)
+    names = sorted(PRIORITY, key=lambda n: (order.index(split(n)[0]), list(MODES).index(split(n)[1])))
     lines += [r for r in map(row, names) if r is not None]
     missing = [n for n in PRIORITY if row(n) is None]
     if missing:
