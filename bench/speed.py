@@ -13,7 +13,9 @@ The ``--generation`` mode loads SmolLM2-135M-Instruct (``jumplora models pull sm
 of ``--gen-batch``: our family's greedy generation (KV cache, shared-prefix prefill, stop at eos/newline,
 longest-option budget) against a plain ``model.generate(do_sample=False)`` loop on the same left-padded
 batches with the same ``max_new_tokens``, and against the same loop with the family's old fixed budget of
-16 new tokens. It checks that both give the same answers, and times one training step of the causal
+16 new tokens. It checks that both give the same answers. It times a run's whole evaluation (exact
+match + ranking over the stream's options) with packed ranking (the default) against ranking each option
+on its own copy of the prompt's cache, checking both rank alike, and times one training step of the causal
 family's loss (LM head on answer positions only) against the full-logits loss, with a JumpLoRA adapter.
 
 Variants, all on deep copies of one model, one batch and one target list:
@@ -230,8 +232,10 @@ def build_variant(
             shared["ours"] = model
         return shared["ours"], True
     if variant.startswith("ctl_"):
-        model = peft.get_peft_model(copy.deepcopy(base), JumpLoraConfig(
-            r=R, lora_alpha=ALPHA, target_modules=targets, density_control=variant.removeprefix("ctl_")))
+        model = peft.get_peft_model(
+            copy.deepcopy(base),
+            JumpLoraConfig(r=R, lora_alpha=ALPHA, target_modules=targets, density_control=variant.removeprefix("ctl_")),
+        )
         randomise_b(model)
         model.bench_sparsifier = Sparsifier(model, 10)  # ramp steps 2..8: step 5 is at γ = 0.5
         model.bench_sparsifier.before_step(5)
@@ -466,8 +470,13 @@ def print_table(results: list[dict], args: argparse.Namespace) -> None:
         print("|---" * (len(names) + 2) + "|")
         for r in results:
             o = r["ops_per_step"]
-            print(f"| {r['model']} | {r['targets']} | " + " | ".join(
-                f"{o[v]['aten_ops']} / {o[v]['device_kernels']} / {o[v]['device_busy_ms']:.1f}" for v in names) + " |")
+            print(
+                f"| {r['model']} | {r['targets']} | "
+                + " | ".join(
+                    f"{o[v]['aten_ops']} / {o[v]['device_kernels']} / {o[v]['device_busy_ms']:.1f}" for v in names
+                )
+                + " |"
+            )
     for key, title in (("time_s", "wall time"), ("cpu_s", "process CPU time")):
         if key == "cpu_s" and args.device != "cpu":
             continue
@@ -524,17 +533,26 @@ def bench_generation(args: argparse.Namespace) -> dict:
             preds += fam.decode_answers(out[:, ids.shape[1] :].tolist())
         return preds
 
+    per_candidate = copy.copy(fam)  # the same family with packed ranking switched off
+    per_candidate._packed_ranking = {type(model): False}
     variants = {
         "ours": lambda: [p for b in batches for p in fam.generate(model, b)],
         "hf_generate": lambda: hf_loop(None),
         "hf_generate_16": lambda: hf_loop(16),
-        # A run's whole evaluation: exact match and option ranking, as the engine calls them now
-        # (one prefill serves both) and before (generation, then every prompt + option run in full).
-        "eval_both_shared_prefill": lambda: [fam.predict_both(model, b) for b in batches],
-        "eval_both_full_sequences": lambda: [
-            (fam.generate(model, b), fam._score_full_sequences(model, b)) for b in batches
-        ],
+        # A run's whole evaluation, exact match and option ranking, as the engine calls it (one prefill;
+        # every prompt's options packed in one row under a tree mask), with each option continuing its
+        # own copy of the prompt's cache, and (--gen-full-reference, slow) with every prompt + option in full.
+        "eval_both_packed": lambda: [fam.predict_both(model, b) for b in batches],
+        "eval_both_per_candidate": lambda: [per_candidate.predict_both(model, b) for b in batches],
     }
+    if args.gen_full_reference:
+        variants["eval_both_full_sequences"] = lambda: [
+            {
+                "generate": fam.generate(model, b),
+                "rank": fam.best_options(b["candidates"], fam._score_full_sequences(model, b)),
+            }
+            for b in batches
+        ]
     answers = {k: fn() for k, fn in variants.items()}  # warm-up, and the answers to compare
     gold = [a for b in batches for a in b["answers"]]
     times: dict[str, list[float]] = {k: [] for k in variants}
@@ -547,8 +565,8 @@ def bench_generation(args: argparse.Namespace) -> dict:
         "examples_per_s": {k: n / statistics.median(t) for k, t in times.items()},
         "time_all_s": times,
         "same_answers_as_hf": answers["ours"] == answers["hf_generate"],
-        "same_eval_both_ways": _same_evaluation(
-            answers["eval_both_shared_prefill"], answers["eval_both_full_sequences"], batches
+        "same_evaluation_every_way": all(
+            answers[k] == answers["eval_both_packed"] for k in variants if k.startswith("eval_both")
         ),
         "em": {
             k: sum(fam.is_correct(p, g) for p, g in zip(v, gold, strict=True)) / n
@@ -570,16 +588,6 @@ def bench_generation(args: argparse.Namespace) -> dict:
     return result
 
 
-def _same_evaluation(shared: list[dict], full: list[tuple], batches: list[dict]) -> bool:
-    """Both evaluation paths give the same generated answers and the same top-ranked options."""
-    from jumplora.models.generative import GenerativeFamily
-
-    for both, (generated, scores), b in zip(shared, full, batches, strict=True):
-        if both["generate"] != generated or both["rank"] != GenerativeFamily.best_options(b["candidates"], scores):
-            return False
-    return True
-
-
 def print_generation(res: dict, args: argparse.Namespace) -> None:
     eps = res["examples_per_s"]
     print(f"\n## SmolLM2-135M evaluation, order-1 test items ({res['examples']}), batch {res['batch']}, "
@@ -589,10 +597,11 @@ def print_generation(res: dict, args: argparse.Namespace) -> None:
     for k in ("ours", "hf_generate", "hf_generate_16"):
         print(f"| {k} | {eps[k]:.2f} | {eps['ours'] / eps[k]:.2f} | {100 * res['em'][k]:.1f} |")
     print(f"\nsame answers as model.generate (same budget): {res['same_answers_as_hf']}")
-    shared, full = eps["eval_both_shared_prefill"], eps["eval_both_full_sequences"]
-    print(f"whole evaluation (exact match + ranking over {res['options']} options): one shared prefill "
-          f"{shared:.2f} ex/s, generation + full-sequence ranking {full:.2f} ex/s, ratio {shared / full:.2f}; "
-          f"same answers and rankings: {res['same_eval_both_ways']}")  # fmt: skip
+    print(f"\n| whole evaluation (exact match + ranking over {res['options']} options) | examples/s | "
+          "packed ÷ variant |\n|---|---|---|")  # fmt: skip
+    for k in (k for k in eps if k.startswith("eval_both")):
+        print(f"| {k.removeprefix('eval_both_')} | {eps[k]:.2f} | {eps['eval_both_packed'] / eps[k]:.2f} |")
+    print(f"\nsame answers and top-ranked options every way: {res['same_evaluation_every_way']}")
     t = res["train_step_s"]
     print(f"training step (family loss + backward, JumpLoRA q,v r={R}, γ=1, batch {res['train_batch']}): "
           f"answer positions {t['answer_positions']:.3f} s, full logits {t['full_logits']:.3f} s")  # fmt: skip
@@ -618,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     p.add_argument("--memory-child", default=None, help=argparse.SUPPRESS)
     p.add_argument("--generation", action="store_true", help="SmolLM2 evaluation speed instead (see above)")
+    p.add_argument("--gen-full-reference", action="store_true", help="also time ranking with prompt + option in full")
     p.add_argument("--gen-examples", type=int, default=32, help="test items per order-1 task")
     p.add_argument("--gen-batch", type=int, default=16)
     p.add_argument("--gen-max-length", type=int, default=128)

@@ -480,17 +480,49 @@ def test_prepare_model_sets_pad_token(tiny_llama, gen_tokenizer):
     assert tiny_llama.config.pad_token_id == tiny_llama.generation_config.pad_token_id == gen_tokenizer.pad_token_id
 
 
-@pytest.mark.parametrize("fixture", ["tiny_llama", "tiny_gpt2"])
-def test_ranking_from_the_prefill_equals_full_sequences(request, fixture, gen_tokenizer):
-    """Candidates continued from the prompts' cache score as when each prompt + candidate runs in full
-    (shared prefix, left padding, candidates of 1-5 tokens split over chunks); the cache stays usable
-    for generation afterwards."""
-    model = request.getfixturevalue(fixture).eval()
-    fam = CausalFamily(gen_tokenizer, max_answer_length=8, rank_batch_size=4)
+def _tiny_decoder(kind: str, request) -> torch.nn.Module:
+    """Tiny random decoders of the architectures users bring (GQA included, as in SmolLM2)."""
+    if kind in ("tiny_llama", "tiny_gpt2"):
+        return request.getfixturevalue(kind)
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    llama = request.getfixturevalue("tiny_llama_config")  # same vocabulary and special tokens
+    common = {
+        "vocab_size": llama.vocab_size,
+        "pad_token_id": llama.pad_token_id,
+        "eos_token_id": llama.eos_token_id,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "max_position_embeddings": 256,
+    }
+    torch.manual_seed(0)
+    if kind == "llama_gqa":
+        return LlamaForCausalLM(LlamaConfig(**common, num_attention_heads=4, num_key_value_heads=1))
+    if kind == "qwen2":
+        return Qwen2ForCausalLM(Qwen2Config(**common, num_attention_heads=2, num_key_value_heads=1))
+    return GPTNeoXForCausalLM(GPTNeoXConfig(**common, num_attention_heads=2))
+
+
+@pytest.mark.parametrize("kind", ["tiny_llama", "tiny_gpt2", "llama_gqa", "qwen2", "gpt_neox"])
+def test_ranking_from_the_prefill_equals_full_sequences(request, kind, gen_tokenizer):
+    """Candidates packed under a tree mask on the prompts' cache score as when each prompt + candidate
+    runs in full (shared prefix, left padding, candidates of 1-5 tokens, an empty one, prompts split
+    over chunks); the cache stays usable for generation afterwards."""
+    model = _tiny_decoder(kind, request).eval()
+    fam = CausalFamily(gen_tokenizer, max_answer_length=8, rank_batch_size=2)
     options = ("alpha beta gamma delta epsilon", "no", "", "yes indeed")
     examples = _task_prompts(["short", "a somewhat longer input text here", "mid length one"], options)
     batch = fam.collate(fam.encode(examples))
     cached = fam.candidate_log_likelihoods(model, batch)
+    assert fam._packed_ranking == {type(model): True}  # the packed path ran and passed its own check
     full = fam._score_full_sequences(model, batch)
     assert len(cached) == len(full) == 3
     for ours, reference in zip(cached, full, strict=True):
@@ -498,3 +530,18 @@ def test_ranking_from_the_prefill_equals_full_sequences(request, fixture, gen_to
     both = fam.predict_both(model, batch)
     assert both["generate"] == fam.generate(model, batch)
     assert both["rank"] == [ex.candidates[int(s.argmax())] for ex, s in zip(examples, full, strict=True)]
+
+
+def test_ranking_falls_back_when_the_model_ignores_the_tree_mask(tiny_llama, gen_tokenizer, monkeypatch):
+    """An architecture whose packed scores disagree with the per-candidate path is ranked per candidate,
+    with a warning, from then on."""
+    fam = CausalFamily(gen_tokenizer, max_answer_length=8)
+    batch = fam.collate(fam.encode(_task_prompts(["short", "longer input"], ("no", "yes indeed"))))
+    monkeypatch.setattr(fam, "_score_packed", lambda *a: [torch.zeros(2), torch.zeros(2)])
+    with pytest.warns(UserWarning, match="ignores custom attention masks"):
+        scores = fam.candidate_log_likelihoods(tiny_llama.eval(), batch)
+    assert fam._packed_ranking == {type(tiny_llama): False}
+    reference = fam._score_full_sequences(tiny_llama, batch)
+    assert all(torch.allclose(a, b, atol=1e-4) for a, b in zip(scores, reference, strict=True))
+    again = fam.candidate_log_likelihoods(tiny_llama, batch)  # no second check, no warning
+    assert all(torch.allclose(a, b) for a, b in zip(again, scores, strict=True))

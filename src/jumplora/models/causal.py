@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import torch
@@ -65,6 +67,7 @@ class CausalFamily(GenerativeFamily):
         # Prompt budget is fixed so training and generation see the exact same prompt tokens.
         self._prompt_budget = max_length - max_answer_length - 1
         self._continuations: dict[tuple[str, str], list[int]] = {}
+        self._packed_ranking: dict[type, bool] = {}  # model class → honours custom 4D masks (checked once)
 
     def _continuation(self, prompt: str, text: str) -> list[int]:
         """Token ids of " " + text (text alone after a chat prompt) as it continues the prompt, truncated, plus eos.
@@ -189,11 +192,71 @@ class CausalFamily(GenerativeFamily):
     def _score_from_prefill(
         self, model: torch.nn.Module, prefill: _Prefill, candidate_ids: Sequence[Sequence[Sequence[int]]]
     ) -> list[torch.Tensor]:
-        """Summed log-prob of every candidate (+eos), continuing copies of the prompts' cache rows.
+        """Summed log-prob of every candidate (+eos), continuing the prompts' cache; the cache is left intact.
+
+        Packs each prompt's candidates into one row under a tree attention mask (one forward per batch).
+        The first time a model class is seen, the packed scores are checked against the per-candidate
+        path; an architecture that does not honour custom 4D masks keeps the per-candidate path.
+        """
+        kind = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        packed_ok = self._packed_ranking.get(kind)
+        if packed_ok is False or not candidate_ids:
+            return self._score_per_candidate(model, prefill, candidate_ids)
+        packed = self._score_packed(model, prefill, candidate_ids)
+        if packed_ok is None:
+            reference = self._score_per_candidate(model, prefill, candidate_ids)
+            packed_ok = all(torch.allclose(a, b, atol=0.1, rtol=0.02) for a, b in zip(packed, reference, strict=True))
+            self._packed_ranking[kind] = packed_ok
+            if not packed_ok:
+                warnings.warn(
+                    f"{kind.__name__} ignores custom attention masks: ranking runs per candidate", stacklevel=2
+                )
+                return reference
+        return packed
+
+    def _score_packed(
+        self, model: torch.nn.Module, prefill: _Prefill, candidate_ids: Sequence[Sequence[Sequence[int]]]
+    ) -> list[torch.Tensor]:
+        """Every candidate of a prompt in one row: candidate k's tokens see the prompt and themselves only.
+
+        Candidate c = [t0, ..., eos] is scored as log p(t0) from the prefill's logits plus the log-probs
+        of c[1:] given c[:-1], fed as a segment with positions continuing the prompt's. Up to
+        ``rank_batch_size`` prompts go through one forward, on a copy of their cache rows.
+        """
+        first_logp = torch.log_softmax(prefill.logits.float(), dim=-1)
+        device = prefill.mask.device
+        scores = []
+        for start in range(0, len(candidate_ids), self.rank_batch_size):
+            index = torch.arange(start, min(start + self.rank_batch_size, len(candidate_ids)), device=device)
+            rows = [candidate_ids[int(i)] for i in index]
+            firsts = [first_logp[i, [c[0] for c in cands]] for i, cands in zip(index.tolist(), rows, strict=True)]
+            tree = _CandidateTree.build(rows, self._pad_id, device)
+            if tree.width == 0:  # every candidate is a single token (eos only)
+                scores += firsts
+                continue
+            dtype = model.get_input_embeddings().weight.dtype
+            out = model(
+                input_ids=tree.tokens,
+                attention_mask=tree.attention_mask(prefill.mask[index], dtype),
+                position_ids=prefill.last_position[index] + 1 + tree.depth,
+                use_cache=True,
+                **{prefill.cache_kw: _cache_rows(prefill.cache, index)},
+            )
+            logits = out.logits.float()
+            picked = logits.gather(-1, tree.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+            token_logp = (picked - logits.logsumexp(-1)).masked_fill(tree.labels == -100, 0.0)
+            sums = token_logp.new_zeros(len(rows), tree.max_candidates)
+            sums.scatter_add_(1, tree.segment.clamp(min=0), token_logp)
+            scores += [first + sums[r, : len(first)] for r, first in enumerate(firsts)]
+        return [s.cpu() for s in scores]
+
+    def _score_per_candidate(
+        self, model: torch.nn.Module, prefill: _Prefill, candidate_ids: Sequence[Sequence[Sequence[int]]]
+    ) -> list[torch.Tensor]:
+        """The reference path: each candidate continues its own copy of the prompt's cache rows.
 
         The first candidate token is scored from the prefill's logits; the rest run as a short
-        continuation of the prompt's cache, ``rank_batch_size`` candidates at a time. The prefill's own
-        cache is not modified, so generation can continue from it afterwards.
+        continuation, ``rank_batch_size`` candidates at a time.
         """
         first_logp = torch.log_softmax(prefill.logits.float(), dim=-1)
         rows = [(i, list(cand)) for i, cands in enumerate(candidate_ids) for cand in cands]
@@ -314,6 +377,49 @@ class _Prefill(NamedTuple):
     mask: torch.Tensor  # (batch, cached length): 0 on left padding
     last_position: torch.Tensor  # (batch, 1): position id of each prompt's last token
     cache_kw: str  # the forward's name for the cache argument
+
+
+@dataclass(frozen=True)
+class _CandidateTree:
+    """The candidates of a batch of prompts packed one segment per candidate, one row per prompt."""
+
+    tokens: torch.Tensor  # (prompts, width): c[:-1] of every candidate, concatenated; pad after
+    labels: torch.Tensor  # (prompts, width): c[1:], aligned with tokens; -100 on padding
+    segment: torch.Tensor  # (prompts, width): the candidate each token belongs to; -1 on padding
+    depth: torch.Tensor  # (prompts, width): position of the token inside its candidate
+    max_candidates: int
+
+    @property
+    def width(self) -> int:
+        return self.tokens.shape[1]
+
+    @classmethod
+    def build(cls, rows: Sequence[Sequence[Sequence[int]]], pad_id: int, device: torch.device) -> _CandidateTree:
+        tokens, labels, segment, depth = [], [], [], []
+        for cands in rows:
+            tokens.append([t for c in cands for t in c[:-1]])
+            labels.append([t for c in cands for t in c[1:]])
+            segment.append([k for k, c in enumerate(cands) for _ in c[:-1]])
+            depth.append([d for c in cands for d in range(len(c) - 1)])
+        return cls(
+            tokens=pad_sequences(tokens, pad_id).to(device),
+            labels=pad_sequences(labels, -100).to(device),
+            segment=pad_sequences(segment, -1).to(device),
+            depth=pad_sequences(depth, 0).to(device),
+            max_candidates=max(len(c) for c in rows),
+        )
+
+    def attention_mask(self, prompt_mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Additive (prompts, 1, width, cached + width) mask: a token sees its prompt (not its left padding)
+        and the earlier tokens of its own candidate. Padding rows see the prompt only."""
+        order = torch.arange(self.width, device=self.tokens.device)
+        same = (self.segment[:, :, None] == self.segment[:, None, :]) & (self.segment[:, None, :] >= 0)
+        own = same & (order[None, None, :] <= order[None, :, None])
+        prompt = prompt_mask.bool()[:, None, :].expand(-1, self.width, -1)
+        allowed = torch.cat([prompt, own], dim=-1)[:, None]
+        return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+            ~allowed, torch.finfo(dtype).min
+        )
 
 
 def _cache_rows(cache: Any, index: torch.Tensor) -> Any:
