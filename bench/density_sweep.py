@@ -45,13 +45,15 @@ MODES = {
     "none": ["--jumplora", "--density-control", "none"],
     "dual": ["--jumplora", "--density-control", "dual"],
     "l0": ["--jumplora", "--density-control", "l0"],
+    # dual held at 1 % instead of the LoRA budget (≈ 4 %): the density `l0` ends at on its own
+    "dual1pct": ["--jumplora", "--density-control", "dual", "--target-density", "0.01"],
 }
 # Runs identical to one done elsewhere (same options and seed): the table reads that run.
 REUSED = {"smol-L-dense": ROOT / "bench" / "runs_smollm2" / "probe-lr1e-3-e3"}
 # Most informative first: if the budget runs out, the tail is what is missing.
 PRIORITY = ["S-dual", "S-none", "L-dual", "L-none", "S-dense", "L-dense", "S-l0", "L-l0", "XL-none", "XL-dual",
             "smol-L-none", "smol-L-dual", "smol-S-none", "smol-S-dual", "smol-S-dense", "XL-dense", "M-dual",
-            "M-none", "M-dense", "XL-l0", "M-l0"]  # fmt: skip
+            "M-none", "M-dense", "XL-l0", "M-l0", "S-dual1pct", "L-dual1pct"]  # fmt: skip
 
 
 def split(name: str) -> tuple[str, str]:
