@@ -206,7 +206,8 @@ class CausalFamily(GenerativeFamily):
         if packed_ok is None:
             reference = self._score_per_candidate(model, prefill, candidate_ids)
             packed_ok = all(torch.allclose(a, b, atol=0.1, rtol=0.02) for a, b in zip(packed, reference, strict=True))
-            self._packed_ranking[kind] = packed_ok
+            if not packed_ok or any(len(c) > 1 for cands in candidate_ids for c in cands):  # the mask was used
+                self._packed_ranking[kind] = packed_ok
             if not packed_ok:
                 warnings.warn(
                     f"{kind.__name__} ignores custom attention masks: ranking runs per candidate", stacklevel=2
