@@ -52,8 +52,8 @@ MODES = {
 REUSED = {"smol-L-dense": ROOT / "bench" / "runs_smollm2" / "probe-lr1e-3-e3"}
 # Most informative first: if the budget runs out, the tail is what is missing.
 PRIORITY = ["S-dual", "S-none", "L-dual", "L-none", "S-dense", "L-dense", "S-l0", "L-l0", "XL-none", "XL-dual",
-            "smol-L-none", "smol-L-dual", "smol-S-none", "smol-S-dual", "smol-S-dense", "XL-dense", "M-dual",
-            "M-none", "M-dense", "XL-l0", "M-l0", "S-dual1pct", "L-dual1pct"]  # fmt: skip
+            "smol-L-dense", "smol-L-none", "smol-L-dual", "smol-S-none", "smol-S-dual", "smol-S-dense",
+            "S-dual1pct", "L-dual1pct", "XL-dense", "M-dual", "M-none", "M-dense", "XL-l0", "M-l0"]  # fmt: skip
 
 
 def split(name: str) -> tuple[str, str]:
