@@ -90,18 +90,26 @@ def token_ids(tokenizer: Any, text: str, add_special_tokens: bool = True) -> lis
     return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
 
 
+def token_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-prob of each label token; 0 where the label is -100."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    return picked * (labels != -100)
+
+
 def sequence_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Sum of token log-probs per row; positions labelled -100 are ignored."""
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    mask = labels != -100
-    picked = logp.gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-    return (picked * mask).sum(-1)
+    return token_log_likelihoods(logits, labels).sum(-1)
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The HF model under a PEFT wrapper (the model itself when unwrapped)."""
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
 def forward_params(model: torch.nn.Module) -> set[str]:
     """Keyword names the underlying HF model's forward accepts (looks through a PEFT wrapper)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return set(inspect.signature(base.forward).parameters)
+    return set(inspect.signature(base_model(model).forward).parameters)
 
 
 def cache_kwarg(params: set[str]) -> str:

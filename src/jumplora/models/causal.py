@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from ._utils import (
     attention_mask_for,
+    base_model,
     cache_kwarg,
     eos_id,
     example_metadata,
@@ -23,6 +24,7 @@ from ._utils import (
     sequence_log_likelihoods,
     to_device,
     token_ids,
+    token_log_likelihoods,
     truncate_middle,
 )
 from .base import PromptExample
@@ -198,7 +200,7 @@ class CausalFamily(GenerativeFamily):
         The first time a model class is seen, the packed scores are checked against the per-candidate
         path; an architecture that does not honour custom 4D masks keeps the per-candidate path.
         """
-        kind = type(model.get_base_model() if hasattr(model, "get_base_model") else model)
+        kind = type(base_model(model))
         packed_ok = self._packed_ranking.get(kind)
         if packed_ok is False or not candidate_ids:
             return self._score_per_candidate(model, prefill, candidate_ids)
@@ -226,16 +228,17 @@ class CausalFamily(GenerativeFamily):
         """
         first_logp = torch.log_softmax(prefill.logits.float(), dim=-1)
         device = prefill.mask.device
+        dtype = model.get_input_embeddings().weight.dtype
         scores = []
         for start in range(0, len(candidate_ids), self.rank_batch_size):
-            index = torch.arange(start, min(start + self.rank_batch_size, len(candidate_ids)), device=device)
-            rows = [candidate_ids[int(i)] for i in index]
-            firsts = [first_logp[i, [c[0] for c in cands]] for i, cands in zip(index.tolist(), rows, strict=True)]
+            chunk = range(start, min(start + self.rank_batch_size, len(candidate_ids)))
+            index = torch.tensor(chunk, device=device)
+            rows = [candidate_ids[i] for i in chunk]
+            firsts = [first_logp[i, [c[0] for c in candidate_ids[i]]] for i in chunk]
             tree = _CandidateTree.build(rows, self._pad_id, device)
             if tree.width == 0:  # every candidate is a single token (eos only)
                 scores += firsts
                 continue
-            dtype = model.get_input_embeddings().weight.dtype
             out = model(
                 input_ids=tree.tokens,
                 attention_mask=tree.attention_mask(prefill.mask[index], dtype),
@@ -243,9 +246,7 @@ class CausalFamily(GenerativeFamily):
                 use_cache=True,
                 **{prefill.cache_kw: _cache_rows(prefill.cache, index)},
             )
-            logits = out.logits.float()
-            picked = logits.gather(-1, tree.labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-            token_logp = (picked - logits.logsumexp(-1)).masked_fill(tree.labels == -100, 0.0)
+            token_logp = token_log_likelihoods(out.logits, tree.labels)
             sums = token_logp.new_zeros(len(rows), tree.max_candidates)
             sums.scatter_add_(1, tree.segment.clamp(min=0), token_logp)
             scores += [first + sums[r, : len(first)] for r, first in enumerate(firsts)]
