@@ -4,6 +4,7 @@
     python bench/grid.py final           # the grid: orders 1-3 and 4, every strategy ±JumpLoRA
     python bench/grid.py v2              # the grid again with the density-controlled defaults (issue 10)
     python bench/grid.py smollm2-probe   # SmolLM2-135M: the budget at which dense IncLoRA forgets (dev)
+    python bench/grid.py smollm2-tune    # SmolLM2-135M: ELLA and O-LoRA λ on dev at that budget
     python bench/grid.py smollm2         # SmolLM2-135M: the generative study at that budget (issue 11)
     python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
 
@@ -114,9 +115,11 @@ V2_BUDGET = {"max_train": 192, "max_eval": 100, "epochs": 1}
 V2_TUNED = {"ella": {"ella_lambda": 1e6}, "olora": {"olora_lambda": 1.0}}  # bench/tuned.json, kept
 
 
-def study_run(settings: dict, strategy: str, jump: bool, order: int, seed: int) -> tuple[str, dict]:
+def study_run(
+    settings: dict, strategy: str, jump: bool, order: int, seed: int, tuned: dict = V2_TUNED
+) -> tuple[str, dict]:
     """A run of a study at its defaults (v2 and SmolLM2): its directory name and its options."""
-    opts = {**settings, "strategy": strategy, "order": order, "seed": seed, **V2_TUNED.get(strategy, {})}
+    opts = {**settings, "strategy": strategy, "order": order, "seed": seed, **tuned.get(strategy, {})}
     if jump:
         opts["jumplora"] = True
     return f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}", opts
@@ -171,11 +174,35 @@ def smollm2_probe_runs() -> dict[str, dict]:
 SMOL_BUDGET = {"lr": 1e-3, "max_train": 160, "epochs": 3, "max_eval": 48}
 
 
+# The strategies' λ on SmolLM2's dev splits at the study budget. MiniLM's values are the centre: ELLA's
+# penalty there is ≈ 10 % of the task loss on SmolLM2 (≈ 20 % on MiniLM), so one step either side is enough.
+SMOL_TUNING = {"ella": ("ella_lambda", (1e5, 1e6, 1e7)), "olora": ("olora_lambda", (0.1, 1.0))}
+SMOL_TUNED = ROOT / "bench" / "tuned_smollm2.json"
+
+
+def smollm2_tuning_runs() -> dict[str, dict]:
+    """ELLA and O-LoRA λ on dev (dbpedia, amazon, agnews); dense IncLoRA there is probe-lr1e-3-e3."""
+    runs = {}
+    for strategy, (key, values) in SMOL_TUNING.items():
+        for value in values:
+            runs[f"tune-{strategy}-lam{value:g}"] = {
+                **SMOL_BASE, **SMOL_BUDGET, "strategy": strategy, key: value, "tasks": SMOL_PROBE_TASKS,
+                "eval_split": "dev", "seed": 0,
+            }  # fmt: skip
+    return runs
+
+
+def smollm2_tuned() -> dict[str, dict]:
+    """λ chosen on dev (bench/tuned_smollm2.json) where it exists, else MiniLM's."""
+    tuned = json.loads(SMOL_TUNED.read_text()) if SMOL_TUNED.exists() else {}
+    return {strategy: tuned.get(strategy, V2_TUNED[strategy]) for strategy in V2_TUNED}
+
+
 def smollm2_runs() -> dict[str, dict]:
     """Order 1 first (headline strategies, then the rest), then more seeds, then orders 2-3."""
     methods = [(s, jl) for s in ("inclora", "ella", "seqlora", "olora") for jl in (False, True)]
     return dict(
-        study_run({**SMOL_BASE, **SMOL_BUDGET}, strategy, jump, order, seed)
+        study_run({**SMOL_BASE, **SMOL_BUDGET}, strategy, jump, order, seed, smollm2_tuned())
         for order, seed in ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))
         for strategy, jump in [*methods, ("multitask", False)]
     )
@@ -245,14 +272,18 @@ def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["tune", "final", "v2", "smollm2-probe", "smollm2"])
+    parser.add_argument("phase", choices=["tune", "final", "v2", "smollm2-probe", "smollm2-tune", "smollm2"])
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", default="", help="run only names containing this string")
     args = parser.parse_args()
-    root = {"v2": RUNS_V2, "smollm2-probe": RUNS_SMOL, "smollm2": RUNS_SMOL}.get(args.phase, RUNS)
+    root = {"v2": RUNS_V2, "smollm2-probe": RUNS_SMOL, "smollm2-tune": RUNS_SMOL, "smollm2": RUNS_SMOL}.get(
+        args.phase, RUNS
+    )
     root.mkdir(parents=True, exist_ok=True)
     if args.phase == "smollm2-probe":
         runs = smollm2_probe_runs()
+    elif args.phase == "smollm2-tune":
+        runs = smollm2_tuning_runs()
     elif args.phase == "smollm2":
         runs = smollm2_runs()
     elif args.phase == "tune":

@@ -25,11 +25,13 @@ from grid import (  # noqa: E402
     SMOL_BASE,
     SMOL_BUDGET,
     SMOL_PROBES,
+    SMOL_TUNED,
     STANDARD_BUDGET,
     TUNE_BUDGET,
     TUNED,
     V2_BUDGET,
     smollm2_runs,
+    smollm2_tuning_runs,
     tuning_runs,
 )
 
@@ -177,8 +179,11 @@ def _targets(run: Path) -> list[float]:
 def main_command_table() -> str:
     lines = ["| `jumplora run --order 1 --strategy inclora …` | OP | BWT | FWT | forgetting | density | wall (s) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for name, flag in (("main-inclora-jl", "--jumplora"), ("main-inclora", "--dense"),
-                       ("main-inclora-none", "--jumplora --density-control none")):
+    for name, flag in (
+        ("main-inclora-jl", "--jumplora"),
+        ("main-inclora", "--dense"),
+        ("main-inclora-none", "--jumplora --density-control none"),
+    ):
         res = load(name, RUNS_V2)
         if res is None:
             lines.append(f"| `{flag}` | not run yet | | | | | |")
@@ -262,6 +267,27 @@ def smollm2_rows(names: list[str]) -> list[str]:
     return lines
 
 
+def smollm2_tuning_section() -> list[str]:
+    """ELLA and O-LoRA λ on dev at the study budget, next to dense IncLoRA on the same tasks."""
+    names = ["probe-lr1e-3-e3", *smollm2_tuning_runs()]
+    rows = smollm2_rows(names)
+    missing = [n for n in names if load(n, RUNS_SMOL) is None]
+    tuned = json.loads(SMOL_TUNED.read_text()) if SMOL_TUNED.exists() else None
+    return [
+        "## Strategy λ on dev (dbpedia, amazon, agnews; the study budget; seed 0)",
+        "",
+        "`python bench/grid.py smollm2-tune`; `probe-lr1e-3-e3` is dense IncLoRA on the same tasks and budget.",
+        "",
+        *(rows if len(rows) > 3 else ["Not run yet."]),
+        "",
+        f"Not run yet: {', '.join(missing)}." if missing else "",
+        f"Chosen (bench/tuned_smollm2.json): `{json.dumps(tuned)}`."
+        if tuned
+        else "Until chosen, the grid uses MiniLM's λ (ELLA 1e6, O-LoRA 1.0).",
+        "",
+    ]
+
+
 def smollm2_section() -> list[str]:
     probes = smollm2_rows(list(SMOL_PROBES))
     probes_missing = [n for n in SMOL_PROBES if load(n, RUNS_SMOL) is None]
@@ -287,6 +313,7 @@ def smollm2_section() -> list[str]:
         "",
         f"Not run (CPU time): {', '.join(probes_missing)}." if probes_missing else "",
         "",
+        *smollm2_tuning_section(),
         "## Order 1 (test splits)",
         "",
         f"`python bench/grid.py smollm2`; per task {SMOL_BUDGET} (60 optimizer steps), seed N in run name's",
