@@ -56,17 +56,20 @@ def launch(cmd: list[str]) -> subprocess.CompletedProcess:
     return proc
 
 
+def two_processes() -> list[str]:
+    return [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "jumplora.cli",
+    ]  # fmt: skip
+
+
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
 @pytest.mark.parametrize("strategy", ["inclora", "olora"])
 def test_two_processes_match_one(tmp_path, tiny_model, strategy):
     one, two = tmp_path / "one", tmp_path / "two"
     launch([sys.executable, "-m", "jumplora.cli", *run_args(one, tiny_model, strategy, 8)])
-    accelerate = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(free_port()), "-m", "jumplora.cli",
-    ]  # fmt: skip
-    proc = launch([*accelerate, *run_args(two, tiny_model, strategy, 4)])
+    proc = launch([*two_processes(), *run_args(two, tiny_model, strategy, 4)])
     assert proc.stdout.count("Accuracy (%)") == 1  # only the main process reports
 
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
@@ -97,6 +100,17 @@ def test_two_processes_match_one(tmp_path, tiny_model, strategy):
     l1, l2 = read_jsonl(one / "train_log.jsonl"), read_jsonl(two / "train_log.jsonl")
     assert [r["step"] for r in l1] == [r["step"] for r in l2]
     np.testing.assert_allclose([r["loss"] for r in l2], [r["loss"] for r in l1], atol=1e-3)
+
+
+@pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+def test_two_processes_with_a_tracker_end_cleanly(tmp_path, tiny_model):
+    """Trackers end and the process group is destroyed after the last barrier, on every rank."""
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    proc = launch([*two_processes(), *run_args(out, tiny_model, "inclora", 4), "--report-to", "tensorboard"])
+    assert json.loads((out / "results.json").read_text())["complete"]
+    assert list((out / "tracking").rglob("events.out.tfevents.*"))
+    assert "destroy_process_group" not in proc.stderr  # torch warns when a group outlives the program
 
 
 def _dense(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

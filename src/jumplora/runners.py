@@ -117,8 +117,6 @@ class Runner:
 
                 results["plots"] = write_run_plots(self.out, results)
             self.rundir.finish(results)
-        if self.config.report_to:
-            self.engine.accelerator.end_training()
         return results
 
 
@@ -320,5 +318,8 @@ class ContinualTrainer:
         with RunLock(Path(self.config.out)) if self.engine.is_main else contextlib.nullcontext():
             results = runner.run(fresh)
         self.engine.accelerator.wait_for_everyone()
+        # Only once every rank is past its last barrier: trackers are flushed and the process group is
+        # destroyed (a gloo group left to the interpreter's exit can abort it).
+        self.engine.accelerator.end_training()
         return results
 
