@@ -167,6 +167,7 @@ def test_generative_families_through_the_engine(tmp_path, request, gen_tokenizer
         lr=1e-2,
         max_length=48,
         targets=TARGETS[model_fixture],
+        save_predictions=True,
     )
     assert results["complete"]
     assert results["config"]["model"]["name"] == str(model_dir)
@@ -174,3 +175,21 @@ def test_generative_families_through_the_engine(tmp_path, request, gen_tokenizer
     assert matrix.shape == (2, 2) and np.isfinite(matrix).all()  # exact match of generated answers
     log = [r for r in read_jsonl(tmp_path / "run" / "train_log.jsonl") if r["task"] == "polarity"]
     assert log[-1]["loss"] < 0.5 * log[0]["loss"]  # the answer-token loss falls on the toy task
+    check_saved_predictions(tmp_path / "run", results)
+
+
+def check_saved_predictions(out: Path, results: dict) -> None:
+    """predictions/ holds every item of every evaluation once, and re-scores to R and the ranking R."""
+    files = sorted((out / "predictions").iterdir())
+    assert [f.name for f in files] == ["00-zero-shot.jsonl", *(f"{i + 1:02d}-after-{t}.jsonl"
+                                                              for i, t in enumerate(results["tasks"]))]  # fmt: skip
+    rows = [results["zero_shot"], *results["accuracy_matrix"]]
+    rank_rows = [results["rank_zero_shot"], *results["rank_accuracy_matrix"]]
+    for path, row, rank_row in zip(files, rows, rank_rows, strict=True):
+        records = read_jsonl(path)
+        for task, accuracy, rank_accuracy in zip(results["tasks"], row, rank_row, strict=True):
+            mine = [r for r in records if r["task"] == task]
+            assert [r["index"] for r in mine] == list(range(len(mine))) and mine
+            assert np.mean([r["correct"] for r in mine]) == pytest.approx(accuracy)
+            assert np.mean([r["rank_correct"] for r in mine]) == pytest.approx(rank_accuracy)
+            assert all(isinstance(r["prediction"], str) and isinstance(r["rank_prediction"], str) for r in mine)

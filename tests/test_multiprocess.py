@@ -103,14 +103,24 @@ def test_two_processes_match_one(tmp_path, tiny_model, strategy):
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
-def test_two_processes_with_a_tracker_end_cleanly(tmp_path, tiny_model):
-    """Trackers end and the process group is destroyed after the last barrier, on every rank."""
+def test_two_processes_with_a_tracker_and_predictions(tmp_path, tiny_model):
+    """Trackers end and the process group is destroyed after the last barrier, on every rank; each
+    process's share of the predictions is gathered into one file per evaluation."""
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    proc = launch([*two_processes(), *run_args(out, tiny_model, "inclora", 4), "--report-to", "tensorboard"])
-    assert json.loads((out / "results.json").read_text())["complete"]
+    extra = ["--report-to", "tensorboard", "--save-predictions"]
+    proc = launch([*two_processes(), *run_args(out, tiny_model, "inclora", 4), *extra])
+    results = json.loads((out / "results.json").read_text())
+    assert results["complete"]
     assert list((out / "tracking").rglob("events.out.tfevents.*"))
     assert "destroy_process_group" not in proc.stderr  # torch warns when a group outlives the program
+    files = sorted((out / "predictions").iterdir())
+    for path, row in zip(files, [results["zero_shot"], *results["accuracy_matrix"]], strict=True):
+        records = read_jsonl(path)
+        for task, accuracy in zip(results["tasks"], row, strict=True):
+            mine = [r for r in records if r["task"] == task]
+            assert [r["index"] for r in mine] == list(range(MAX_EVAL))
+            assert np.mean([r["correct"] for r in mine]) == accuracy
 
 
 def _dense(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

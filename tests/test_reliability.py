@@ -134,6 +134,18 @@ def test_inclora_killed_at_six_points_resumes_to_the_same_run(tmp_path, tiny_mod
     assert "resuming" in stderr[-1]
 
 
+def test_saved_predictions_survive_kills_and_resumes(tmp_path, tiny_model, reference):
+    """Killed mid-evaluation and after the plots: the resumed run's predictions/ equals an uninterrupted one's."""
+    out = tmp_path / "run"
+    kill_chain(out, [*run_args(out, tiny_model, "inclora"), "--save-predictions"], ["eval:2", "finish:1"])
+    ref = reference("inclora", "--save-predictions")
+    assert_same_run(ref, out)
+    names = sorted(p.name for p in (out / "predictions").iterdir())
+    assert names == ["00-zero-shot.jsonl", "01-after-cb.jsonl", "02-after-rte.jsonl"]
+    for name in names:
+        assert (out / "predictions" / name).read_text() == (ref / "predictions" / name).read_text()
+
+
 @pytest.mark.parametrize("strategy", ["ella", "olora"])
 def test_stateful_strategy_killed_mid_checkpoint(tmp_path, tiny_model, reference, strategy):
     # The strategy state after task 0 (W_past / past A's) is on disk, state.json still says task 0

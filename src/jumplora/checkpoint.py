@@ -39,6 +39,8 @@ from jumplora import faults
 from jumplora.io import atomic_save_tensors, atomic_write_json, atomic_write_text, read_jsonl
 from jumplora.io import remove_temporaries as _remove_temporaries
 
+PREDICTIONS = "predictions"  # folder of per-evaluation answers (``save_predictions``)
+
 FORMAT_VERSION = 3
 # Files in checkpoint/ that a newer commit replaces (deleted once no state.json names them).
 _VERSIONED_PREFIXES = ("strategy_", "adapter_", "partial_")
@@ -92,7 +94,7 @@ class RunDirectory:
         """A fresh run: clear what an earlier run left (results first: never a stale 'complete')."""
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "results.json").unlink(missing_ok=True)
-        for folder in (self.ckpt, self.out / "plots", self.out / "tracking"):
+        for folder in (self.ckpt, self.out / "plots", self.out / "tracking", self.out / PREDICTIONS):
             if folder.is_dir():
                 shutil.rmtree(folder)
         (self.out / "train_log.jsonl").unlink(missing_ok=True)
@@ -237,6 +239,14 @@ class RunDirectory:
                 path.unlink(missing_ok=True)
         _remove_temporaries(self.ckpt)
         faults.point("commit")
+
+    def write_predictions(self, number: int, after: str, predictions: dict[str, list[dict[str, Any]]]) -> Path:
+        """One file per evaluation, numbered in run order and rewritten whole (a resumed run repeats none)."""
+        path = self.out / PREDICTIONS / f"{number:02d}-{after.replace(' ', '-')}.jsonl"
+        path.parent.mkdir(exist_ok=True)
+        lines = (json.dumps({"after": after, "task": task, **r}) for task, rs in predictions.items() for r in rs)
+        atomic_write_text(path, "".join(line + "\n" for line in lines))
+        return path
 
     def write_results(self, results: dict[str, Any]) -> None:
         atomic_write_json(self.out / "results.json", results)

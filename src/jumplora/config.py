@@ -174,6 +174,9 @@ class RunConfig:
     log_every: int = opt(10, "Log every N optimizer steps to train_log.jsonl.")
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps within a task (0 = task ends only).")
     plots: bool = opt(True, "Draw the run's plots at the end.")
+    save_predictions: bool = opt(
+        False, "Write every evaluation's answers to predictions/<NN>-<after>.jsonl (one line per item)."
+    )
     report_to: list[str] | None = opt(
         None, "Experiment trackers through Accelerate: tensorboard, wandb, mlflow, ... (comma-separated).", csv=True
     )
@@ -266,7 +269,7 @@ PART_TYPES: dict[str, type] = {
     "strategy": StrategyConfig,
 }
 # Settings that may differ between a run and its resumption.
-RESUME_FREE_KEYS = frozenset({"out", "plots", "log_every", "checkpoint_every", "report_to"})
+RESUME_FREE_KEYS = frozenset({"out", "plots", "log_every", "checkpoint_every", "report_to", "save_predictions"})
 
 
 def _flat_name(part_type: type, name: str) -> str:

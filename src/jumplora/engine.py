@@ -21,7 +21,7 @@ import numpy as np
 import peft
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -165,11 +165,12 @@ class Engine:
 
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
-    def evaluate(self, model: nn.Module, data: TaskData) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, data: TaskData, predictions: list[dict] | None = None) -> dict[str, float]:
         """Accuracy on the task's eval split (sharded over processes, counts summed).
 
         Generative families answer by greedy generation scored by exact match (``accuracy``); the option
-        ranking by likelihood is measured beside it as ``rank_accuracy``.
+        ranking by likelihood is measured beside it as ``rank_accuracy``. A ``predictions`` list receives
+        one record per item (every process's, in eval-split order) for error analysis.
         """
         faults.point("eval")
         family, modes = self.loaded.family, self._predict_modes()
@@ -186,12 +187,33 @@ class Engine:
                 chunk = indices[start : start + bs]
                 batch = to_device(family.collate([data.eval_features[i] for i in chunk]), self.accelerator.device)
                 answers = [data.eval_examples[i].answer for i in chunk]
-                for key, preds in self._predictions(model, batch, modes).items():
+                answered = self._predictions(model, batch, modes)
+                for key, preds in answered.items():
                     correct[key] += sum(family.is_correct(p, a) for p, a in zip(preds, answers, strict=True))
+                if predictions is not None:
+                    predictions += self._prediction_records(chunk, answers, answered)
         model.train(was_training)
+        if predictions is not None and world > 1:
+            predictions[:] = sorted(gather_object(predictions), key=lambda record: record["index"])
+        elif predictions is not None:
+            predictions.sort(key=lambda record: record["index"])
         totals = torch.tensor([*correct.values(), len(indices)], dtype=torch.float64, device=self.accelerator.device)
         totals = self.accelerator.reduce(totals, reduction="sum")
         return {key: float(totals[k] / max(totals[-1], 1)) for k, key in enumerate(modes)}
+
+    def _prediction_records(
+        self, indices: list[int], answers: list[str], answered: dict[str, list[str]]
+    ) -> list[dict[str, Any]]:
+        """``accuracy`` → prediction/correct, ``rank_accuracy`` → rank_prediction/rank_correct."""
+        records = []
+        for row, (index, answer) in enumerate(zip(indices, answers, strict=True)):
+            record: dict[str, Any] = {"index": index, "answer": answer}
+            for key, preds in answered.items():
+                prefix = key.removesuffix("accuracy")
+                record[f"{prefix}prediction"] = preds[row]
+                record[f"{prefix}correct"] = bool(self.loaded.family.is_correct(preds[row], answer))
+            records.append(record)
+        return records
 
     def _predictions(self, model: nn.Module, batch: dict, modes: dict[str, str | None]) -> dict[str, list[str]]:
         """Metric name → answers; generation and ranking together share one prefill of the prompts."""
@@ -210,10 +232,17 @@ class Engine:
             return {"accuracy": None}
         return {"accuracy": "generate", "rank_accuracy": "rank"}
 
-    def evaluate_all(self, model: nn.Module, desc: str) -> dict[str, list[float]]:
-        """Every task's scores, as one row per metric (``accuracy`` and, for generation, ``rank_accuracy``)."""
+    def evaluate_all(
+        self, model: nn.Module, desc: str, predictions: dict[str, list[dict]] | None = None
+    ) -> dict[str, list[float]]:
+        """Every task's scores, as one row per metric (``accuracy`` and, for generation, ``rank_accuracy``).
+
+        ``predictions`` (task name → records) is filled as in :meth:`evaluate`."""
         log.info("%s", desc)
-        scores = [self.evaluate(model, data) for data in self.progress(self.tasks, desc)]
+        scores = []
+        for data in self.progress(self.tasks, desc):
+            sink = None if predictions is None else predictions.setdefault(data.task.name, [])
+            scores.append(self.evaluate(model, data, sink))
         return {key: [s[key] for s in scores] for key in scores[0]}
 
     def progress(self, items: Any, desc: str, **kwargs: Any) -> tqdm:

@@ -68,6 +68,14 @@ class Runner:
             flat = {k: v for k, v in self.config.flat().items() if isinstance(v, (int, float, str, bool))}
             self.engine.accelerator.init_trackers("jumplora", config=flat)
 
+    def _evaluate(self, model: nn.Module, number: int, after: str) -> dict[str, list[float]]:
+        """Every task's scores; with ``save_predictions``, each item's answers go to predictions/."""
+        kept: dict[str, list[dict]] | None = {} if self.config.save_predictions else None
+        scores = self.engine.evaluate_all(model, "zero-shot eval" if after == "zero-shot" else f"eval {after}", kept)
+        if kept is not None and self.engine.is_main:
+            self.rundir.write_predictions(number, after, kept)
+        return scores
+
     def _record(self, scores: dict[str, list[float]], zero_shot: bool = False) -> None:
         """One evaluation of every task: a row of R (and of the ranking metric when there is one)."""
         p = self.progress
@@ -130,7 +138,7 @@ class ContinualRunner(Runner):
         self._start_trackers()
         if self.progress.zero_shot is None:
             set_seed(self.config.seed)
-            self._record(engine.evaluate_all(model, "zero-shot eval"), zero_shot=True)
+            self._record(self._evaluate(model, 0, "zero-shot"), zero_shot=True)
             self._commit(model)
         peft_model: nn.Module | None = model if isinstance(model, peft.PeftModel) else None
         first = self.progress.next_task  # a mid-task checkpoint belongs to this task only
@@ -194,7 +202,7 @@ class ContinualRunner(Runner):
             merged = engine.merge(peft_model, i)
             support, model, peft_model = merged.supports, merged.model, None
         engine.strategy.on_task_end(engine.context(None, i), merged)
-        self._record(engine.evaluate_all(model, f"eval after {engine.tasks[i].task.name}"))
+        self._record(self._evaluate(model, i + 1, f"after {engine.tasks[i].task.name}"))
         self.progress.per_task.append(engine.task_analytics(engine.tasks[i].task.name, support, thresholds))
         engine.add_support(support)
         self.progress.next_task = i + 1
@@ -229,7 +237,7 @@ class _ReferenceRunner(Runner):
         if engine.is_main:
             self.rundir.start()
         self._start_trackers()
-        self._record(engine.evaluate_all(engine.base_model, "zero-shot eval"), zero_shot=True)
+        self._record(self._evaluate(engine.base_model, 0, "zero-shot"), zero_shot=True)
         row = self.train_and_evaluate()
         return self.finish(
             self.results(True, accuracy_matrix=[row], metrics={"op": float(np.mean(row))}, **self.extra(row))
@@ -248,7 +256,7 @@ class MultitaskRunner(_ReferenceRunner):
         peft_model, _ = engine.train_task(engine.new_adapter(engine.base_model, 0), 0, features, name="multitask")
         merged = engine.merge(peft_model, 0)
         self.progress.per_task.append(engine.task_analytics("multitask", merged.supports, {}))
-        return engine.evaluate_all(merged.model, "eval multitask")["accuracy"]
+        return self._evaluate(merged.model, 1, "after multitask")["accuracy"]
 
 
 class IndependentRunner(_ReferenceRunner):
@@ -322,4 +330,3 @@ class ContinualTrainer:
         # destroyed (a gloo group left to the interpreter's exit can abort it).
         self.engine.accelerator.end_training()
         return results
-
