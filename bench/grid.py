@@ -151,7 +151,9 @@ def v2_runs() -> dict[str, dict]:
 # The generative study (issue 11): SmolLM2-135M-Instruct answers in free text, scored by exact match.
 # First a budget search on dev splits (dense IncLoRA must forget measurably), then the grid at that budget.
 RUNS_SMOL = ROOT / "bench" / "runs_smollm2"
-SMOL_BASE = {"model": "smollm2-135m", "batch_size": 8, "eval_batch_size": 16, "r": 8, "lora_alpha": 32}
+SMOL_BASE = {
+    "model": "smollm2-135m", "batch_size": 8, "eval_batch_size": 16, "r": 8, "lora_alpha": 32, "save_predictions": True,
+}  # fmt: skip
 SMOL_PROBE_TASKS = TUNE_TASKS  # dev splits; yahoo's dev split is its train split
 SMOL_PROBES = {  # name → (lr, max_train, epochs): optimizer steps per task = max_train * epochs / 8
     "probe-lr3e-3-e1": (3e-3, 160, 1),
