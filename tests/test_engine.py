@@ -12,6 +12,7 @@ import torch
 from jumplora.config import RunConfig
 from jumplora.data import resolve_data_dir
 from jumplora.io import read_jsonl
+from jumplora.metrics.drift import answer_drift
 from jumplora.runners import ContinualTrainer
 
 pytestmark = pytest.mark.slow
@@ -193,3 +194,6 @@ def check_saved_predictions(out: Path, results: dict) -> None:
             assert np.mean([r["correct"] for r in mine]) == pytest.approx(accuracy)
             assert np.mean([r["rank_correct"] for r in mine]) == pytest.approx(rank_accuracy)
             assert all(isinstance(r["prediction"], str) and isinstance(r["rank_prediction"], str) for r in mine)
+    for row in answer_drift(out):  # the drift metric's "correct" share is R's entry for that (after, task)
+        after = results["tasks"].index(row["after"])
+        assert row["correct"] == pytest.approx(rows[after + 1][results["tasks"].index(row["task"])])

@@ -325,6 +325,9 @@ def report(
     ] = "table",
     markdown: Annotated[bool, typer.Option(help="Same as --format markdown.")] = False,
     matrix: Annotated[bool, typer.Option(help="Print each run's accuracy matrix R instead of the summary.")] = False,
+    drift: Annotated[
+        bool, typer.Option(help="Print what each run's answers to earlier tasks became (runs with --save-predictions).")
+    ] = False,
     plot: Annotated[
         Path | None, typer.Option(help="Also draw comparison bars and each run's heat map, overlap, curves here.")
     ] = None,
@@ -348,6 +351,9 @@ def report(
         console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(reason)}", highlight=False)
     if not results:
         _fail("no complete runs to report")
+    if drift:
+        _print_drift(results, fmt)
+        return
     rows = aggregate(results)
     shown = format_matrices(results, fmt) if matrix else format_rows(rows, fmt)
     if isinstance(shown, str):
@@ -358,6 +364,49 @@ def report(
             out.print(table)
     if plot is not None:
         _report_plots(results, rows, plot)
+
+
+def _print_drift(results: list[dict], fmt: str) -> None:
+    """One table per run: for each evaluation and earlier task, the share of each kind of answer."""
+    import json
+
+    from jumplora.metrics.drift import KINDS, answer_drift
+
+    if fmt == "latex":
+        _fail("--drift prints as table, markdown, csv or json")
+    for res in results:
+        run_dir = Path(res["run_dir"])
+        keys = ["prediction", "rank_prediction"] if res.get("rank_accuracy_matrix") else ["prediction"]
+        try:
+            tables = {key: answer_drift(run_dir, key) for key in keys}
+        except ValueError as err:
+            _fail(str(err))
+        if fmt == "json":
+            print(json.dumps({"run": str(run_dir), **tables}))
+            continue
+        for key, rows in tables.items():
+            header = ["after", "task", "n", *(f"{k} %" for k in KINDS)]
+            cells = [[r["after"], r["task"], str(r["n"]), *(f"{100 * r[k]:.1f}" for k in KINDS)] for r in rows]
+            title = f"{run_dir} — {'generated' if key == 'prediction' else 'ranked'} answers to earlier tasks"
+            _print_cells(title, header, cells, fmt)
+
+
+def _print_cells(title: str, header: list[str], cells: list[list[str]], fmt: str) -> None:
+    if fmt == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerows([header, *cells])
+    elif fmt == "markdown":
+        print(f"**{title}**\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+        print("\n".join("| " + " | ".join(row) + " |" for row in cells) + "\n")
+    else:
+        table = Table(title=escape(title))
+        for name in header:
+            table.add_column(name, justify="left" if name in ("after", "task") else "right")
+        for row in cells:
+            table.add_row(*(escape(c) for c in row))
+        Console(width=None if sys.stdout.isatty() else 200).print(table)
 
 
 def _report_plots(results: list[dict], rows: list[dict], out_dir: Path) -> None:

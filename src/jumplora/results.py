@@ -29,6 +29,7 @@ class RunResults(TypedDict):
     stream: str  # the stream's name, e.g. "order1" or a custom stream's name
     config: dict[str, Any]
     tasks: list[str]
+    task_options: dict[str, list[str]]  # each task's options (absent in runs made before they were recorded)
     tasks_done: int
     accuracy_matrix: list[list[float]]
     zero_shot: list[float] | None

@@ -99,6 +99,7 @@ class Runner:
             "stream": engine.stream.name,
             "config": self.config.to_dict(),
             "tasks": names,
+            "task_options": {d.task.name: list(d.task.options) for d in engine.tasks},
             "tasks_done": len(rows),
             "accuracy_matrix": rows,
             "zero_shot": progress.zero_shot,
