@@ -3,6 +3,7 @@
     python bench/grid.py tune            # dev-split search (order-1 tasks without yahoo), ~15 min
     python bench/grid.py final           # the grid: orders 1-3 and 4, every strategy ±JumpLoRA
     python bench/grid.py v2              # the grid again with the density-controlled defaults (issue 10)
+    python bench/grid.py drift           # MiniLM order 1 IncLoRA ±JumpLoRA again, answers saved
     python bench/grid.py smollm2-probe   # SmolLM2-135M: the budget at which dense IncLoRA forgets (dev)
     python bench/grid.py smollm2-tune    # SmolLM2-135M: ELLA and O-LoRA λ on dev at that budget
     python bench/grid.py smollm2         # SmolLM2-135M: the generative study at that budget (issue 11)
@@ -123,6 +124,17 @@ def study_run(
     if jump:
         opts["jumplora"] = True
     return f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}", opts
+
+
+# MiniLM's v2 order-1 IncLoRA runs again with their answers saved: what forgotten answers become, beside
+# SmolLM2's (same options, same seed, so R should repeat runs_v2's).
+RUNS_DRIFT = ROOT / "bench" / "runs_drift"
+
+
+def drift_runs() -> dict[str, dict]:
+    return dict(
+        study_run({**BASE, **V2_BUDGET, "save_predictions": True}, "inclora", jump, 1, 0) for jump in (False, True)
+    )
 
 
 def v2_runs() -> dict[str, dict]:
@@ -274,13 +286,13 @@ def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("phase", choices=["tune", "final", "v2", "smollm2-probe", "smollm2-tune", "smollm2"])
+    phases = ["tune", "final", "v2", "drift", "smollm2-probe", "smollm2-tune", "smollm2"]
+    parser.add_argument("phase", choices=phases)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", default="", help="run only names containing this string")
     args = parser.parse_args()
-    root = {"v2": RUNS_V2, "smollm2-probe": RUNS_SMOL, "smollm2-tune": RUNS_SMOL, "smollm2": RUNS_SMOL}.get(
-        args.phase, RUNS
-    )
+    roots = {"v2": RUNS_V2, "drift": RUNS_DRIFT, "smollm2-probe": RUNS_SMOL, "smollm2-tune": RUNS_SMOL}
+    root = roots.get(args.phase, RUNS_SMOL if args.phase == "smollm2" else RUNS)
     root.mkdir(parents=True, exist_ok=True)
     if args.phase == "smollm2-probe":
         runs = smollm2_probe_runs()
@@ -292,6 +304,8 @@ def main() -> None:
         runs = tuning_runs()
     elif args.phase == "v2":
         runs = v2_runs()
+    elif args.phase == "drift":
+        runs = drift_runs()
     else:
         tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
         runs = final_runs(tuned)
