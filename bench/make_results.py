@@ -20,6 +20,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from grid import (  # noqa: E402
     LONG_BUDGET,
     RUNS,
+    RUNS_DRIFT,
     RUNS_SMOL,
     RUNS_V2,
     SMOL_BASE,
@@ -36,6 +37,7 @@ from grid import (  # noqa: E402
 )
 
 from jumplora.io import read_jsonl  # noqa: E402
+from jumplora.metrics.drift import KINDS, answer_drift, final_drift  # noqa: E402
 from jumplora.metrics.plots import plot_comparison, plot_run_figures  # noqa: E402
 
 DOCS = ROOT / "docs"
@@ -288,6 +290,37 @@ def smollm2_tuning_section() -> list[str]:
     ]
 
 
+def drift_section() -> list[str]:
+    """What answers to earlier tasks became after the last task, for every run that saved its answers."""
+    runs = [("MiniLM", d) for d in sorted(RUNS_DRIFT.glob("*/"))] + [
+        ("SmolLM2", d) for d in sorted(RUNS_SMOL.glob("o*/"))
+    ]
+    lines = [
+        "| model | run | answers | " + " | ".join(k.replace("_", " ") for k in KINDS) + " |",
+        "|---|---|---|" + "---|" * len(KINDS),
+    ]
+    for model, run in runs:
+        if load(run.name, run.parent) is None or not (run / "predictions").is_dir():
+            continue
+        keys = ("prediction", "rank_prediction") if model == "SmolLM2" else ("prediction",)
+        for key in keys:
+            shares = final_drift(answer_drift(run, key))
+            how = "generated" if model == "SmolLM2" and key == "prediction" else "ranked"
+            lines.append(
+                f"| {model} | {run.name} | {how} | " + " | ".join(f"{100 * shares[k]:.1f}" for k in KINDS) + " |"
+            )
+    return [
+        "## What forgotten answers become (after the last task, earlier tasks' items, %)",
+        "",
+        "`jumplora report RUN --drift` on runs made with `--save-predictions` (metrics/drift.py): each answer",
+        "is correct, another of its task's own options, one of the newest task's labels, another task's",
+        "label, or no option at all. MiniLM: `python bench/grid.py drift` (order 1, seed 0, runs_v2's settings).",
+        "",
+        *(lines if len(lines) > 2 else ["No run with saved answers yet."]),
+        "",
+    ]
+
+
 def smollm2_section() -> list[str]:
     probes = smollm2_rows(list(SMOL_PROBES))
     probes_missing = [n for n in SMOL_PROBES if load(n, RUNS_SMOL) is None]
@@ -314,7 +347,7 @@ def smollm2_section() -> list[str]:
         f"Not run (CPU time): {', '.join(probes_missing)}." if probes_missing else "",
         "",
         *smollm2_tuning_section(),
-        "## Order 1 (test splits)",
+        "## Orders 1-3 (test splits)",
         "",
         f"`python bench/grid.py smollm2`; per task {SMOL_BUDGET} (60 optimizer steps), seed N in run name's",
         "`-sN`, every default otherwise (JumpLoRA: `dual` density control to the LoRA budget).",
@@ -325,6 +358,7 @@ def smollm2_section() -> list[str]:
         "",
         f"Paper, for comparison: {PAPER_T5_LARGE}.",
         "",
+        *drift_section(),
         discussion.read_text() if discussion.exists() else "",
         "",
     ]
