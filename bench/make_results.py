@@ -321,12 +321,68 @@ def drift_section() -> list[str]:
     ]
 
 
+def smollm2_paired() -> list[str]:
+    """IncLoRA + JumpLoRA minus dense IncLoRA on the same order and seed (exact match and ranking)."""
+    lines = [
+        "| order, seed | dense OP / BWT | + JumpLoRA OP / BWT | ΔOP | ΔBWT | rank ΔOP | rank ΔBWT |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    deltas = []
+    for order, seed in ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0)):
+        dense, jump = (load(f"o{order}-inclora{jl}-s{seed}", RUNS_SMOL) for jl in ("", "-jl"))
+        if dense is None or jump is None:
+            continue
+        d, j = dense["metrics"], jump["metrics"]
+        dr, jr = dense.get("rank_metrics") or {}, jump.get("rank_metrics") or {}
+        deltas.append((j["op"] - d["op"], j["bwt"] - d["bwt"]))
+        lines.append(
+            f"| {order}, {seed} | {100 * d['op']:.1f} / {100 * d['bwt']:+.1f} | {100 * j['op']:.1f} / "
+            f"{100 * j['bwt']:+.1f} | {100 * deltas[-1][0]:+.1f} | {100 * deltas[-1][1]:+.1f} | "
+            f"{100 * (jr['op'] - dr['op']):+.1f} | {100 * (jr['bwt'] - dr['bwt']):+.1f} |"
+        )
+    if not deltas:
+        return ["No complete IncLoRA pair yet."]
+    op, bwt = np.array(deltas).T * 100
+
+    def mean(x: np.ndarray) -> str:
+        return f"{x.mean():+.1f}" + (f" (standard error {x.std(ddof=1) / np.sqrt(len(x)):.1f})" if len(x) > 1 else "")
+
+    return [
+        *lines,
+        "",
+        f"JumpLoRA ahead on OP in {int((op > 0).sum())} of {len(op)} pairs, on BWT in {int((bwt > 0).sum())}; "
+        f"mean ΔOP {mean(op)}, mean ΔBWT {mean(bwt)}.",
+    ]
+
+
+def smollm2_figures(bars: list[dict]) -> list[str]:
+    """R as heat maps for order 1 seed 0 (IncLoRA ± JumpLoRA) and OP / BWT bars over every run."""
+    made = []
+    for variant in ("inclora", "inclora-jl"):
+        res = load(f"o1-{variant}-s0", RUNS_SMOL)
+        if res is not None:
+            title = f"SmolLM2, order 1, {variant}, seed 0 (exact match)"
+            made += plot_run_figures(res, [], FIGS, f"smollm2_o1_{variant}", title=title, kinds=("heatmap",))
+    rows = []
+    for b in bars:
+        row = {"label": b["label"]}
+        for metric in ("op", "bwt"):
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(b[metric])
+        rows.append(row)
+    if rows:
+        made += plot_comparison(rows, FIGS, ("op", "bwt"), suffix="_smollm2")
+    return [f"![{Path(p).stem}]({Path(p).relative_to(DOCS)})" for p in made]
+
+
 def smollm2_section() -> list[str]:
     probes = smollm2_rows(list(SMOL_PROBES))
     probes_missing = [n for n in SMOL_PROBES if load(n, RUNS_SMOL) is None]
     grid = smollm2_rows(list(smollm2_runs()))
     missing = [n for n in smollm2_runs() if load(n, RUNS_SMOL) is None]
     discussion = DOCS / "RESULTS_smollm2_discussion.md"
+    summary, bars = table_for(
+        [1, 2, 3], (0, 1, 2), "Every strategy, exact match (mean ± std over the runs present)", root=RUNS_SMOL
+    )
     return [
         "# SmolLM2-135M-Instruct: the paper's setting (generative, exact match)",
         "",
@@ -357,6 +413,13 @@ def smollm2_section() -> list[str]:
         f"Not run yet: {', '.join(missing)}." if missing else "",
         "",
         f"Paper, for comparison: {PAPER_T5_LARGE}.",
+        "",
+        summary,
+        "### IncLoRA: JumpLoRA against dense on the same order and seed",
+        "",
+        *smollm2_paired(),
+        "",
+        *smollm2_figures(bars),
         "",
         *drift_section(),
         discussion.read_text() if discussion.exists() else "",
