@@ -305,7 +305,7 @@ def drift_section() -> list[str]:
         keys = ("prediction", "rank_prediction") if model == "SmolLM2" else ("prediction",)
         for key in keys:
             shares = final_drift(answer_drift(run, key))
-            how = "generated" if model == "SmolLM2" and key == "prediction" else "ranked"
+            how = "generated" if model == "SmolLM2" and key == "prediction" else "ranked options"
             lines.append(
                 f"| {model} | {run.name} | {how} | " + " | ".join(f"{100 * shares[k]:.1f}" for k in KINDS) + " |"
             )

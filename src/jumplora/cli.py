@@ -387,7 +387,8 @@ def _print_drift(results: list[dict], fmt: str) -> None:
         for key, rows in tables.items():
             header = ["after", "task", "n", *(f"{k} %" for k in KINDS)]
             cells = [[r["after"], r["task"], str(r["n"]), *(f"{100 * r[k]:.1f}" for k in KINDS)] for r in rows]
-            title = f"{run_dir} — {'generated' if key == 'prediction' else 'ranked'} answers to earlier tasks"
+            how = "ranked " if key == "rank_prediction" else ("generated " if len(keys) > 1 else "")
+            title = f"{run_dir} — {how}answers to earlier tasks"
             _print_cells(title, header, cells, fmt)
 
 
