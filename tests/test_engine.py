@@ -93,12 +93,16 @@ def test_strategy_end_to_end_on_minilm(tmp_path, data_dir, strategy, jumplora):
 
 @pytest.mark.parametrize("reference", ["multitask", "independent"])
 def test_reference_rows(tmp_path, data_dir, reference):
-    results = run(tmp_path, tasks=["dbpedia", "amazon"], data_dir=data_dir, runner=reference)
+    results = run(tmp_path, tasks=["dbpedia", "amazon"], data_dir=data_dir, runner=reference, save_predictions=True)
     assert results["complete"] and results["runner"] == reference
     row = results["accuracy_matrix"][0]
     assert len(row) == 2 and results["metrics"]["op"] == pytest.approx(np.mean(row))
     if reference == "independent":
         assert results["independent"] == row
+    # Saved answers re-score to the row: one file after multitask, one after each independent task.
+    saved = [r for f in sorted((tmp_path / "run" / "predictions").glob("0[1-9]-*.jsonl")) for r in read_jsonl(f)]
+    for task, accuracy in zip(results["tasks"], row, strict=True):
+        assert np.mean([r["correct"] for r in saved if r["task"] == task]) == pytest.approx(accuracy)
 
 
 def test_task_option_space_ranks_only_own_options(tmp_path, data_dir):

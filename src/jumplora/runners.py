@@ -268,7 +268,10 @@ class IndependentRunner(_ReferenceRunner):
         for i, data in enumerate(engine.tasks):
             peft_model, _ = engine.train_task(engine.new_adapter(copy.deepcopy(initial), i), i, data.train_features)
             merged = engine.merge(peft_model, i)
-            row.append(engine.evaluate(merged.model, data)["accuracy"])
+            kept: list[dict] | None = [] if self.config.save_predictions else None
+            row.append(engine.evaluate(merged.model, data, kept)["accuracy"])
+            if kept is not None and engine.is_main:
+                self.rundir.write_predictions(i + 1, f"after {data.task.name}", {data.task.name: kept})
             self.progress.per_task.append(engine.task_analytics(data.task.name, merged.supports, {}))
         return row
 
@@ -317,7 +320,9 @@ class ContinualTrainer:
             raise RunDirectoryError(f"{path}: --resume with a different configuration ({'; '.join(diff[:4])})")
 
     def run(self, fresh: bool = False) -> RunResults:
-        """Run the stream; resumes from the checkpoint in ``config.out`` unless ``fresh``."""
+        """Run the stream; resumes from the checkpoint in ``config.out`` unless ``fresh``.
+
+        Ends the run's trackers and, under several processes, the process group."""
         if self.engine.loaded is None:
             self.prepare()
         runner = RUNNERS[self.config.runner](self.engine)
