@@ -79,6 +79,11 @@ def test_report_drift_json_and_a_clear_error_without_predictions(run: Path, tmp_
     table = runner.invoke(app, ["report", str(run), "--drift", "--format", "markdown"])
     assert table.exit_code == 0 and "| topic | sst | 4 | 25.0 | 25.0 | 25.0 | 0.0 | 25.0 |" in table.output
 
+    results = json.loads((run / "results.json").read_text())
+    (run / "results.json").write_text(json.dumps({**results, "runner": "multitask"}))
+    with pytest.raises(ValueError, match="a multitask run has no earlier tasks"):
+        answer_drift(run)
+    (run / "results.json").write_text(json.dumps(results))
     (run / "predictions" / "03-after-nli.jsonl").unlink()
     missing = runner.invoke(app, ["report", str(run), "--drift"])
     assert missing.exit_code == 2 and "03-after-nli.jsonl: missing (run with --save-predictions)" in missing.output

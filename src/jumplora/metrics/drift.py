@@ -44,6 +44,8 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
     """
     run = Path(run_dir)
     results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    if results.get("runner", "continual") != "continual":
+        raise ValueError(f"{run / 'results.json'}: a {results['runner']} run has no earlier tasks to drift from")
     options = results.get("task_options")
     if not options:
         raise ValueError(f"{run / 'results.json'}: no task_options (a run made before they were recorded)")
