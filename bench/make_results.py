@@ -363,14 +363,8 @@ def smollm2_figures(bars: list[dict]) -> list[str]:
         if res is not None:
             title = f"SmolLM2, order 1, {variant}, seed 0 (exact match)"
             made += plot_run_figures(res, [], FIGS, f"smollm2_o1_{variant}", title=title, kinds=("heatmap",))
-    rows = []
-    for b in bars:
-        row = {"label": b["label"]}
-        for metric in ("op", "bwt"):
-            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(b[metric])
-        rows.append(row)
-    if rows:
-        made += plot_comparison(rows, FIGS, ("op", "bwt"), suffix="_smollm2")
+    if bars:
+        made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix="_smollm2")
     return [f"![{Path(p).stem}]({Path(p).relative_to(DOCS)})" for p in made]
 
 
@@ -448,16 +442,21 @@ def _mean_std(values: list[float | None]) -> tuple[float | None, float | None]:
     return (float(np.mean(vals)), float(np.std(vals))) if vals else (None, None)
 
 
+def bar_rows(bars: list[dict]) -> list[dict]:
+    """table_for's per-method OP/BWT lists → plot_comparison rows (mean and std over runs)."""
+    rows = []
+    for b in bars:
+        row = {"label": b["label"]}
+        for metric in ("op", "bwt"):
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(b[metric])
+        rows.append(row)
+    return rows
+
+
 def bar_figures(bars_std: list[dict], bars_long: list[dict]) -> list[str]:
     made = []
     for stream, bars in (("standard", bars_std), ("long", bars_long)):
-        rows = []
-        for b in bars:
-            row = {"label": b["label"]}
-            for metric in ("op", "bwt"):
-                row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(b[metric])
-            rows.append(row)
-        made += plot_comparison(rows, FIGS, ("op", "bwt"), suffix=f"_{stream}")
+        made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix=f"_{stream}")
     return [str(Path(p).relative_to(DOCS)) for p in made]
 
 
