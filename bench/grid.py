@@ -206,6 +206,23 @@ def smollm2_tuning_runs() -> dict[str, dict]:
     return runs
 
 
+def choose_smollm2_tuned() -> dict | None:
+    """Each strategy's λ with the best dev OP (then BWT), written to bench/tuned_smollm2.json once all ran."""
+    chosen: dict = {"_comment": "Best dev OP, then BWT, by bench/grid.py smollm2-tune; see docs/RESULTS.md."}
+    for name, opts in smollm2_tuning_runs().items():
+        if not is_complete(RUNS_SMOL / name):
+            return None
+        metrics = json.loads((RUNS_SMOL / name / "results.json").read_text())["metrics"]
+        strategy, key = opts["strategy"], SMOL_TUNING[opts["strategy"]][0]
+        score = (metrics["op"], metrics["bwt"])
+        if strategy not in chosen or score > chosen[strategy]["_score"]:
+            chosen[strategy] = {key: opts[key], "_score": score}
+    for strategy in SMOL_TUNING:
+        del chosen[strategy]["_score"]
+    SMOL_TUNED.write_text(json.dumps(chosen, indent=1) + "\n")
+    return chosen
+
+
 def smollm2_tuned() -> dict[str, dict]:
     """λ chosen on dev (bench/tuned_smollm2.json) where it exists, else MiniLM's."""
     tuned = json.loads(SMOL_TUNED.read_text()) if SMOL_TUNED.exists() else {}
@@ -316,6 +333,8 @@ def main() -> None:
         for name, secs, code in pool.map(lambda item: run_one(*item, root=root), runs.items()):
             status = "skip" if secs == 0 else ("ok" if code == 0 else f"FAILED ({code}, see {name}.log)")
             print(f"{name:40s} {status:10s} {secs:7.1f}s  total {time.perf_counter() - start:7.1f}s", flush=True)
+    if args.phase == "smollm2-tune" and (chosen := choose_smollm2_tuned()):
+        print(f"chosen on dev, written to {SMOL_TUNED.relative_to(ROOT)}: {chosen}")
 
 
 if __name__ == "__main__":
