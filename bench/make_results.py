@@ -275,6 +275,7 @@ def smollm2_tuning_section() -> list[str]:
     rows = smollm2_rows(names)
     missing = [n for n in names if load(n, RUNS_SMOL) is None]
     tuned = json.loads(SMOL_TUNED.read_text()) if SMOL_TUNED.exists() else None
+    tuned = {k: v for k, v in tuned.items() if not k.startswith("_")} if tuned else None
     return [
         "## Strategy λ on dev (dbpedia, amazon, agnews; the study budget; seed 0)",
         "",
@@ -283,7 +284,7 @@ def smollm2_tuning_section() -> list[str]:
         *(rows if len(rows) > 3 else ["Not run yet."]),
         "",
         f"Not run yet: {', '.join(missing)}." if missing else "",
-        f"Chosen (bench/tuned_smollm2.json): `{json.dumps(tuned)}`."
+        f"Chosen by dev OP, then BWT (bench/tuned_smollm2.json, which the grid reads): `{json.dumps(tuned)}`."
         if tuned
         else "Until chosen, the grid uses MiniLM's λ (ELLA 1e6, O-LoRA 1.0).",
         "",
