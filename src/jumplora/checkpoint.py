@@ -242,7 +242,7 @@ class RunDirectory:
 
     def write_predictions(self, number: int, after: str, predictions: dict[str, list[dict[str, Any]]]) -> Path:
         """One file per evaluation, numbered in run order and rewritten whole (a resumed run repeats none)."""
-        path = self.out / PREDICTIONS / f"{number:02d}-{after.replace(' ', '-')}.jsonl"
+        path = predictions_file(self.out, number, after)
         path.parent.mkdir(exist_ok=True)
         lines = (json.dumps({"after": after, "task": task, **r}) for task, rs in predictions.items() for r in rs)
         atomic_write_text(path, "".join(line + "\n" for line in lines))
@@ -258,6 +258,11 @@ class RunDirectory:
 
 
 # -- helpers ----------------------------------------------------------------------------------------------
+def predictions_file(out: Path, number: int, after: str) -> Path:
+    """``out/predictions/NN-after-TASK.jsonl``: evaluation ``number`` of the run (0 is zero-shot)."""
+    return Path(out) / PREDICTIONS / f"{number:02d}-{after.replace(' ', '-')}.jsonl"
+
+
 def _read_json(path: Path, what: str) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))

@@ -19,6 +19,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from jumplora.checkpoint import predictions_file
 from jumplora.io import read_jsonl
 from jumplora.models.base import normalize_answer
 
@@ -54,7 +55,7 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
     stream = set().union(*normal.values())
     rows = []
     for i, newest in enumerate(tasks[1:], start=1):
-        path = run / "predictions" / f"{i + 1:02d}-after-{newest}.jsonl"
+        path = predictions_file(run, i + 1, f"after {newest}")
         if not path.is_file():
             raise ValueError(f"{path}: missing (run with --save-predictions)")
         records = read_jsonl(path)
