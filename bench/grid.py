@@ -208,17 +208,15 @@ def smollm2_tuning_runs() -> dict[str, dict]:
 
 def choose_smollm2_tuned() -> dict | None:
     """Each strategy's λ with the best dev OP (then BWT), written to bench/tuned_smollm2.json once all ran."""
+    runs = smollm2_tuning_runs()
+    if not all(is_complete(RUNS_SMOL / name) for name in runs):
+        return None
     chosen: dict = {"_comment": "Best dev OP, then BWT, by bench/grid.py smollm2-tune; see docs/RESULTS.md."}
-    for name, opts in smollm2_tuning_runs().items():
-        if not is_complete(RUNS_SMOL / name):
-            return None
-        metrics = json.loads((RUNS_SMOL / name / "results.json").read_text())["metrics"]
-        strategy, key = opts["strategy"], SMOL_TUNING[opts["strategy"]][0]
-        score = (metrics["op"], metrics["bwt"])
-        if strategy not in chosen or score > chosen[strategy]["_score"]:
-            chosen[strategy] = {key: opts[key], "_score": score}
-    for strategy in SMOL_TUNING:
-        del chosen[strategy]["_score"]
+    for strategy, (key, _) in SMOL_TUNING.items():
+        tried = {name: opts for name, opts in runs.items() if opts["strategy"] == strategy}
+        metrics = {name: json.loads((RUNS_SMOL / name / "results.json").read_text())["metrics"] for name in tried}
+        best = max(tried, key=lambda name: (metrics[name]["op"], metrics[name]["bwt"]))
+        chosen[strategy] = {key: tried[best][key]}
     SMOL_TUNED.write_text(json.dumps(chosen, indent=1) + "\n")
     return chosen
 
@@ -229,12 +227,15 @@ def smollm2_tuned() -> dict[str, dict]:
     return {strategy: tuned.get(strategy, V2_TUNED[strategy]) for strategy in V2_TUNED}
 
 
+SMOL_ORDERS_SEEDS = ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))  # 3 seeds on order 1, 1 on orders 2-3
+
+
 def smollm2_runs() -> dict[str, dict]:
     """Order 1 first (headline strategies, then the rest), then more seeds, then orders 2-3."""
     methods = [(s, jl) for s in ("inclora", "ella", "seqlora", "olora") for jl in (False, True)]
     return dict(
         study_run({**SMOL_BASE, **SMOL_BUDGET}, strategy, jump, order, seed, smollm2_tuned())
-        for order, seed in ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))
+        for order, seed in SMOL_ORDERS_SEEDS
         for strategy, jump in [*methods, ("multitask", False)]
     )
 
@@ -301,32 +302,31 @@ def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
     return name, time.perf_counter() - start, code
 
 
+def _final_runs() -> dict[str, dict]:
+    return final_runs(json.loads(TUNED.read_text()) if TUNED.exists() else {})
+
+
+# phase → (its runs, the folder they go to)
+PHASES = {
+    "tune": (tuning_runs, RUNS),
+    "final": (_final_runs, RUNS),
+    "v2": (v2_runs, RUNS_V2),
+    "drift": (drift_runs, RUNS_DRIFT),
+    "smollm2-probe": (smollm2_probe_runs, RUNS_SMOL),
+    "smollm2-tune": (smollm2_tuning_runs, RUNS_SMOL),
+    "smollm2": (smollm2_runs, RUNS_SMOL),
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    phases = ["tune", "final", "v2", "drift", "smollm2-probe", "smollm2-tune", "smollm2"]
-    parser.add_argument("phase", choices=phases)
+    parser.add_argument("phase", choices=list(PHASES))
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--only", default="", help="run only names containing this string")
     args = parser.parse_args()
-    roots = {"v2": RUNS_V2, "drift": RUNS_DRIFT, "smollm2-probe": RUNS_SMOL, "smollm2-tune": RUNS_SMOL}
-    root = roots.get(args.phase, RUNS_SMOL if args.phase == "smollm2" else RUNS)
+    make_runs, root = PHASES[args.phase]
     root.mkdir(parents=True, exist_ok=True)
-    if args.phase == "smollm2-probe":
-        runs = smollm2_probe_runs()
-    elif args.phase == "smollm2-tune":
-        runs = smollm2_tuning_runs()
-    elif args.phase == "smollm2":
-        runs = smollm2_runs()
-    elif args.phase == "tune":
-        runs = tuning_runs()
-    elif args.phase == "v2":
-        runs = v2_runs()
-    elif args.phase == "drift":
-        runs = drift_runs()
-    else:
-        tuned = json.loads(TUNED.read_text()) if TUNED.exists() else {}
-        runs = final_runs(tuned)
-    runs = {k: v for k, v in runs.items() if args.only in k}
+    runs = {k: v for k, v in make_runs().items() if args.only in k}
     start = time.perf_counter()
     print(f"{len(runs)} runs, {sum(is_complete(root / n) for n in runs)} already complete", flush=True)
     with ThreadPoolExecutor(args.workers) as pool:

@@ -25,6 +25,7 @@ from grid import (  # noqa: E402
     RUNS_V2,
     SMOL_BASE,
     SMOL_BUDGET,
+    SMOL_ORDERS_SEEDS,
     SMOL_PROBES,
     SMOL_TUNED,
     STANDARD_BUDGET,
@@ -37,7 +38,7 @@ from grid import (  # noqa: E402
 )
 
 from jumplora.io import read_jsonl  # noqa: E402
-from jumplora.metrics.drift import KINDS, answer_drift, final_drift  # noqa: E402
+from jumplora.metrics.drift import KINDS, answer_drift, final_drift, prediction_keys  # noqa: E402
 from jumplora.metrics.plots import plot_comparison, plot_run_figures  # noqa: E402
 
 DOCS = ROOT / "docs"
@@ -301,12 +302,13 @@ def drift_section() -> list[str]:
         "|---|---|---|" + "---|" * len(KINDS),
     ]
     for model, run in runs:
-        if load(run.name, run.parent) is None or not (run / "predictions").is_dir():
+        res = load(run.name, run.parent)
+        if res is None or not (run / "predictions").is_dir():
             continue
-        keys = ("prediction", "rank_prediction") if model == "SmolLM2" else ("prediction",)
+        keys = prediction_keys(res)
         for key in keys:
             shares = final_drift(answer_drift(run, key))
-            how = "generated" if model == "SmolLM2" and key == "prediction" else "ranked options"
+            how = "generated" if key == "prediction" and len(keys) > 1 else "ranked options"
             lines.append(
                 f"| {model} | {run.name} | {how} | " + " | ".join(f"{100 * shares[k]:.1f}" for k in KINDS) + " |"
             )
@@ -329,7 +331,7 @@ def smollm2_paired() -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     deltas = []
-    for order, seed in ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0)):
+    for order, seed in SMOL_ORDERS_SEEDS:
         dense, jump = (load(f"o{order}-inclora{jl}-s{seed}", RUNS_SMOL) for jl in ("", "-jl"))
         if dense is None or jump is None:
             continue

@@ -370,13 +370,13 @@ def _print_drift(results: list[dict], fmt: str) -> None:
     """One table per run: for each evaluation and earlier task, the share of each kind of answer."""
     import json
 
-    from jumplora.metrics.drift import KINDS, answer_drift
+    from jumplora.metrics.drift import KINDS, answer_drift, prediction_keys
 
     if fmt == "latex":
         _fail("--drift prints as table, markdown, csv or json")
     for res in results:
         run_dir = Path(res["run_dir"])
-        keys = ["prediction", "rank_prediction"] if res.get("rank_accuracy_matrix") else ["prediction"]
+        keys = prediction_keys(res)
         try:
             tables = {key: answer_drift(run_dir, key) for key in keys}
         except ValueError as err:

@@ -188,32 +188,20 @@ class Engine:
                 batch = to_device(family.collate([data.eval_features[i] for i in chunk]), self.accelerator.device)
                 answers = [data.eval_examples[i].answer for i in chunk]
                 answered = self._predictions(model, batch, modes)
-                for key, preds in answered.items():
-                    correct[key] += sum(family.is_correct(p, a) for p, a in zip(preds, answers, strict=True))
+                hits = {
+                    key: [family.is_correct(p, a) for p, a in zip(preds, answers, strict=True)]
+                    for key, preds in answered.items()
+                }
+                for key, row in hits.items():
+                    correct[key] += sum(row)
                 if predictions is not None:
-                    predictions += self._prediction_records(chunk, answers, answered)
+                    predictions += _prediction_records(chunk, answers, answered, hits)
         model.train(was_training)
-        if predictions is not None and world > 1:
+        if predictions is not None:  # gather_object hands a single process's list back as it is
             predictions[:] = sorted(gather_object(predictions), key=lambda record: record["index"])
-        elif predictions is not None:
-            predictions.sort(key=lambda record: record["index"])
         totals = torch.tensor([*correct.values(), len(indices)], dtype=torch.float64, device=self.accelerator.device)
         totals = self.accelerator.reduce(totals, reduction="sum")
         return {key: float(totals[k] / max(totals[-1], 1)) for k, key in enumerate(modes)}
-
-    def _prediction_records(
-        self, indices: list[int], answers: list[str], answered: dict[str, list[str]]
-    ) -> list[dict[str, Any]]:
-        """``accuracy`` → prediction/correct, ``rank_accuracy`` → rank_prediction/rank_correct."""
-        records = []
-        for row, (index, answer) in enumerate(zip(indices, answers, strict=True)):
-            record: dict[str, Any] = {"index": index, "answer": answer}
-            for key, preds in answered.items():
-                prefix = key.removesuffix("accuracy")
-                record[f"{prefix}prediction"] = preds[row]
-                record[f"{prefix}correct"] = bool(self.loaded.family.is_correct(preds[row], answer))
-            records.append(record)
-        return records
 
     def _predictions(self, model: nn.Module, batch: dict, modes: dict[str, str | None]) -> dict[str, list[str]]:
         """Metric name → answers; generation and ranking together share one prefill of the prompts."""
@@ -503,3 +491,18 @@ def _tracking_dir(config: RunConfig) -> Any:
     from pathlib import Path
 
     return Path(config.out) / "tracking"
+
+
+def _prediction_records(
+    indices: list[int], answers: list[str], answered: dict[str, list[str]], hits: dict[str, list[bool]]
+) -> list[dict[str, Any]]:
+    """``accuracy`` → prediction/correct, ``rank_accuracy`` → rank_prediction/rank_correct."""
+    records = []
+    for row, (index, answer) in enumerate(zip(indices, answers, strict=True)):
+        record: dict[str, Any] = {"index": index, "answer": answer}
+        for key, preds in answered.items():
+            prefix = key.removesuffix("accuracy")
+            record[f"{prefix}prediction"] = preds[row]
+            record[f"{prefix}correct"] = bool(hits[key][row])
+        records.append(record)
+    return records

@@ -26,6 +26,11 @@ from jumplora.models.base import normalize_answer
 KINDS: tuple[str, ...] = ("correct", "own_option", "newest_task", "other_task", "no_option")
 
 
+def prediction_keys(results: dict[str, Any]) -> tuple[str, ...]:
+    """The answers a run saved: generated (or ranked, for encoders) and, for generative runs, ranked."""
+    return ("prediction", "rank_prediction") if results.get("rank_accuracy_matrix") else ("prediction",)
+
+
 def answer_kind(record: dict[str, Any], key: str, own: set[str], newest: set[str], stream: set[str]) -> str:
     """The kind of one answer; ``key`` is ``prediction`` (generation) or ``rank_prediction``."""
     if record[key.replace("prediction", "correct")]:
