@@ -228,11 +228,12 @@ def smollm2_tuned() -> dict[str, dict]:
 
 
 SMOL_ORDERS_SEEDS = ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))  # 3 seeds on order 1, 1 on orders 2-3
+SMOL_STRATEGIES = ("inclora", "ella", "seqlora", "olora")  # each dense and + JumpLoRA, then multitask
 
 
 def smollm2_runs() -> dict[str, dict]:
     """Order 1 first (headline strategies, then the rest), then more seeds, then orders 2-3."""
-    methods = [(s, jl) for s in ("inclora", "ella", "seqlora", "olora") for jl in (False, True)]
+    methods = [(s, jl) for s in SMOL_STRATEGIES for jl in (False, True)]
     return dict(
         study_run({**SMOL_BASE, **SMOL_BUDGET}, strategy, jump, order, seed, smollm2_tuned())
         for order, seed in SMOL_ORDERS_SEEDS
