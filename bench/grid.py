@@ -7,6 +7,7 @@
     python bench/grid.py smollm2-probe   # SmolLM2-135M: the budget at which dense IncLoRA forgets (dev)
     python bench/grid.py smollm2-tune    # SmolLM2-135M: ELLA and O-LoRA λ on dev at that budget
     python bench/grid.py smollm2         # SmolLM2-135M: the generative study at that budget (issue 11)
+    python bench/grid.py smollm2-ella-past  # SmolLM2-135M: ELLA + JumpLoRA, W_past merged or dense (dev)
     python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
 
 Every run is a `jumplora run` subprocess with one torch thread; ``--workers`` run side by side (2 on
@@ -241,6 +242,17 @@ def smollm2_runs() -> dict[str, dict]:
     )
 
 
+def smollm2_ella_past_runs() -> dict[str, dict]:
+    """ELLA + JumpLoRA on dev with W_past summing the merged (sparse) or the ungated (dense) updates.
+
+    On test, ELLA + JumpLoRA did no better than IncLoRA + JumpLoRA and the new update never touched W_past's
+    support: does a dense W_past give the penalty its reach back?
+    """
+    dev = {"tasks": SMOL_PROBE_TASKS, "eval_split": "dev", "seed": 0, "jumplora": True}
+    ella = {**SMOL_BASE, **SMOL_BUDGET, **dev, "strategy": "ella", **smollm2_tuned()["ella"]}
+    return {f"ellajl-past-{past}": {**ella, "ella_past": past} for past in ("merged", "dense")}
+
+
 def is_complete(out: Path) -> bool:
     try:
         return json.loads((out / "results.json").read_text()).get("complete") is True
@@ -250,7 +262,7 @@ def is_complete(out: Path) -> bool:
 
 # Reference rows are runners, not strategies; strategy hyper-parameters go through --strategy-arg.
 RUNNER_NAMES = ("multitask", "independent")
-STRATEGY_ARGS = {"ella_lambda": "lam", "olora_lambda": "lam_orth"}
+STRATEGY_ARGS = {"ella_lambda": "lam", "olora_lambda": "lam_orth", "ella_past": "past"}
 
 
 def to_args(opts: dict) -> list[str]:
@@ -316,6 +328,7 @@ PHASES = {
     "smollm2-probe": (smollm2_probe_runs, RUNS_SMOL),
     "smollm2-tune": (smollm2_tuning_runs, RUNS_SMOL),
     "smollm2": (smollm2_runs, RUNS_SMOL),
+    "smollm2-ella-past": (smollm2_ella_past_runs, RUNS_SMOL),
 }
 
 

@@ -225,7 +225,8 @@ def test_config_file_then_options_over_it(tmp_path, monkeypatch):
     assert seen[-1].optim.lr == 5e-4 and seen[-1].stream.tasks == ["rte"]
     assert seen[-1].strategy.name == "olora" and seen[-1].strategy.args["lam_orth"] == 2.0
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "--strategy", "ella"])
-    assert result.exit_code == 0 and seen[-1].strategy.args == {"lam": 3e4}  # a new strategy drops the file's args
+    # a new strategy drops the file's args
+    assert result.exit_code == 0 and seen[-1].strategy.args == {"lam": 3e4, "past": "merged"}
 
 
 def test_strategies_command_lists_every_strategy_and_its_arguments():

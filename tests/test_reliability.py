@@ -146,13 +146,15 @@ def test_saved_predictions_survive_kills_and_resumes(tmp_path, tiny_model, refer
         assert (out / "predictions" / name).read_text() == (ref / "predictions" / name).read_text()
 
 
-@pytest.mark.parametrize("strategy", ["ella", "olora"])
-def test_stateful_strategy_killed_mid_checkpoint(tmp_path, tiny_model, reference, strategy):
+@pytest.mark.parametrize(
+    ("strategy", "extra"), [("ella", ()), ("ella", ("--strategy-arg", "past=dense")), ("olora", ())]
+)
+def test_stateful_strategy_killed_mid_checkpoint(tmp_path, tiny_model, reference, strategy, extra):
     # The strategy state after task 0 (W_past / past A's) is on disk, state.json still says task 0
     # is not done: resuming must not count task 0 twice.
     out = tmp_path / "run"
-    kill_chain(out, run_args(out, tiny_model, strategy), ["checkpoint:2", "step:5"])
-    assert_same_run(reference(strategy), out)
+    kill_chain(out, run_args(out, tiny_model, strategy, *extra), ["checkpoint:2", "step:5"])
+    assert_same_run(reference(strategy, *extra), out)
 
 
 def test_seqlora_mid_task_checkpoints(tmp_path, tiny_model, reference):

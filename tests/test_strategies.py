@@ -67,7 +67,7 @@ def test_registry_names_and_clear_errors() -> None:
     assert strategy_names()[:5] == BUILTINS
     with pytest.raises(ValueError, match="unknown strategy 'ewc'; choose one of: inclora, seqlora, ella, olora"):
         make_strategy("ewc", {})
-    with pytest.raises(ValueError, match=r"'ella': unknown argument 'lambda'; valid arguments: lam$"):
+    with pytest.raises(ValueError, match=r"'ella': unknown argument 'lambda'; valid arguments: lam, past$"):
         make_strategy("ella", {"lambda": 1})
     with pytest.raises(ValueError, match="unknown argument 'x'; valid arguments: memory_per_task, replay_batch_size"):
         make_strategy("replay", {"x": 1})
@@ -102,6 +102,7 @@ def test_make_strategy_coerces_to_field_types(name: str, args: dict, expected: d
         ("replay", {"memory_per_task": "2.5"}, "argument 'memory_per_task' expects int"),
         ("replay", {"memory_per_task": True}, "argument 'memory_per_task' expects int"),
         ("ella", {"lam": -1}, "lam must be >= 0"),
+        ("ella", {"past": "ungated"}, "past must be one of merged, dense, got 'ungated'"),
         ("replay", {"weight": -1}, "must be >= 0"),
     ],
 )
@@ -158,17 +159,17 @@ def test_inclora_and_seqlora_add_nothing_and_keep_no_state(tiny_bert: nn.Module)
             strategy.load_state_dict({"w_past.x": ZERO})
 
 
-@pytest.mark.parametrize("gamma", [0.5, 1.0])
-def test_ella_is_lambda_mean_of_gated_update_times_w_past(tiny_bert: nn.Module, gamma: float) -> None:
-    ella = make_strategy("ella", {"lam": "2.5"})
+@pytest.mark.parametrize(("gamma", "kind"), [(0.5, "merged"), (1.0, "merged"), (1.0, "dense")])
+def test_ella_is_lambda_mean_of_gated_update_times_w_past(tiny_bert: nn.Module, gamma: float, kind: str) -> None:
+    ella = make_strategy("ella", {"lam": "2.5", "past": kind})
     past: dict[str, torch.Tensor] = {}
     model = adapter(tiny_bert, seed=1)
-    for task in range(2):  # two finished tasks: W_past = their summed merged (γ = 1) updates
+    for task in range(2):  # two finished tasks: W_past = their summed merged (γ = 1) or ungated (γ = 0) updates
         ctx = context(model, task)
         ella.on_task_start(ctx)
         assert (ella.loss_term(ctx, {}, ZERO) is None) == (task == 0)
         for name, layer in jumplora_layers(model):
-            past[name] = past.get(name, 0) + effective(layer, 1.0).detach()
+            past[name] = past.get(name, 0) + effective(layer, 1.0 if kind == "merged" else 0.0).detach()
         merged = merge_and_discard(model, keep_updates=True, force=True)  # the merge gates fully whatever γ
         ella.on_task_end(ctx, merged)
         model = adapter(merged.model, seed=2 + task, gamma=gamma)
@@ -186,7 +187,7 @@ def test_ella_is_lambda_mean_of_gated_update_times_w_past(tiny_bert: nn.Module, 
     term.backward()
     assert all(layer.jumplora_B["default"].grad.abs().sum() > 0 for layer in layers.values())
 
-    resumed = ELLA(lam=2.5)
+    resumed = ELLA(lam=2.5, past=kind)
     resumed.load_state_dict(state)
     resumed.on_task_start(ctx)
     torch.testing.assert_close(resumed.loss_term(ctx, {}, ZERO), term.detach())

@@ -4,6 +4,10 @@
 so θ and the γ ramp shape the penalty as they shape the forward pass; ``W_past`` is the sum of the
 merged updates of the earlier tasks, per module, in the (out, in) layout of ``MergeResult.updates``.
 The mean runs over the adapted modules that have a past update.
+
+With JumpLoRA the merged updates are sparse, so the penalty covers only their few entries; ``past="dense"``
+sums each task's ungated update s·B·A instead (what the task learned, before the gate dropped most of it),
+which keeps the penalty's reach as in dense ELLA while the merged weights stay sparse.
 """
 
 from __future__ import annotations
@@ -12,11 +16,14 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
 from .base import Strategy, StrategyContext, jumplora_layers, register_strategy, strip_prefix
 
 if TYPE_CHECKING:
     from jumplora.adapters import MergeResult
+
+PAST_KINDS = ("merged", "dense")
 
 
 @register_strategy("ella")
@@ -25,16 +32,23 @@ class ELLA(Strategy):
     """ELLA: loss + λ·mean_l ‖ΔW_t ⊙ W_past‖² keeps new updates off the entries earlier tasks used."""
 
     lam: float = field(default=3e4, metadata={"help": "the public release's λ; suits T5's update scale"})
+    past: str = field(
+        default="merged", metadata={"help": "W_past sums the 'merged' (gated) updates or the 'dense' s·B·A ones"}
+    )
 
     def __post_init__(self) -> None:
         if self.lam < 0:
             raise ValueError(f"strategy 'ella': lam must be >= 0, got {self.lam}")
+        if self.past not in PAST_KINDS:
+            raise ValueError(f"strategy 'ella': past must be one of {', '.join(PAST_KINDS)}, got {self.past!r}")
         self.w_past: dict[str, torch.Tensor] = {}  # CPU float32, the state
         self._on_device: dict[str, torch.Tensor] = {}  # W_past on the model's device and dtype
+        self._current: list[tuple[str, nn.Module]] = []  # the task's layers (gone from the model after the merge)
 
     def on_task_start(self, ctx: StrategyContext) -> None:
         self._on_device = {}
-        for name, layer in jumplora_layers(ctx.model):
+        self._current = list(jumplora_layers(ctx.model))
+        for name, layer in self._current:
             if name in self.w_past:
                 weight = layer.jumplora_A["default"]
                 self._on_device[name] = self.w_past[name].to(device=weight.device, dtype=weight.dtype)
@@ -52,8 +66,13 @@ class ELLA(Strategy):
     def on_task_end(self, ctx: StrategyContext, merged: MergeResult | None) -> None:
         if merged is None:
             return
-        for name, update in merged.updates.items():
+        updates = merged.updates
+        if self.past == "dense":
+            with torch.no_grad():
+                updates = {n: layer.effective_delta("default", gamma=0.0).float().cpu() for n, layer in self._current}
+        for name, update in updates.items():
             self.w_past[name] = self.w_past[name] + update if name in self.w_past else update.clone()
+        self._current = []
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {f"w_past.{name}": t.contiguous() for name, t in self.w_past.items()}
