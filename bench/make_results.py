@@ -33,6 +33,7 @@ from grid import (  # noqa: E402
     TUNE_BUDGET,
     TUNED,
     V2_BUDGET,
+    smollm2_ella_past_runs,
     smollm2_runs,
     smollm2_tuning_runs,
     tuning_runs,
@@ -43,6 +44,7 @@ from jumplora.metrics.drift import KINDS, answer_drift, final_drift, prediction_
 from jumplora.metrics.plots import plot_comparison, plot_run_figures  # noqa: E402
 
 DOCS = ROOT / "docs"
+ELLA_PAST_RUNS = [(name, opts["ella_past"]) for name, opts in smollm2_ella_past_runs().items()]
 FIGS = DOCS / "results"
 
 
@@ -293,6 +295,44 @@ def smollm2_tuning_section() -> list[str]:
     ]
 
 
+def ella_past_section() -> list[str]:
+    """ELLA + JumpLoRA on dev with W_past merged (sparse) or dense, beside its references on the same tasks."""
+    rows = [
+        ("IncLoRA", RUNS_SMOL / "probe-lr1e-3-e3"),
+        ("IncLoRA + JumpLoRA", RUNS / "density_sweep" / "smol-L-dual"),
+        ("ELLA", RUNS_SMOL / "tune-ella-lam1e+06"),
+        *((f"ELLA + JumpLoRA, past={past}", RUNS_SMOL / name) for name, past in ELLA_PAST_RUNS),
+    ]
+    lines = [
+        "| method | run | OP (EM) | BWT | forgetting | task i after training i → after the last task | density "
+        "| Jaccard W_past |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, run in rows:
+        res = load(run.name, run.parent)
+        if res is None:
+            lines.append(f"| {label} | {run.name} | not run yet | | | | | |")
+            continue
+        s = run_summary(res)
+        sparse = _sparse(res["config"])
+        density = f"{100 * s['density']:.1f}" if sparse else "100 (dense)"
+        overlap = f"{100 * s['jaccard_past']:.1f}" if sparse and s["jaccard_past"] is not None else "—"
+        lines.append(
+            f"| {label} | {run.name} | {100 * s['op']:.1f} | {100 * s['bwt']:+.1f} | {100 * s['forgetting']:.1f} | "
+            f"{_diagonal(res)} | {density} | {overlap} |"
+        )
+    return [
+        "## ELLA + JumpLoRA: W_past from the merged (sparse) or the ungated (dense) updates (dev, seed 0)",
+        "",
+        "`python bench/grid.py smollm2-ella-past`: the strategy argument `past=dense` sums each task's",
+        "ungated s·B·A into W_past; `merged` (the default) sums what was merged. Same dev tasks and budget as",
+        "the tuning above, λ 1e6; IncLoRA + JumpLoRA is the density sweep's `dual` run (docs/density_sweep.md).",
+        "",
+        *lines,
+        "",
+    ]
+
+
 def drift_section() -> list[str]:
     """What answers to earlier tasks became after the last task, for every run that saved its answers."""
     runs = [("MiniLM", d) for d in sorted(RUNS_DRIFT.glob("*/"))] + [
@@ -416,6 +456,7 @@ def smollm2_section() -> list[str]:
         f"Not run (CPU time): {', '.join(probes_missing)}." if probes_missing else "",
         "",
         *smollm2_tuning_section(),
+        *ella_past_section(),
         "## Orders 1-3 (test splits)",
         "",
         f"`python bench/grid.py smollm2`; per task {_settings(SMOL_BUDGET)} (60 optimizer steps), seed N in run name's",
