@@ -242,6 +242,8 @@ def _diagonal(res: dict, key: str = "accuracy_matrix") -> str:
     if not matrix:
         return "—"
     last = matrix[-1]
+    if len(matrix) != len(last):  # one row (multitask): each task's accuracy after joint training
+        return " · ".join(f"{100 * acc:.0f}" for acc in last)
     return " · ".join(f"{100 * matrix[i][i]:.0f}→{100 * last[i]:.0f}" for i in range(len(matrix)))
 
 
@@ -344,8 +346,8 @@ def drift_section() -> list[str]:
     ]
     for model, run in runs:
         res = load(run.name, run.parent)
-        if res is None or not (run / "predictions").is_dir():
-            continue
+        if res is None or res["runner"] != "continual" or not (run / "predictions").is_dir():
+            continue  # only a stream of tasks has earlier tasks whose answers can drift
         keys = prediction_keys(res)
         for key in keys:
             shares = final_drift(answer_drift(run, key))
