@@ -183,6 +183,24 @@ def test_generative_families_through_the_engine(tmp_path, request, gen_tokenizer
     check_saved_predictions(tmp_path / "run", results)
 
 
+@pytest.mark.parametrize("reference", ["multitask", "independent"])
+def test_generative_reference_rows_keep_the_ranking_metric(tmp_path, tiny_llama, gen_tokenizer, reference):
+    model_dir = tmp_path / "model"
+    tiny_llama.save_pretrained(model_dir)
+    gen_tokenizer.save_pretrained(model_dir)
+    results = run(
+        tmp_path, stream_file=str(write_toy_stream(tmp_path)), model=str(model_dir), runner=reference, epochs=1,
+        batch_size=4, max_length=48, save_predictions=True,
+    )  # fmt: skip
+    row, rank_row = results["accuracy_matrix"][0], results["rank_accuracy_matrix"][0]
+    assert len(rank_row) == len(row) == 2 and results["rank_metrics"] == {"op": pytest.approx(np.mean(rank_row))}
+    saved = [r for f in sorted((tmp_path / "run" / "predictions").glob("0[1-9]-*.jsonl")) for r in read_jsonl(f)]
+    for task, accuracy, rank_accuracy in zip(results["tasks"], row, rank_row, strict=True):
+        mine = [r for r in saved if r["task"] == task]
+        assert np.mean([r["correct"] for r in mine]) == pytest.approx(accuracy)
+        assert np.mean([r["rank_correct"] for r in mine]) == pytest.approx(rank_accuracy)
+
+
 def check_saved_predictions(out: Path, results: dict) -> None:
     """predictions/ holds every item of every evaluation once, and re-scores to R and the ranking R."""
     files = sorted((out / "predictions").iterdir())

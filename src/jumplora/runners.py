@@ -239,10 +239,16 @@ class _ReferenceRunner(Runner):
             self.rundir.start()
         self._start_trackers()
         self._record(self._evaluate(engine.base_model, 0, "zero-shot"), zero_shot=True)
-        row = self.train_and_evaluate()
-        return self.finish(
-            self.results(True, accuracy_matrix=[row], metrics={"op": float(np.mean(row))}, **self.extra(row))
-        )
+        scores = self.train_and_evaluate()
+        row, rank = scores["accuracy"], scores.get("rank_accuracy")
+        override: dict[str, Any] = {"accuracy_matrix": [row], "metrics": {"op": float(np.mean(row))}}
+        if rank is not None:  # generative families: the option-ranking score beside exact match
+            override |= {"rank_accuracy_matrix": [rank], "rank_metrics": {"op": float(np.mean(rank))}}
+        return self.finish(self.results(True, **override, **self.extra(row)))
+
+    def train_and_evaluate(self) -> dict[str, list[float]]:
+        """Each task's scores after training, one list per metric (``accuracy``, maybe ``rank_accuracy``)."""
+        raise NotImplementedError
 
     def extra(self, row: list[float]) -> dict[str, Any]:
         return {}
@@ -251,29 +257,29 @@ class _ReferenceRunner(Runner):
 class MultitaskRunner(_ReferenceRunner):
     name = "multitask"
 
-    def train_and_evaluate(self) -> list[float]:
+    def train_and_evaluate(self) -> dict[str, list[float]]:
         engine = self.engine
         features = [f for d in engine.tasks for f in d.train_features]
         peft_model, _ = engine.train_task(engine.new_adapter(engine.base_model, 0), 0, features, name="multitask")
         merged = engine.merge(peft_model, 0)
         self.progress.per_task.append(engine.task_analytics("multitask", merged.supports, {}))
-        return self._evaluate(merged.model, 1, "after multitask")["accuracy"]
+        return self._evaluate(merged.model, 1, "after multitask")
 
 
 class IndependentRunner(_ReferenceRunner):
     name = "independent"
 
-    def train_and_evaluate(self) -> list[float]:
-        engine, initial, row = self.engine, copy.deepcopy(self.engine.base_model), []
+    def train_and_evaluate(self) -> dict[str, list[float]]:
+        engine, initial, scores = self.engine, copy.deepcopy(self.engine.base_model), []
         for i, data in enumerate(engine.tasks):
             peft_model, _ = engine.train_task(engine.new_adapter(copy.deepcopy(initial), i), i, data.train_features)
             merged = engine.merge(peft_model, i)
             kept: list[dict] | None = [] if self.config.save_predictions else None
-            row.append(engine.evaluate(merged.model, data, kept)["accuracy"])
+            scores.append(engine.evaluate(merged.model, data, kept))
             if kept is not None and engine.is_main:
                 self.rundir.write_predictions(i + 1, f"after {data.task.name}", {data.task.name: kept})
             self.progress.per_task.append(engine.task_analytics(data.task.name, merged.supports, {}))
-        return row
+        return {key: [s[key] for s in scores] for key in scores[0]}
 
     def extra(self, row: list[float]) -> dict[str, Any]:
         return {"independent": row}
