@@ -243,14 +243,17 @@ def smollm2_runs() -> dict[str, dict]:
 
 
 def smollm2_ella_past_runs() -> dict[str, dict]:
-    """ELLA + JumpLoRA on dev with W_past summing the merged (sparse) or the ungated (dense) updates.
+    """ELLA + JumpLoRA with W_past summing the merged (sparse) or the ungated (dense) updates: dev, then test.
 
     On test, ELLA + JumpLoRA did no better than IncLoRA + JumpLoRA and the new update never touched W_past's
     support: does a dense W_past give the penalty its reach back?
     """
     dev = {"tasks": SMOL_PROBE_TASKS, "eval_split": "dev", "seed": 0, "jumplora": True}
     ella = {**SMOL_BASE, **SMOL_BUDGET, **dev, "strategy": "ella", **smollm2_tuned()["ella"]}
-    return {f"ellajl-past-{past}": {**ella, "ella_past": past} for past in ("merged", "dense")}
+    runs = {f"ellajl-past-{past}": {**ella, "ella_past": past} for past in ("merged", "dense")}
+    # On test, beside o1-ella-jl-s0 (past=merged), where the gap to dense ELLA showed.
+    _, test = study_run({**SMOL_BASE, **SMOL_BUDGET}, "ella", True, 1, 0, smollm2_tuned())
+    return {**runs, "o1-ella-jl-pastdense-s0": {**test, "ella_past": "dense"}}
 
 
 def is_complete(out: Path) -> bool:

@@ -45,6 +45,8 @@ from jumplora.metrics.plots import plot_comparison, plot_run_figures  # noqa: E4
 
 DOCS = ROOT / "docs"
 ELLA_PAST_RUNS = [(name, opts["ella_past"]) for name, opts in smollm2_ella_past_runs().items()]
+ORDER1_REFERENCES = [("IncLoRA", "inclora"), ("IncLoRA + JumpLoRA", "inclora-jl"), ("ELLA", "ella"),
+                     ("ELLA + JumpLoRA, past=merged", "ella-jl")]  # fmt: skip
 FIGS = DOCS / "results"
 
 
@@ -300,10 +302,12 @@ def smollm2_tuning_section() -> list[str]:
 def ella_past_section() -> list[str]:
     """ELLA + JumpLoRA on dev with W_past merged (sparse) or dense, beside its references on the same tasks."""
     rows = [
-        ("IncLoRA", RUNS_SMOL / "probe-lr1e-3-e3"),
-        ("IncLoRA + JumpLoRA", RUNS / "density_sweep" / "smol-L-dual"),
-        ("ELLA", RUNS_SMOL / "tune-ella-lam1e+06"),
-        *((f"ELLA + JumpLoRA, past={past}", RUNS_SMOL / name) for name, past in ELLA_PAST_RUNS),
+        ("dev: IncLoRA", RUNS_SMOL / "probe-lr1e-3-e3"),
+        ("dev: IncLoRA + JumpLoRA", RUNS / "density_sweep" / "smol-L-dual"),
+        ("dev: ELLA", RUNS_SMOL / "tune-ella-lam1e+06"),
+        *((f"dev: ELLA + JumpLoRA, past={past}", RUNS_SMOL / name) for name, past in ELLA_PAST_RUNS[:2]),
+        *((f"test: {label}", RUNS_SMOL / f"o1-{run}-s0") for label, run in ORDER1_REFERENCES),
+        *((f"test: ELLA + JumpLoRA, past={past}", RUNS_SMOL / name) for name, past in ELLA_PAST_RUNS[2:]),
     ]
     lines = [
         "| method | run | OP (EM) | BWT | forgetting | task i after training i → after the last task | density "
@@ -324,11 +328,13 @@ def ella_past_section() -> list[str]:
             f"{_diagonal(res)} | {density} | {overlap} |"
         )
     return [
-        "## ELLA + JumpLoRA: W_past from the merged (sparse) or the ungated (dense) updates (dev, seed 0)",
+        "## ELLA + JumpLoRA: W_past from the merged (sparse) or the ungated (dense) updates (seed 0)",
         "",
         "`python bench/grid.py smollm2-ella-past`: the strategy argument `past=dense` sums each task's",
-        "ungated s·B·A into W_past; `merged` (the default) sums what was merged. Same dev tasks and budget as",
-        "the tuning above, λ 1e6; IncLoRA + JumpLoRA is the density sweep's `dual` run (docs/density_sweep.md).",
+        "ungated s·B·A into W_past; `merged` (the default) sums what was merged. Dev: the tuning's tasks and",
+        "budget, λ 1e6; IncLoRA + JumpLoRA is the density sweep's `dual` run (docs/density_sweep.md). Test:",
+        "order 1 at the study budget, beside the grid's runs on the same data. Jaccard W_past: the new",
+        "task's kept entries against the union of the earlier merged supports.",
         "",
         *lines,
         "",
