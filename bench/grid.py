@@ -7,7 +7,7 @@
     python bench/grid.py smollm2-probe   # SmolLM2-135M: the budget at which dense IncLoRA forgets (dev)
     python bench/grid.py smollm2-tune    # SmolLM2-135M: ELLA and O-LoRA λ on dev at that budget
     python bench/grid.py smollm2         # SmolLM2-135M: the generative study at that budget (issue 11)
-    python bench/grid.py smollm2-ella-past  # SmolLM2-135M: ELLA + JumpLoRA, W_past merged or dense (dev)
+    python bench/grid.py smollm2-ella-past  # SmolLM2-135M: ELLA + JumpLoRA, W_past merged or dense (dev, order 1)
     python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
 
 Every run is a `jumplora run` subprocess with one torch thread; ``--workers`` run side by side (2 on
@@ -248,11 +248,12 @@ def smollm2_ella_past_runs() -> dict[str, dict]:
     On test, ELLA + JumpLoRA did no better than IncLoRA + JumpLoRA and the new update never touched W_past's
     support: does a dense W_past give the penalty its reach back?
     """
+    tuned = smollm2_tuned()
     dev = {"tasks": SMOL_PROBE_TASKS, "eval_split": "dev", "seed": 0, "jumplora": True}
-    ella = {**SMOL_BASE, **SMOL_BUDGET, **dev, "strategy": "ella", **smollm2_tuned()["ella"]}
+    ella = {**SMOL_BASE, **SMOL_BUDGET, **dev, "strategy": "ella", **tuned["ella"]}
     runs = {f"ellajl-past-{past}": {**ella, "ella_past": past} for past in ("merged", "dense")}
     # On test, beside o1-ella-jl-s0 (past=merged), where the gap to dense ELLA showed.
-    _, test = study_run({**SMOL_BASE, **SMOL_BUDGET}, "ella", True, 1, 0, smollm2_tuned())
+    _, test = study_run({**SMOL_BASE, **SMOL_BUDGET}, "ella", True, 1, 0, tuned)
     return {**runs, "o1-ella-jl-pastdense-s0": {**test, "ella_past": "dense"}}
 
 

@@ -44,9 +44,6 @@ from jumplora.metrics.drift import KINDS, answer_drift, final_drift, prediction_
 from jumplora.metrics.plots import plot_comparison, plot_run_figures  # noqa: E402
 
 DOCS = ROOT / "docs"
-ELLA_PAST_RUNS = [(name, opts["ella_past"]) for name, opts in smollm2_ella_past_runs().items()]
-ORDER1_REFERENCES = [("IncLoRA", "inclora"), ("IncLoRA + JumpLoRA", "inclora-jl"), ("ELLA", "ella"),
-                     ("ELLA + JumpLoRA, past=merged", "ella-jl")]  # fmt: skip
 FIGS = DOCS / "results"
 
 
@@ -253,6 +250,20 @@ def _rank(res: dict, metric: str) -> float | None:
     return (res.get("rank_metrics") or {}).get(metric)
 
 
+def _smol_cells(res: dict) -> dict[str, str]:
+    """The cells the SmolLM2 tables share, formatted: OP, BWT, forgetting, R's diagonal, density, Jaccard W_past."""
+    s, sparse = run_summary(res), _sparse(res["config"])
+    return {
+        "op": f"{100 * s['op']:.1f}",
+        "bwt": "—" if s["bwt"] is None else f"{100 * s['bwt']:+.1f}",
+        "forgetting": "—" if s["forgetting"] is None else f"{100 * s['forgetting']:.1f}",
+        "diagonal": _diagonal(res),
+        "density": f"{100 * s['density']:.1f}" if sparse else "100 (dense)",
+        "jaccard_past": f"{100 * s['jaccard_past']:.1f}" if sparse and s["jaccard_past"] is not None else "—",
+        "wall": f"{s['wall']:.0f}",
+    }
+
+
 def smollm2_rows(names: list[str]) -> list[str]:
     """One row per run: exact match OP / BWT / forgetting, R's diagonal, ranking OP / BWT, density, wall."""
     lines = [
@@ -264,15 +275,12 @@ def smollm2_rows(names: list[str]) -> list[str]:
         res = load(name, RUNS_SMOL)
         if res is None:
             continue
-        s = run_summary(res)
-        dens = f"{100 * s['density']:.1f}" if _sparse(res["config"]) else "100 (dense)"
-        bwt = "—" if s["bwt"] is None else f"{100 * s['bwt']:+.1f}"
-        forget = "—" if s["forgetting"] is None else f"{100 * s['forgetting']:.1f}"
+        c = _smol_cells(res)
         r_op, r_bwt = _rank(res, "op"), _rank(res, "bwt")
         lines.append(
-            f"| {name} | {100 * s['op']:.1f} | {bwt} | {forget} | {_diagonal(res)} | "
+            f"| {name} | {c['op']} | {c['bwt']} | {c['forgetting']} | {c['diagonal']} | "
             f"{'—' if r_op is None else f'{100 * r_op:.1f}'} | {'—' if r_bwt is None else f'{100 * r_bwt:+.1f}'} | "
-            f"{dens} | {s['wall']:.0f} |"
+            f"{c['density']} | {c['wall']} |"
         )
     return lines
 
@@ -300,14 +308,26 @@ def smollm2_tuning_section() -> list[str]:
 
 
 def ella_past_section() -> list[str]:
-    """ELLA + JumpLoRA on dev with W_past merged (sparse) or dense, beside its references on the same tasks."""
+    """ELLA + JumpLoRA with W_past merged (sparse) or dense, beside its references on the same tasks (dev, test)."""
+    ablation = smollm2_ella_past_runs()
+
+    def ella_jl(split: str) -> list[tuple[str, Path]]:
+        return [
+            (f"{split}: ELLA + JumpLoRA, past={opts['ella_past']}", RUNS_SMOL / name)
+            for name, opts in ablation.items()
+            if opts.get("eval_split", "test") == split
+        ]
+
     rows = [
         ("dev: IncLoRA", RUNS_SMOL / "probe-lr1e-3-e3"),
         ("dev: IncLoRA + JumpLoRA", RUNS / "density_sweep" / "smol-L-dual"),
         ("dev: ELLA", RUNS_SMOL / "tune-ella-lam1e+06"),
-        *((f"dev: ELLA + JumpLoRA, past={past}", RUNS_SMOL / name) for name, past in ELLA_PAST_RUNS[:2]),
-        *((f"test: {label}", RUNS_SMOL / f"o1-{run}-s0") for label, run in ORDER1_REFERENCES),
-        *((f"test: ELLA + JumpLoRA, past={past}", RUNS_SMOL / name) for name, past in ELLA_PAST_RUNS[2:]),
+        *ella_jl("dev"),
+        ("test: IncLoRA", RUNS_SMOL / "o1-inclora-s0"),
+        ("test: IncLoRA + JumpLoRA", RUNS_SMOL / "o1-inclora-jl-s0"),
+        ("test: ELLA", RUNS_SMOL / "o1-ella-s0"),
+        ("test: ELLA + JumpLoRA, past=merged", RUNS_SMOL / "o1-ella-jl-s0"),
+        *ella_jl("test"),
     ]
     lines = [
         "| method | run | OP (EM) | BWT | forgetting | task i after training i → after the last task | density "
@@ -319,13 +339,10 @@ def ella_past_section() -> list[str]:
         if res is None:
             lines.append(f"| {label} | {run.name} | not run yet | | | | | |")
             continue
-        s = run_summary(res)
-        sparse = _sparse(res["config"])
-        density = f"{100 * s['density']:.1f}" if sparse else "100 (dense)"
-        overlap = f"{100 * s['jaccard_past']:.1f}" if sparse and s["jaccard_past"] is not None else "—"
+        c = _smol_cells(res)
         lines.append(
-            f"| {label} | {run.name} | {100 * s['op']:.1f} | {100 * s['bwt']:+.1f} | {100 * s['forgetting']:.1f} | "
-            f"{_diagonal(res)} | {density} | {overlap} |"
+            f"| {label} | {run.name} | {c['op']} | {c['bwt']} | {c['forgetting']} | {c['diagonal']} | "
+            f"{c['density']} | {c['jaccard_past']} |"
         )
     return [
         "## ELLA + JumpLoRA: W_past from the merged (sparse) or the ungated (dense) updates (seed 0)",

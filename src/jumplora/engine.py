@@ -231,7 +231,7 @@ class Engine:
         for data in self.progress(self.tasks, desc):
             sink = None if predictions is None else predictions.setdefault(data.task.name, [])
             scores.append(self.evaluate(model, data, sink))
-        return {key: [s[key] for s in scores] for key in scores[0]}
+        return scores_by_metric(scores)
 
     def progress(self, items: Any, desc: str, **kwargs: Any) -> tqdm:
         """A progress bar on a terminal only: redirected logs get the per-task log lines instead."""
@@ -491,6 +491,11 @@ def _tracking_dir(config: RunConfig) -> Any:
     from pathlib import Path
 
     return Path(config.out) / "tracking"
+
+
+def scores_by_metric(scores: list[dict[str, float]]) -> dict[str, list[float]]:
+    """Per-task ``evaluate`` results → one row per metric, in task order (a row of R and of its ranking twin)."""
+    return {key: [task[key] for task in scores] for key in scores[0]}
 
 
 def _prediction_records(

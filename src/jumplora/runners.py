@@ -31,7 +31,7 @@ from jumplora.checkpoint import Progress, Restored, RunDirectory, RunDirectoryEr
 from jumplora.cl import make_strategy
 from jumplora.config import RESUME_FREE_KEYS, RunConfig
 from jumplora.data import stream_fingerprint
-from jumplora.engine import Engine
+from jumplora.engine import Engine, scores_by_metric
 from jumplora.io import append_jsonl
 from jumplora.lock import RunLock
 from jumplora.metrics import cl_metrics
@@ -279,7 +279,7 @@ class IndependentRunner(_ReferenceRunner):
             if kept is not None and engine.is_main:
                 self.rundir.write_predictions(i + 1, f"after {data.task.name}", {data.task.name: kept})
             self.progress.per_task.append(engine.task_analytics(data.task.name, merged.supports, {}))
-        return {key: [s[key] for s in scores] for key in scores[0]}
+        return scores_by_metric(scores)
 
     def extra(self, row: list[float]) -> dict[str, Any]:
         return {"independent": row}
