@@ -232,29 +232,59 @@ SMOL_ORDERS_SEEDS = ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))  # 3 seeds on order
 SMOL_STRATEGIES = ("inclora", "ella", "seqlora", "olora")  # each dense and + JumpLoRA, then multitask
 
 
+def smollm2_run(strategy: str, jump: bool, order: int, seed: int, ella_past: str | None = None) -> tuple[str, dict]:
+    """A run of the SmolLM2 grid; ELLA + JumpLoRA takes W_past as chosen on dev, and its name says which."""
+    name, opts = study_run({**SMOL_BASE, **SMOL_BUDGET}, strategy, jump, order, seed, smollm2_tuned())
+    if strategy != "ella" or not jump:
+        return name, opts
+    past = ella_past or smollm2_ella_jl_past()
+    return name if past == "merged" else name.replace("-jl-", f"-jl-past{past}-"), {**opts, "ella_past": past}
+
+
+def smollm2_run_name(strategy: str, jump: bool, order: int, seed: int) -> str:
+    return smollm2_run(strategy, jump, order, seed)[0]
+
+
 def smollm2_runs() -> dict[str, dict]:
     """Order 1 first (headline strategies, then the rest), then more seeds, then orders 2-3."""
     methods = [(s, jl) for s in SMOL_STRATEGIES for jl in (False, True)]
     return dict(
-        study_run({**SMOL_BASE, **SMOL_BUDGET}, strategy, jump, order, seed, smollm2_tuned())
+        smollm2_run(strategy, jump, order, seed)
         for order, seed in SMOL_ORDERS_SEEDS
         for strategy, jump in [*methods, ("multitask", False)]
     )
 
 
+SMOL_ELLA_PAST_TEST_SEEDS = (0, 1)  # order 1, beside the grid's ELLA + JumpLoRA runs
+ELLA_PASTS = ("merged", "dense")  # the ella strategy's `past` values
+
+
 def smollm2_ella_past_runs() -> dict[str, dict]:
     """ELLA + JumpLoRA with W_past summing the merged (sparse) or the ungated (dense) updates: dev, then test.
 
-    On test, ELLA + JumpLoRA did no better than IncLoRA + JumpLoRA and the new update never touched W_past's
-    support: does a dense W_past give the penalty its reach back?
+    On test, ELLA + JumpLoRA with merged W_past did no better than IncLoRA + JumpLoRA and the new update never
+    touched W_past's support: does a dense W_past give the penalty its reach back? Dev picks the grid's W_past
+    (``smollm2_ella_jl_past``), as it picks λ; order 1's test runs of both show what the choice is worth.
     """
     tuned = smollm2_tuned()
     dev = {"tasks": SMOL_PROBE_TASKS, "eval_split": "dev", "seed": 0, "jumplora": True}
     ella = {**SMOL_BASE, **SMOL_BUDGET, **dev, "strategy": "ella", **tuned["ella"]}
-    runs = {f"ellajl-past-{past}": {**ella, "ella_past": past} for past in ("merged", "dense")}
-    # On test, beside o1-ella-jl-s0 (past=merged), where the gap to dense ELLA showed.
-    _, test = study_run({**SMOL_BASE, **SMOL_BUDGET}, "ella", True, 1, 0, tuned)
-    return {**runs, "o1-ella-jl-pastdense-s0": {**test, "ella_past": "dense"}}
+    runs = {f"ellajl-past-{past}": {**ella, "ella_past": past} for past in ELLA_PASTS}
+    for past in ELLA_PASTS:
+        runs |= dict(smollm2_run("ella", True, 1, seed, past) for seed in SMOL_ELLA_PAST_TEST_SEEDS)
+    return runs
+
+
+def smollm2_ella_jl_past() -> str:
+    """The dev ablation's better W_past (OP, then BWT); merged, the strategy's own default, until both ran."""
+    scores = {}
+    for past in ELLA_PASTS:
+        try:
+            metrics = json.loads((RUNS_SMOL / f"ellajl-past-{past}" / "results.json").read_text())["metrics"]
+        except (OSError, json.JSONDecodeError, KeyError):
+            return "merged"
+        scores[past] = (metrics["op"], metrics["bwt"])
+    return max(scores, key=scores.__getitem__)
 
 
 def is_complete(out: Path) -> bool:

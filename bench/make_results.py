@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from grid import (  # noqa: E402
     RUNS_V2,
     SMOL_BASE,
     SMOL_BUDGET,
+    SMOL_ELLA_PAST_TEST_SEEDS,
     SMOL_ORDERS_SEEDS,
     SMOL_PROBES,
     SMOL_STRATEGIES,
@@ -33,7 +35,9 @@ from grid import (  # noqa: E402
     TUNE_BUDGET,
     TUNED,
     V2_BUDGET,
+    smollm2_ella_jl_past,
     smollm2_ella_past_runs,
+    smollm2_run_name,
     smollm2_runs,
     smollm2_tuning_runs,
     tuning_runs,
@@ -89,9 +93,19 @@ def group_runs(prefix: str, seeds: tuple[int, ...], root: Path = RUNS) -> list[d
     return summaries
 
 
+def study_name(strategy: str, jump: bool, order: int, seed: int, suffix: str = "") -> str:
+    return f"o{order}-{strategy}{'-jl' if jump else ''}{suffix}-s{seed}"
+
+
 def table_for(
-    orders: list[int], seeds: tuple[int, ...], label: str, suffix: str = "", root: Path = RUNS
+    orders: list[int],
+    seeds: tuple[int, ...],
+    label: str,
+    suffix: str = "",
+    root: Path = RUNS,
+    run_name: Callable[[str, bool, int, int], str] | None = None,
 ) -> tuple[str, list[dict]]:
+    run_name = run_name or (lambda strategy, jump, order, seed: study_name(strategy, jump, order, seed, suffix))
     methods = [(s, jl) for s in ("seqlora", "inclora", "ella", "olora") for jl in (False, True)]
     lines = [
         f"### {label}",
@@ -100,14 +114,13 @@ def table_for(
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     bars = []
-    present = [o for o in orders if any(load(f"o{o}-inclora{suffix}-s{seed}", root) for seed in seeds)]
+    present = [o for o in orders if any(load(run_name("inclora", False, o, seed), root) for seed in seeds)]
     if not present:
         return f"### {label}\n\nNot run yet (`python bench/grid.py final` continues the grid).\n", []
     lines[0] = f"### {label} — orders present: {', '.join(map(str, present))}"
     for strategy, jl in [*methods, ("multitask", False)]:
-        rows = []
-        for order in orders:
-            rows += group_runs(f"o{order}-{strategy}{'-jl' if jl else ''}{suffix}", seeds, root)
+        runs = [load(run_name(strategy, jl, order, seed), root) for order in orders for seed in seeds]
+        rows = [run_summary(res) for res in runs if res is not None]
         if not rows:
             continue
         name = f"{strategy}{' + JumpLoRA' if jl else ''}"
@@ -311,24 +324,26 @@ def ella_past_section() -> list[str]:
     """ELLA + JumpLoRA with W_past merged (sparse) or dense, beside its references on the same tasks (dev, test)."""
     ablation = smollm2_ella_past_runs()
 
-    def ella_jl(split: str) -> list[tuple[str, Path]]:
+    def ella_jl(split: str, seed: int, label: str) -> list[tuple[str, Path]]:
         return [
-            (f"{split}: ELLA + JumpLoRA, past={opts['ella_past']}", RUNS_SMOL / name)
+            (f"{label}: ELLA + JumpLoRA, past={opts['ella_past']}", RUNS_SMOL / name)
             for name, opts in ablation.items()
-            if opts.get("eval_split", "test") == split
+            if opts.get("eval_split", "test") == split and opts["seed"] == seed
         ]
 
     rows = [
         ("dev: IncLoRA", RUNS_SMOL / "probe-lr1e-3-e3"),
         ("dev: IncLoRA + JumpLoRA", RUNS / "density_sweep" / "smol-L-dual"),
         ("dev: ELLA", RUNS_SMOL / "tune-ella-lam1e+06"),
-        *ella_jl("dev"),
-        ("test: IncLoRA", RUNS_SMOL / "o1-inclora-s0"),
-        ("test: IncLoRA + JumpLoRA", RUNS_SMOL / "o1-inclora-jl-s0"),
-        ("test: ELLA", RUNS_SMOL / "o1-ella-s0"),
-        ("test: ELLA + JumpLoRA, past=merged", RUNS_SMOL / "o1-ella-jl-s0"),
-        *ella_jl("test"),
+        *ella_jl("dev", 0, "dev"),
     ]
+    for seed in SMOL_ELLA_PAST_TEST_SEEDS:
+        rows += [
+            (f"test s{seed}: IncLoRA", RUNS_SMOL / f"o1-inclora-s{seed}"),
+            (f"test s{seed}: IncLoRA + JumpLoRA", RUNS_SMOL / f"o1-inclora-jl-s{seed}"),
+            (f"test s{seed}: ELLA", RUNS_SMOL / f"o1-ella-s{seed}"),
+            *ella_jl("test", seed, f"test s{seed}"),
+        ]
     lines = [
         "| method | run | OP (EM) | BWT | forgetting | task i after training i → after the last task | density "
         "| Jaccard W_past |",
@@ -345,13 +360,14 @@ def ella_past_section() -> list[str]:
             f"{c['density']} | {c['jaccard_past']} |"
         )
     return [
-        "## ELLA + JumpLoRA: W_past from the merged (sparse) or the ungated (dense) updates (seed 0)",
+        "## ELLA + JumpLoRA: W_past from the merged (sparse) or the ungated (dense) updates",
         "",
         "`python bench/grid.py smollm2-ella-past`: the strategy argument `past=dense` sums each task's",
-        "ungated s·B·A into W_past; `merged` (the default) sums what was merged. Dev: the tuning's tasks and",
-        "budget, λ 1e6; IncLoRA + JumpLoRA is the density sweep's `dual` run (docs/density_sweep.md). Test:",
-        "order 1 at the study budget, beside the grid's runs on the same data. Jaccard W_past: the new",
-        "task's kept entries against the union of the earlier merged supports.",
+        "ungated s·B·A into W_past; `merged` sums what was merged. Dev (seed 0): the tuning's tasks and",
+        "budget, λ 1e6; IncLoRA + JumpLoRA is the density sweep's `dual` run (docs/density_sweep.md). Dev",
+        f"picks the grid's W_past as it picks λ: **past={smollm2_ella_jl_past()}** (OP, then BWT). Test: order 1",
+        "at the study budget, beside the grid's runs on the same data. Jaccard W_past: the new task's kept",
+        "entries against the union of the earlier merged supports.",
         "",
         *lines,
         "",
@@ -400,7 +416,7 @@ def smollm2_paired() -> list[str]:
     for strategy in SMOL_STRATEGIES:
         deltas = []
         for order, seed in SMOL_ORDERS_SEEDS:
-            dense, jump = (load(f"o{order}-{strategy}{jl}-s{seed}", RUNS_SMOL) for jl in ("", "-jl"))
+            dense, jump = (load(smollm2_run_name(strategy, jl, order, seed), RUNS_SMOL) for jl in (False, True))
             if dense is None or jump is None:
                 continue
             d, j = dense["metrics"], jump["metrics"]
@@ -459,7 +475,11 @@ def smollm2_section() -> list[str]:
     missing = [n for n in smollm2_runs() if load(n, RUNS_SMOL) is None]
     discussion = DOCS / "RESULTS_smollm2_discussion.md"
     summary, bars = table_for(
-        [1, 2, 3], (0, 1, 2), "Every strategy, exact match (mean ± std over the runs present)", root=RUNS_SMOL
+        [1, 2, 3],
+        (0, 1, 2),
+        "Every strategy, exact match (mean ± std over the runs present)",
+        root=RUNS_SMOL,
+        run_name=smollm2_run_name,
     )
     return [
         "# SmolLM2-135M-Instruct: the paper's setting (generative, exact match)",
