@@ -4,6 +4,7 @@
     python bench/grid.py final           # the grid: orders 1-3 and 4, every strategy ±JumpLoRA
     python bench/grid.py v2              # the grid again with the density-controlled defaults (issue 10)
     python bench/grid.py drift           # MiniLM order 1 IncLoRA ±JumpLoRA again, answers saved
+    python bench/grid.py v2-ella-past    # MiniLM ELLA + JumpLoRA with a dense W_past (orders 1-3)
     python bench/grid.py smollm2-probe   # SmolLM2-135M: the budget at which dense IncLoRA forgets (dev)
     python bench/grid.py smollm2-tune    # SmolLM2-135M: ELLA and O-LoRA λ on dev at that budget
     python bench/grid.py smollm2         # SmolLM2-135M: the generative study at that budget (issue 11)
@@ -117,6 +118,9 @@ V2_BUDGET = {"max_train": 192, "max_eval": 100, "epochs": 1}
 V2_TUNED = {"ella": {"ella_lambda": 1e6}, "olora": {"olora_lambda": 1.0}}  # bench/tuned.json, kept
 
 
+V2_STANDARD_RUNS = ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))  # (order, seed) of the headline strategies
+
+
 def study_run(
     settings: dict, strategy: str, jump: bool, order: int, seed: int, tuned: dict = V2_TUNED
 ) -> tuple[str, dict]:
@@ -159,6 +163,14 @@ def v2_runs() -> dict[str, dict]:
         for strategy, jump in others:
             add(strategy, jump, order, 0)
     return runs
+
+
+def v2_ella_past_runs() -> dict[str, dict]:
+    """MiniLM's ELLA + JumpLoRA again with a dense W_past, beside runs_v2's (merged) on the same orders and seeds."""
+    return {
+        name.replace("-jl-", "-jl-pastdense-"): {**opts, "ella_past": "dense"}
+        for name, opts in (study_run({**BASE, **V2_BUDGET}, "ella", True, o, s) for o, s in V2_STANDARD_RUNS)
+    }
 
 
 # The generative study (issue 11): SmolLM2-135M-Instruct answers in free text, scored by exact match.
@@ -359,6 +371,7 @@ PHASES = {
     "final": (_final_runs, RUNS),
     "v2": (v2_runs, RUNS_V2),
     "drift": (drift_runs, RUNS_DRIFT),
+    "v2-ella-past": (v2_ella_past_runs, RUNS_V2),
     "smollm2-probe": (smollm2_probe_runs, RUNS_SMOL),
     "smollm2-tune": (smollm2_tuning_runs, RUNS_SMOL),
     "smollm2": (smollm2_runs, RUNS_SMOL),
