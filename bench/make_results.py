@@ -41,6 +41,7 @@ from grid import (  # noqa: E402
     smollm2_runs,
     smollm2_tuning_runs,
     tuning_runs,
+    v2_ella_past_runs,
 )
 
 from jumplora.io import read_jsonl  # noqa: E402
@@ -213,6 +214,25 @@ def main_command_table() -> str:
     return "\n".join(lines) + "\n"
 
 
+def v2_ella_past_rows() -> list[str]:
+    """MiniLM's ELLA + JumpLoRA with W_past merged (runs_v2's own) or dense, on the same order and seed."""
+    lines = ["| order, seed | past=merged OP / BWT | past=dense OP / BWT | ΔOP | ΔBWT |", "|---|---|---|---|---|"]
+    deltas = []
+    for name, opts in v2_ella_past_runs().items():
+        merged, dense = load(name.replace("-pastdense", ""), RUNS_V2), load(name, RUNS_V2)
+        if merged is None or dense is None:
+            continue
+        m, d = merged["metrics"], dense["metrics"]
+        deltas.append((d["op"] - m["op"], d["bwt"] - m["bwt"]))
+        lines.append(
+            f"| {opts['order']}, {opts['seed']} | {100 * m['op']:.1f} / {100 * m['bwt']:+.1f} | "
+            f"{100 * d['op']:.1f} / {100 * d['bwt']:+.1f} | {100 * deltas[-1][0]:+.1f} | {100 * deltas[-1][1]:+.1f} |"
+        )
+    if not deltas:
+        return ["Not run yet (`python bench/grid.py v2-ella-past`)."]
+    return [*lines, "", _paired_summary("ELLA + JumpLoRA", np.array(deltas).T * 100, ahead="past=dense")]
+
+
 def v2_section() -> list[str]:
     std_table, _ = table_for([1, 2, 3], (0, 1, 2), "Standard CL, orders 1–3 (3 seeds on order 1)", root=RUNS_V2)
     o1_table, _ = table_for([1], (0, 1, 2), "Order 1 only (3 seeds)", root=RUNS_V2)
@@ -231,6 +251,13 @@ def v2_section() -> list[str]:
         std_table,
         o1_table,
         long_table,
+        "### ELLA + JumpLoRA: W_past from the merged or the ungated updates",
+        "",
+        "`python bench/grid.py v2-ella-past`: the same runs as the tables' ELLA + JumpLoRA (W_past summing the",
+        "merged, sparse updates, the strategy's default when they ran) again with `--strategy-arg past=dense`.",
+        "",
+        *v2_ella_past_rows(),
+        "",
         "### Final density against its target, every sparse run",
         "",
         density_rows(RUNS_V2),
@@ -435,15 +462,15 @@ def smollm2_paired() -> list[str]:
     return [*lines, "", *summaries]
 
 
-def _paired_summary(strategy: str, deltas: np.ndarray) -> str:
-    """One line per strategy: how often JumpLoRA is ahead, and the mean gain with its standard error."""
+def _paired_summary(strategy: str, deltas: np.ndarray, ahead: str = "JumpLoRA") -> str:
+    """One line per strategy: how often `ahead` is, and the mean gain with its standard error."""
     op, bwt = deltas
 
     def mean(x: np.ndarray) -> str:
         return f"{x.mean():+.1f}" + (f" (standard error {x.std(ddof=1) / np.sqrt(len(x)):.1f})" if len(x) > 1 else "")
 
     return (
-        f"- {strategy}: JumpLoRA ahead on OP in {int((op > 0).sum())} of {len(op)} pairs, on BWT in "
+        f"- {strategy}: {ahead} ahead on OP in {int((op > 0).sum())} of {len(op)} pairs, on BWT in "
         f"{int((bwt > 0).sum())}; mean ΔOP {mean(op)}, mean ΔBWT {mean(bwt)}."
     )
 
