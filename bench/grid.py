@@ -288,7 +288,7 @@ def smollm2_ella_past_runs() -> dict[str, dict]:
 
 
 def smollm2_ella_jl_past() -> str:
-    """The dev ablation's better W_past (OP, then BWT); merged, the strategy's own default, until both ran."""
+    """The dev ablation's better W_past (OP, then BWT); merged, ELLA's only reading then, until both ran."""
     scores = {}
     for past in ELLA_PASTS:
         try:

@@ -226,7 +226,7 @@ def test_config_file_then_options_over_it(tmp_path, monkeypatch):
     assert seen[-1].strategy.name == "olora" and seen[-1].strategy.args["lam_orth"] == 2.0
     result = runner.invoke(app, ["run", "--config", str(tmp_path / "run.yaml"), "--strategy", "ella"])
     # a new strategy drops the file's args
-    assert result.exit_code == 0 and seen[-1].strategy.args == {"lam": 3e4, "past": "merged"}
+    assert result.exit_code == 0 and seen[-1].strategy.args == {"lam": 3e4, "past": "dense"}
 
 
 def test_strategies_command_lists_every_strategy_and_its_arguments():

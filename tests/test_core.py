@@ -20,7 +20,7 @@ def test_config_round_trips_through_json_and_flat_names():
         lr=3e-4, tasks=["cb", "rte"], strategy="ella", strategy_args={"lam": "1e6"}, jumplora=True
     )
     assert config.optim.lr == 3e-4 and config.stream.tasks == ["cb", "rte"] and config.adapter.sparse
-    assert config.strategy.args == {"lam": 1e6, "past": "merged"}  # coerced, every hyper-parameter recorded
+    assert config.strategy.args == {"lam": 1e6, "past": "dense"}  # coerced, every hyper-parameter recorded
     again = RunConfig.from_dict(json.loads(json.dumps(config.to_dict())))
     assert again == config and again.flat() == config.flat()
     assert config.replace(seed=3).seed == 3 and config.seed == 0

@@ -147,7 +147,7 @@ def test_saved_predictions_survive_kills_and_resumes(tmp_path, tiny_model, refer
 
 
 @pytest.mark.parametrize(
-    ("strategy", "extra"), [("ella", ()), ("ella", ("--strategy-arg", "past=dense")), ("olora", ())]
+    ("strategy", "extra"), [("ella", ()), ("ella", ("--strategy-arg", "past=merged")), ("olora", ())]
 )
 def test_stateful_strategy_killed_mid_checkpoint(tmp_path, tiny_model, reference, strategy, extra):
     # The strategy state after task 0 (W_past / past A's) is on disk, state.json still says task 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 import sys
 import types
@@ -36,15 +37,16 @@ def registry(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cl_base, "_REGISTRY", dict(cl_base._REGISTRY))
 
 
-def adapter(base: nn.Module, seed: int, gamma: float = 1.0) -> nn.Module:
-    """A sparse JumpLoRA adapter with a non-zero, gated update (B random, θ at the LoRA budget)."""
-    model = peft.get_peft_model(base, JumpLoraConfig(r=2, target_modules=["query", "value"], sparse=True))
+def adapter(base: nn.Module, seed: int, gamma: float = 1.0, sparse: bool = True) -> nn.Module:
+    """A JumpLoRA adapter with a non-zero update (B random), gated with θ at the LoRA budget unless dense."""
+    model = peft.get_peft_model(base, JumpLoraConfig(r=2, target_modules=["query", "value"], sparse=sparse))
     torch.manual_seed(seed)
     with torch.no_grad():
         for _, layer in jumplora_layers(model):
             layer.jumplora_B["default"].normal_(std=0.5)
-    init_thresholds_to_budget(model)
-    set_gamma(model, gamma)
+    if sparse:
+        init_thresholds_to_budget(model)
+        set_gamma(model, gamma)
     return model
 
 
@@ -193,6 +195,27 @@ def test_ella_is_lambda_mean_of_gated_update_times_w_past(tiny_bert: nn.Module, 
     torch.testing.assert_close(resumed.loss_term(ctx, {}, ZERO), term.detach())
     with pytest.raises(ValueError, match="unexpected state keys"):
         resumed.load_state_dict({"past_A.x": ZERO})
+
+
+def test_ella_w_past_kinds_agree_without_the_gate(tiny_bert: nn.Module) -> None:
+    """Dense LoRA merges its whole update, so only JumpLoRA tells `past=dense` (the default) from `merged`."""
+    assert make_strategy("ella").past == "dense"
+    states = {}
+    for kind in ("merged", "dense"):
+        ella, model = make_strategy("ella", {"past": kind}), copy.deepcopy(tiny_bert)
+        for task in range(2):
+            torch.manual_seed(task)  # the same A (Kaiming, drawn when the adapter is made) for both kinds
+            model = adapter(model, seed=1 + task, sparse=False)
+            ctx = context(model, task)
+            ella.on_task_start(ctx)
+            merged = merge_and_discard(model, keep_updates=True, force=True)
+            ella.on_task_end(ctx, merged)
+            model = merged.model
+        states[kind] = ella.state_dict()
+    assert states["dense"].keys() == states["merged"].keys() and len(states["dense"]) == 4
+    for name, w_past in states["dense"].items():
+        assert w_past.abs().sum() > 0
+        torch.testing.assert_close(w_past, states["merged"][name])
 
 
 def test_olora_is_orthogonality_plus_l2_and_stacks_past_a(tiny_bert: nn.Module) -> None:

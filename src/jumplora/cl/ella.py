@@ -1,13 +1,13 @@
 """ELLA: penalise the new update where the past updates were large, λ·mean_l ‖ΔW_t ⊙ W_past‖²_F.
 
 ``ΔW_t`` is the effective (scaled, gated) update of the current adapter, ``layer.effective_delta``,
-so θ and the γ ramp shape the penalty as they shape the forward pass; ``W_past`` is the sum of the
-merged updates of the earlier tasks, per module, in the (out, in) layout of ``MergeResult.updates``.
+so θ and the γ ramp shape the penalty as they shape the forward pass. ``W_past`` sums, per module and in
+the (out, in) layout of ``MergeResult.updates``, each earlier task's ungated update s·B·A (``past="dense"``,
+the default: what the task learned) or the update that was merged (``past="merged"``). Without JumpLoRA
+the two are the same. With it the merged updates are sparse, so a merged W_past covers only their few
+entries and the new task simply avoids them: on SmolLM2 its kept entries never met W_past's support and
+ELLA + JumpLoRA lost 11.5 OP points against dense ELLA, which ``dense`` recovers (docs/RESULTS.md).
 The mean runs over the adapted modules that have a past update.
-
-With JumpLoRA the merged updates are sparse, so the penalty covers only their few entries; ``past="dense"``
-sums each task's ungated update s·B·A instead (what the task learned, before the gate dropped most of it),
-which keeps the penalty's reach as in dense ELLA while the merged weights stay sparse.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ class ELLA(Strategy):
 
     lam: float = field(default=3e4, metadata={"help": "the public release's λ; suits T5's update scale"})
     past: str = field(
-        default="merged", metadata={"help": "W_past sums the 'merged' (gated) updates or the 'dense' s·B·A ones"}
+        default="dense", metadata={"help": "W_past sums the 'dense' s·B·A updates or the 'merged' (gated) ones"}
     )
 
     def __post_init__(self) -> None:
