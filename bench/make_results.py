@@ -476,13 +476,20 @@ def _paired_summary(strategy: str, deltas: np.ndarray, ahead: str = "JumpLoRA") 
 
 
 def smollm2_figures(bars: list[dict]) -> list[str]:
-    """R as heat maps for order 1 seed 0 (IncLoRA ± JumpLoRA) and OP / BWT bars over every run."""
+    """As MiniLM's: R as heat maps (order 1 seed 0, IncLoRA ± JumpLoRA), the sparse runs' overlap of kept
+    entries and training curves (IncLoRA and ELLA + JumpLoRA), OP / BWT bars over every run."""
     made = []
     for variant in ("inclora", "inclora-jl"):
         res = load(f"o1-{variant}-s0", RUNS_SMOL)
         if res is not None:
             title = f"SmolLM2, order 1, {variant}, seed 0 (exact match)"
             made += plot_run_figures(res, [], FIGS, f"smollm2_o1_{variant}", title=title, kinds=("heatmap",))
+    for strategy in ("inclora", "ella"):
+        name = smollm2_run_name(strategy, True, 1, 0)
+        res = load(name, RUNS_SMOL)
+        if res is not None:
+            log = read_jsonl(RUNS_SMOL / name / "train_log.jsonl")
+            made += plot_run_figures(res, log, FIGS, f"smollm2_o1_{strategy}-jl", kinds=("overlap", "training"))
     if bars:
         made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix="_smollm2")
     return [f"![{Path(p).stem}]({Path(p).relative_to(DOCS)})" for p in made]
