@@ -121,6 +121,11 @@ V2_TUNED = {"ella": {"ella_lambda": 1e6}, "olora": {"olora_lambda": 1.0}}  # ben
 V2_STANDARD_RUNS = ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))  # (order, seed) of the headline strategies
 
 
+def study_name(strategy: str, jump: bool, order: int, seed: int, suffix: str = "") -> str:
+    """A study run's directory: o1-inclora-jl-s0 (suffix: a variant, e.g. -taskspace)."""
+    return f"o{order}-{strategy}{'-jl' if jump else ''}{suffix}-s{seed}"
+
+
 def study_run(
     settings: dict, strategy: str, jump: bool, order: int, seed: int, tuned: dict = V2_TUNED
 ) -> tuple[str, dict]:
@@ -128,7 +133,7 @@ def study_run(
     opts = {**settings, "strategy": strategy, "order": order, "seed": seed, **tuned.get(strategy, {})}
     if jump:
         opts["jumplora"] = True
-    return f"o{order}-{strategy}{'-jl' if jump else ''}-s{seed}", opts
+    return study_name(strategy, jump, order, seed), opts
 
 
 # MiniLM's v2 order-1 IncLoRA runs again with their answers saved: what forgotten answers become, beside

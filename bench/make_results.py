@@ -40,6 +40,7 @@ from grid import (  # noqa: E402
     smollm2_run_name,
     smollm2_runs,
     smollm2_tuning_runs,
+    study_name,
     tuning_runs,
     v2_ella_past_runs,
 )
@@ -92,10 +93,6 @@ def group_runs(prefix: str, seeds: tuple[int, ...], root: Path = RUNS) -> list[d
         if res is not None:
             summaries.append(run_summary(res))
     return summaries
-
-
-def study_name(strategy: str, jump: bool, order: int, seed: int, suffix: str = "") -> str:
-    return f"o{order}-{strategy}{'-jl' if jump else ''}{suffix}-s{seed}"
 
 
 def table_for(

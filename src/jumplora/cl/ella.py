@@ -6,7 +6,7 @@ the (out, in) layout of ``MergeResult.updates``, each earlier task's ungated upd
 the default: what the task learned) or the update that was merged (``past="merged"``). Without JumpLoRA
 the two are the same. With it the merged updates are sparse, so a merged W_past covers only their few
 entries and the new task simply avoids them: on SmolLM2 its kept entries never met W_past's support and
-ELLA + JumpLoRA lost 11.5 OP points against dense ELLA, which ``dense`` recovers (docs/RESULTS.md).
+ELLA + JumpLoRA did no better than IncLoRA + JumpLoRA (docs/RESULTS.md, with the ablation).
 The mean runs over the adapted modules that have a past update.
 """
 
