@@ -20,6 +20,7 @@ only results.json and train_log.jsonl once done (checkpoints are deleted) so the
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -173,9 +174,10 @@ def v2_runs() -> dict[str, dict]:
 def v2_ella_past_runs() -> dict[str, dict]:
     """MiniLM's ELLA + JumpLoRA again with a dense W_past, beside runs_v2's (merged) on the same orders and seeds."""
     return {
-        name.replace("-jl-", "-jl-pastdense-"): {**opts, "ella_past": "dense"}
-        for name, opts in (study_run({**BASE, **V2_BUDGET}, "ella", True, o, s) for o, s in V2_STANDARD_RUNS)
-    }
+        study_name("ella", True, o, s, "-pastdense"): {**study_run({**BASE, **V2_BUDGET}, "ella", True, o, s)[1],
+                                                       "ella_past": "dense"}
+        for o, s in V2_STANDARD_RUNS
+    }  # fmt: skip
 
 
 # The generative study (issue 11): SmolLM2-135M-Instruct answers in free text, scored by exact match.
@@ -255,7 +257,8 @@ def smollm2_run(strategy: str, jump: bool, order: int, seed: int, ella_past: str
     if strategy != "ella" or not jump:
         return name, opts
     past = ella_past or smollm2_ella_jl_past()
-    return name if past == "merged" else name.replace("-jl-", f"-jl-past{past}-"), {**opts, "ella_past": past}
+    suffix = "" if past == "merged" else f"-past{past}"
+    return study_name(strategy, jump, order, seed, suffix), {**opts, "ella_past": past}
 
 
 def smollm2_run_name(strategy: str, jump: bool, order: int, seed: int) -> str:
@@ -292,6 +295,7 @@ def smollm2_ella_past_runs() -> dict[str, dict]:
     return runs
 
 
+@functools.cache  # read once per process: every grid and table name asks
 def smollm2_ella_jl_past() -> str:
     """The dev ablation's better W_past (OP, then BWT); merged, ELLA's only reading then, until both ran."""
     scores = {}

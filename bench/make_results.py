@@ -216,7 +216,7 @@ def v2_ella_past_rows() -> list[str]:
     lines = ["| order, seed | past=merged OP / BWT | past=dense OP / BWT | ΔOP | ΔBWT |", "|---|---|---|---|---|"]
     deltas = []
     for name, opts in v2_ella_past_runs().items():
-        merged, dense = load(name.replace("-pastdense", ""), RUNS_V2), load(name, RUNS_V2)
+        merged, dense = load(study_name("ella", True, opts["order"], opts["seed"]), RUNS_V2), load(name, RUNS_V2)
         if merged is None or dense is None:
             continue
         m, d = merged["metrics"], dense["metrics"]
