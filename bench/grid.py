@@ -9,6 +9,7 @@
     python bench/grid.py smollm2-tune    # SmolLM2-135M: ELLA and O-LoRA λ on dev at that budget
     python bench/grid.py smollm2         # SmolLM2-135M: the generative study at that budget (issue 11)
     python bench/grid.py smollm2-ella-past  # SmolLM2-135M: ELLA + JumpLoRA, W_past merged or dense (dev, order 1)
+    python bench/grid.py smollm2-long    # SmolLM2-135M: long order 4 (≈ 3-4 h a run on CPU; bench/gpu.sh generative)
     python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
 
 Every run is a `jumplora run` subprocess with one torch thread; ``--workers`` run side by side (2 on
@@ -275,6 +276,19 @@ def smollm2_runs() -> dict[str, dict]:
     )
 
 
+SMOL_LONG_ORDERS = (4,)  # 15 tasks: ≈ 3-4 h a run on one CPU thread, so it waits for a GPU (bench/gpu.sh generative)
+
+
+def smollm2_long_runs() -> dict[str, dict]:
+    """Long order 4 at the study budget, seed 0: IncLoRA ± JumpLoRA first (the headline pair), then the rest."""
+    methods = [(s, jl) for s in SMOL_STRATEGIES for jl in (False, True)]
+    return dict(
+        smollm2_run(strategy, jump, order, 0)
+        for order in SMOL_LONG_ORDERS
+        for strategy, jump in [*methods, ("multitask", False)]
+    )
+
+
 SMOL_ELLA_PAST_TEST_SEEDS = (0, 1)  # order 1, beside the grid's ELLA + JumpLoRA runs
 ELLA_PASTS = ("merged", "dense")  # the ella strategy's `past` values
 
@@ -385,6 +399,7 @@ PHASES = {
     "smollm2-tune": (smollm2_tuning_runs, RUNS_SMOL),
     "smollm2": (smollm2_runs, RUNS_SMOL),
     "smollm2-ella-past": (smollm2_ella_past_runs, RUNS_SMOL),
+    "smollm2-long": (smollm2_long_runs, RUNS_SMOL),
 }
 
 
@@ -399,12 +414,16 @@ def main() -> None:
     runs = {k: v for k, v in make_runs().items() if args.only in k}
     start = time.perf_counter()
     print(f"{len(runs)} runs, {sum(is_complete(root / n) for n in runs)} already complete", flush=True)
+    failed = []
     with ThreadPoolExecutor(args.workers) as pool:
         for name, secs, code in pool.map(lambda item: run_one(*item, root=root), runs.items()):
             status = "skip" if secs == 0 else ("ok" if code == 0 else f"FAILED ({code}, see {name}.log)")
             print(f"{name:40s} {status:10s} {secs:7.1f}s  total {time.perf_counter() - start:7.1f}s", flush=True)
+            failed += [name] if code else []
     if args.phase == "smollm2-tune" and (chosen := choose_smollm2_tuned()):
         print(f"chosen on dev, written to {SMOL_TUNED.relative_to(ROOT)}: {chosen}")
+    if failed:
+        sys.exit(f"{len(failed)} of {len(runs)} runs failed: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

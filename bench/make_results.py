@@ -37,6 +37,7 @@ from grid import (  # noqa: E402
     V2_BUDGET,
     smollm2_ella_jl_past,
     smollm2_ella_past_runs,
+    smollm2_long_runs,
     smollm2_run_name,
     smollm2_runs,
     smollm2_tuning_runs,
@@ -499,6 +500,22 @@ def _settings(options: dict) -> str:
     )
 
 
+def smollm2_long_section() -> list[str]:
+    """Long order 4 (15 tasks) at the study budget: the runs present, else what running it takes."""
+    names = list(smollm2_long_runs())
+    rows = smollm2_rows(names)
+    done = len(rows) - 2
+    return [
+        "## Long order 4 (test splits)",
+        "",
+        "`python bench/grid.py smollm2-long` (on a GPU: `bash bench/gpu.sh generative`); 15 tasks at the study",
+        "budget, seed 0. A run is ≈ 3-4 h on one CPU thread (the cost estimate in the discussion below).",
+        "",
+        *(rows if done else [f"Not run yet ({len(names)} runs: {', '.join(names)})."]),
+        "",
+    ]
+
+
 def smollm2_section() -> list[str]:
     probes = smollm2_rows(list(SMOL_PROBES))
     probes_missing = [n for n in SMOL_PROBES if load(n, RUNS_SMOL) is None]
@@ -549,6 +566,7 @@ def smollm2_section() -> list[str]:
         "",
         *smollm2_paired(),
         "",
+        *smollm2_long_section(),
         *smollm2_figures(bars),
         "",
         *drift_section(),

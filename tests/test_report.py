@@ -136,3 +136,23 @@ def test_plots_and_no_matplotlib_on_import(runs: list[Path], tmp_path: Path) -> 
     assert {"heatmap_a0.png", "overlap_b0.png", "training_a1.png"} <= set(made)
     code = "import sys, jumplora.cli, jumplora.metrics; assert 'matplotlib' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_matrix_table_fits_a_narrow_console_without_cutting_cells() -> None:
+    """A 15-task R in 80 columns: numbered columns, whole percents, the task names as a legend; no "…"."""
+    from rich.console import Console
+
+    from jumplora.metrics.report import matrix_table
+
+    tasks = [f"task{i:02d}name" for i in range(15)]
+    matrix = [[(i * 7 + j) % 101 / 100 for j in range(15)] for i in range(15)]
+    results = {"tasks": tasks, "accuracy_matrix": matrix, "zero_shot": [1.0] * 15}
+    console = Console(width=80, record=True)
+    console.print(matrix_table(results, title="R", width=80))
+    text = console.export_text()
+    assert "…" not in text and all(f"{i + 1}:{task}" in text for i, task in enumerate(tasks))
+    assert "after 15" in text and " 100" in text and "1.0" not in text  # zero-shot row as whole percents
+    wide = Console(width=400, record=True)
+    wide.print(matrix_table(results, title="R", width=400))
+    text = wide.export_text()
+    assert "after task14name" in text and "100.0" in text

@@ -283,20 +283,12 @@ def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet
 
 
 def print_results(results: dict) -> None:
+    from jumplora.metrics.report import matrix_table
     from jumplora.results import METRIC_KEYS
 
-    out = Console()
-    names = results["tasks"]
-    table = Table(title=f"Accuracy (%) — {escape(results['label'])} on {escape(results['stream'])}")
-    table.add_column("after \\ on")
-    for name in names:
-        table.add_column(escape(name), justify="right")
-    if results.get("zero_shot"):
-        table.add_row("zero-shot", *(f"{100 * v:.1f}" for v in results["zero_shot"]))
-    row_names = names if len(results["accuracy_matrix"]) == len(names) else [results["runner"]]
-    for name, row in zip(row_names, results["accuracy_matrix"], strict=False):
-        table.add_row(escape(name), *(f"{100 * v:.1f}" for v in row))
-    out.print(table)
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    title = f"Accuracy (%) — {results['label']} on {results['stream']}"
+    out.print(matrix_table(results, title=title, width=out.width))
     metrics = results.get("metrics") or {}
     shown = "  ".join(
         f"OP {100 * metrics[k]:.2f}" if k == "op" else f"{k.upper()} {100 * metrics[k]:+.2f}"
@@ -355,11 +347,11 @@ def report(
         _print_drift(results, fmt)
         return
     rows = aggregate(results)
-    shown = format_matrices(results, fmt) if matrix else format_rows(rows, fmt)
+    out = Console(width=None if sys.stdout.isatty() else 200)
+    shown = format_matrices(results, fmt, width=out.width) if matrix else format_rows(rows, fmt)
     if isinstance(shown, str):
         sys.stdout.write(shown)
     else:
-        out = Console(width=None if sys.stdout.isatty() else 200)
         for table in shown if isinstance(shown, list) else [shown]:
             out.print(table)
     if plot is not None:

@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich import box
+from rich.console import Group
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from jumplora.metrics.cl import cl_metrics
 
@@ -443,13 +446,16 @@ def _find_seed(config: Mapping[str, Any]) -> Any:
     return next((v["seed"] for v in config.values() if isinstance(v, Mapping) and "seed" in v), None)
 
 
-def _acc(v: Any) -> str:
+def _acc(v: Any, digits: int = 1) -> str:
     f = _finite(v)
-    return "—" if f is None else f"{100 * f:.1f}"
+    return "—" if f is None else f"{100 * f:.{digits}f}"
 
 
-def format_matrices(results: Sequence[Mapping[str, Any]], fmt: str) -> str | list[Table]:
-    """The accuracy matrix R of each run (zero-shot row, then after task i; columns = tasks), in ``fmt``."""
+def format_matrices(
+    results: Sequence[Mapping[str, Any]], fmt: str, width: int | None = None
+) -> str | list[Table | Group]:
+    """The accuracy matrix R of each run (zero-shot row, then after task i; columns = tasks), in ``fmt``;
+    ``width``: the console's, for tables."""
     if fmt == "json":
         data = [
             {"run_dir": r.get("run_dir"), "label": run_label(r), "stream": stream_label(r), "tasks": r["tasks"],
@@ -467,7 +473,7 @@ def format_matrices(results: Sequence[Mapping[str, Any]], fmt: str) -> str | lis
                 writer.writerows([r.get("run_dir"), run_label(r), name, task, v] for task, v in cells)
         return buffer.getvalue()
     if fmt == "table":
-        return [_matrix_table(r) for r in results]
+        return [matrix_table(r, width=width) for r in results]
     if fmt == "markdown":
         return "\n".join(_matrix_markdown(r) for r in results)
     if fmt == "latex":
@@ -475,14 +481,33 @@ def format_matrices(results: Sequence[Mapping[str, Any]], fmt: str) -> str | lis
     raise ValueError(f"unknown report format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-def _matrix_table(results: Mapping[str, Any]) -> Table:
-    table = Table(title=escape(f"Accuracy (%) — {run_label(results)} — {results.get('run_dir')}"))
-    table.add_column("after \\ on")
-    for task in results["tasks"]:
-        table.add_column(escape(str(task)), justify="right")
-    for name, vals in matrix_rows(results):
-        table.add_row(escape(name), *(_acc(v) for v in vals))
-    return table
+def matrix_table(
+    results: Mapping[str, Any], title: str | None = None, width: int | None = None
+) -> Table | Group:
+    """R as a rich table. Where task names would not fit ``width`` (15-task streams), columns are numbered,
+    cells whole percents and the names a legend below, so that no cell is cut to "…"."""
+    tasks, rows = [str(t) for t in results["tasks"]], matrix_rows(results)
+    title = escape(title or f"Accuracy (%) — {run_label(results)} — {results.get('run_dir')}")
+    corner = "after \\ on"
+    label_width = max(len(corner), *(len(name) for name, _ in rows))
+    if width is None or label_width + sum(max(len(t), 5) + 3 for t in tasks) + 4 <= width:
+        table = Table(title=title)
+        table.add_column(corner)
+        for task in tasks:
+            table.add_column(escape(task), justify="right")
+        for name, vals in rows:
+            table.add_row(escape(name), *(_acc(v) for v in vals))
+        return table
+    # The legend goes below, not in the caption: a caption wider than the table widens its columns.
+    table = Table(title=title, box=box.SIMPLE_HEAD, padding=0, pad_edge=False)  # the box's blank divides columns
+    table.add_column(corner)
+    for i in range(1, len(tasks) + 1):
+        table.add_column(str(i), justify="right")
+    numbered = {f"after {task}": f"after {i}" for i, task in enumerate(tasks, 1)}
+    for name, vals in rows:
+        table.add_row(escape(numbered.get(name, name)), *(_acc(v, digits=0) for v in vals))
+    legend = "  ".join(f"{i}:{task}" for i, task in enumerate(tasks, 1))  # no space: a line break never splits one
+    return Group(table, Text(legend))
 
 
 def _matrix_markdown(results: Mapping[str, Any]) -> str:

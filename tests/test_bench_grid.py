@@ -1,0 +1,49 @@
+"""The benchmark grid's runs are valid `jumplora run` commands: a renamed option must fail here, in
+seconds, rather than hours into a grid."""
+
+import sys
+from pathlib import Path
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from jumplora import cli
+from jumplora.cli import app
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+import grid
+
+
+@pytest.mark.parametrize("phase", list(grid.PHASES))
+def test_every_grid_run_parses_into_the_config_it_names(phase, monkeypatch, tmp_path):
+    seen = []
+
+    def capture(config, **kwargs):
+        seen.append(config)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(cli, "execute", capture)
+    make_runs, _ = grid.PHASES[phase]
+    runs = make_runs()
+    assert runs, f"phase {phase} has no runs"
+    for name, opts in runs.items():
+        args = ["run", "--out", str(tmp_path / name), "--quiet", *grid.to_args(opts)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, f"{phase}/{name}: {result.output}"
+        config = seen[-1]
+        assert config.seed == opts.get("seed", 0), name
+        assert config.adapter.sparse is bool(opts.get("jumplora")), name
+        assert config.stream.order == opts.get("order", 1) and config.model.name == opts.get("model"), name
+        for key, arg in grid.STRATEGY_ARGS.items():
+            if key in opts:
+                assert config.strategy.args[arg] == opts[key], name
+
+def test_long_order_runs_are_the_study_at_order_4():
+    long = grid.smollm2_long_runs()
+    assert list(long)[:2] == ["o4-inclora-s0", "o4-inclora-jl-s0"]
+    assert {opts["order"] for opts in long.values()} == {4}
+    study = grid.smollm2_runs()
+    for name, opts in long.items():
+        twin = study[name.replace("o4-", "o1-")]
+        assert {k: v for k, v in opts.items() if k != "order"} == {k: v for k, v in twin.items() if k != "order"}
