@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -431,33 +433,102 @@ def drift_section() -> list[str]:
     ]
 
 
+class Pair(NamedTuple):
+    """A grid strategy dense and with JumpLoRA on the same order and seed: results and run folder names."""
+
+    strategy: str
+    order: int
+    seed: int
+    dense: dict
+    jump: dict
+    names: tuple[str, str]
+
+
+def smollm2_pairs() -> list[Pair]:
+    """Every pair of the grid with both runs done."""
+    pairs = []
+    for strategy in SMOL_STRATEGIES:
+        for order, seed in SMOL_ORDERS_SEEDS:
+            names = tuple(smollm2_run_name(strategy, jl, order, seed) for jl in (False, True))
+            dense, jump = (load(name, RUNS_SMOL) for name in names)
+            if dense is not None and jump is not None:
+                pairs.append(Pair(strategy, order, seed, dense, jump, names))
+    return pairs
+
+
 def smollm2_paired() -> list[str]:
     """Each strategy + JumpLoRA minus the same strategy dense, on the same order and seed (EM and ranking)."""
     lines = [
         "| strategy | order, seed | dense OP / BWT | + JumpLoRA OP / BWT | ΔOP | ΔBWT | rank ΔOP | rank ΔBWT |",
         "|---|---|---|---|---|---|---|---|",
     ]
-    summaries = []
-    for strategy in SMOL_STRATEGIES:
-        deltas = []
-        for order, seed in SMOL_ORDERS_SEEDS:
-            dense, jump = (load(smollm2_run_name(strategy, jl, order, seed), RUNS_SMOL) for jl in (False, True))
-            if dense is None or jump is None:
-                continue
-            d, j = dense["metrics"], jump["metrics"]
-            dr, jr = dense.get("rank_metrics") or {}, jump.get("rank_metrics") or {}
-            deltas.append((j["op"] - d["op"], j["bwt"] - d["bwt"]))
-            rank_op, rank_bwt = jr["op"] - dr["op"], jr["bwt"] - dr["bwt"]
-            lines.append(
-                f"| {strategy} | {order}, {seed} | {100 * d['op']:.1f} / {100 * d['bwt']:+.1f} | "
-                f"{100 * j['op']:.1f} / {100 * j['bwt']:+.1f} | {100 * deltas[-1][0]:+.1f} | "
-                f"{100 * deltas[-1][1]:+.1f} | {100 * rank_op:+.1f} | {100 * rank_bwt:+.1f} |"
-            )
-        if deltas:
-            summaries.append(_paired_summary(strategy, np.array(deltas).T * 100))
-    if not summaries:
+    deltas: dict[str, list[tuple[float, float]]] = {}
+    for strategy, order, seed, dense, jump, _ in smollm2_pairs():
+        d, j = dense["metrics"], jump["metrics"]
+        dr, jr = dense.get("rank_metrics") or {}, jump.get("rank_metrics") or {}
+        deltas.setdefault(strategy, []).append((j["op"] - d["op"], j["bwt"] - d["bwt"]))
+        rank_op, rank_bwt = jr["op"] - dr["op"], jr["bwt"] - dr["bwt"]
+        lines.append(
+            f"| {strategy} | {order}, {seed} | {100 * d['op']:.1f} / {100 * d['bwt']:+.1f} | "
+            f"{100 * j['op']:.1f} / {100 * j['bwt']:+.1f} | {100 * (j['op'] - d['op']):+.1f} | "
+            f"{100 * (j['bwt'] - d['bwt']):+.1f} | {100 * rank_op:+.1f} | {100 * rank_bwt:+.1f} |"
+        )
+    if not deltas:
         return ["No complete dense / JumpLoRA pair yet."]
-    return [*lines, "", *summaries]
+    summaries = [_paired_summary(strategy, np.array(d).T * 100) for strategy, d in deltas.items()]
+    return [*lines, "", *summaries, "", *smollm2_paired_by_task(), "", *smollm2_final_answers("amazon")]
+
+
+def smollm2_paired_by_task() -> list[str]:
+    """Where the pairs' OP differences come from: each task's accuracy, JumpLoRA minus dense, over all pairs."""
+    by_task: dict[str, list[tuple[float, float]]] = {}
+    for pair in smollm2_pairs():
+        dense, jump = pair.dense, pair.jump
+        for i, task in enumerate(dense["tasks"]):
+            d, j = dense["accuracy_matrix"], jump["accuracy_matrix"]
+            by_task.setdefault(task, []).append((100 * (j[i][i] - d[i][i]), 100 * (j[-1][i] - d[-1][i])))
+    lines = [
+        "Each task's accuracy, JumpLoRA minus dense, over every pair above (a task's share of ΔOP is its Δ / 4):",
+        "",
+        "| task | pairs | Δ right after training it | Δ after the last task | JumpLoRA ahead / behind (last) |",
+        "|---|---|---|---|---|",
+    ]
+    for task, rows in by_task.items():
+        learned, final = np.array(rows).T
+        se = final.std(ddof=1) / np.sqrt(len(final)) if len(final) > 1 else float("nan")
+        lines.append(
+            f"| {task} | {len(final)} | {learned.mean():+.1f} | {final.mean():+.1f} (standard error {se:.1f}) | "
+            f"{int((final > 0).sum())} / {int((final < 0).sum())} |"
+        )
+    return lines
+
+
+def smollm2_final_answers(task: str) -> list[str]:
+    """How often each of ``task``'s options is answered after the last task, dense against JumpLoRA, summed
+    over the pairs that saved their answers (``--save-predictions``)."""
+    counts: dict[str, Counter] = {"dense": Counter(), "JumpLoRA": Counter()}
+    pairs, truth = 0, Counter()
+    for pair in smollm2_pairs():
+        runs = dict(zip(counts, pair.names, strict=True))
+        files = {kind: sorted((RUNS_SMOL / name / "predictions").glob("*.jsonl")) for kind, name in runs.items()}
+        if task not in pair.dense["tasks"] or not all(files.values()):
+            continue
+        pairs += 1
+        for kind, found in files.items():
+            answers = [row for row in read_jsonl(found[-1]) if row["task"] == task]
+            counts[kind].update(row["prediction"] for row in answers)
+        truth.update(row["answer"] for row in answers)
+    if not pairs:
+        return []
+    options = sorted(set(truth) | set(counts["dense"]) | set(counts["JumpLoRA"]), key=lambda o: -truth[o])
+    return [
+        f"{task}'s answers after the last task (generated; {pairs} pairs with saved answers, "
+        f"{sum(truth.values())} items per side):",
+        "",
+        "| answer | correct answer | dense | + JumpLoRA |",
+        "|---|---|---|---|",
+        *(f"| {o} | {truth[o]} | {counts['dense'][o]} | {counts['JumpLoRA'][o]} |" for o in options),
+    ]
 
 
 def _paired_summary(strategy: str, deltas: np.ndarray, ahead: str = "JumpLoRA") -> str:
