@@ -39,6 +39,7 @@ def test_every_grid_run_parses_into_the_config_it_names(phase, monkeypatch, tmp_
             if key in opts:
                 assert config.strategy.args[arg] == opts[key], name
 
+
 def test_long_order_runs_are_the_study_at_order_4():
     long = grid.smollm2_long_runs()
     assert list(long)[:2] == ["o4-inclora-s0", "o4-inclora-jl-s0"]
