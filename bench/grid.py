@@ -250,6 +250,7 @@ def smollm2_tuned() -> dict[str, dict]:
 
 SMOL_ORDERS_SEEDS = ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))  # 3 seeds on order 1, 1 on orders 2-3
 SMOL_STRATEGIES = ("inclora", "ella", "seqlora", "olora")  # each dense and + JumpLoRA, then multitask
+SMOL_METHODS = [*((s, jl) for s in SMOL_STRATEGIES for jl in (False, True)), ("multitask", False)]
 
 
 def smollm2_run(strategy: str, jump: bool, order: int, seed: int, ella_past: str | None = None) -> tuple[str, dict]:
@@ -268,12 +269,7 @@ def smollm2_run_name(strategy: str, jump: bool, order: int, seed: int) -> str:
 
 def smollm2_runs() -> dict[str, dict]:
     """Order 1 first (headline strategies, then the rest), then more seeds, then orders 2-3."""
-    methods = [(s, jl) for s in SMOL_STRATEGIES for jl in (False, True)]
-    return dict(
-        smollm2_run(strategy, jump, order, seed)
-        for order, seed in SMOL_ORDERS_SEEDS
-        for strategy, jump in [*methods, ("multitask", False)]
-    )
+    return dict(smollm2_run(s, jl, order, seed) for order, seed in SMOL_ORDERS_SEEDS for s, jl in SMOL_METHODS)
 
 
 SMOL_LONG_ORDERS = (4,)  # 15 tasks: ≈ 3-4 h a run on one CPU thread, so it waits for a GPU (bench/gpu.sh generative)
@@ -281,12 +277,7 @@ SMOL_LONG_ORDERS = (4,)  # 15 tasks: ≈ 3-4 h a run on one CPU thread, so it wa
 
 def smollm2_long_runs() -> dict[str, dict]:
     """Long order 4 at the study budget, seed 0: IncLoRA ± JumpLoRA first (the headline pair), then the rest."""
-    methods = [(s, jl) for s in SMOL_STRATEGIES for jl in (False, True)]
-    return dict(
-        smollm2_run(strategy, jump, order, 0)
-        for order in SMOL_LONG_ORDERS
-        for strategy, jump in [*methods, ("multitask", False)]
-    )
+    return dict(smollm2_run(strategy, jump, order, 0) for order in SMOL_LONG_ORDERS for strategy, jump in SMOL_METHODS)
 
 
 SMOL_ELLA_PAST_TEST_SEEDS = (0, 1)  # order 1, beside the grid's ELLA + JumpLoRA runs

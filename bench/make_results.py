@@ -483,9 +483,8 @@ def smollm2_paired_by_task() -> list[str]:
     """Where the pairs' OP differences come from: each task's accuracy, JumpLoRA minus dense, over all pairs."""
     by_task: dict[str, list[tuple[float, float]]] = {}
     for pair in smollm2_pairs():
-        dense, jump = pair.dense, pair.jump
-        for i, task in enumerate(dense["tasks"]):
-            d, j = dense["accuracy_matrix"], jump["accuracy_matrix"]
+        d, j = pair.dense["accuracy_matrix"], pair.jump["accuracy_matrix"]
+        for i, task in enumerate(pair.dense["tasks"]):
             by_task.setdefault(task, []).append((100 * (j[i][i] - d[i][i]), 100 * (j[-1][i] - d[-1][i])))
     lines = [
         "Each task's accuracy, JumpLoRA minus dense, over every pair above (a task's share of ΔOP is its Δ / 4):",
@@ -514,10 +513,10 @@ def smollm2_final_answers(task: str) -> list[str]:
         if task not in pair.dense["tasks"] or not all(files.values()):
             continue
         pairs += 1
-        for kind, found in files.items():
-            answers = [row for row in read_jsonl(found[-1]) if row["task"] == task]
-            counts[kind].update(row["prediction"] for row in answers)
-        truth.update(row["answer"] for row in answers)
+        answers = {kind: [row for row in read_jsonl(found[-1]) if row["task"] == task] for kind, found in files.items()}
+        for kind, rows in answers.items():
+            counts[kind].update(row["prediction"] for row in rows)
+        truth.update(row["answer"] for row in answers["dense"])  # the same items on both sides
     if not pairs:
         return []
     options = sorted(set(truth) | set(counts["dense"]) | set(counts["JumpLoRA"]), key=lambda o: -truth[o])
