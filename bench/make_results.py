@@ -559,7 +559,7 @@ def smollm2_figures(bars: list[dict]) -> list[str]:
             log = read_jsonl(RUNS_SMOL / name / "train_log.jsonl")
             made += plot_run_figures(res, log, FIGS, f"smollm2_o1_{strategy}-jl", kinds=("overlap", "training"))
     if bars:
-        made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix="_smollm2")
+        made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix="_smollm2", over="runs")
     return [f"![{Path(p).stem}]({Path(p).relative_to(DOCS)})" for p in made]
 
 
@@ -680,7 +680,7 @@ def bar_rows(bars: list[dict]) -> list[dict]:
 def bar_figures(bars_std: list[dict], bars_long: list[dict]) -> list[str]:
     made = []
     for stream, bars in (("standard", bars_std), ("long", bars_long)):
-        made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix=f"_{stream}")
+        made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix=f"_{stream}", over="runs")
     return [str(Path(p).relative_to(DOCS)) for p in made]
 
 

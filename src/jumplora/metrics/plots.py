@@ -265,8 +265,8 @@ def _mean_std(row: Mapping[str, Any], metric: str) -> tuple[float, float]:
     return _num(mean), (0.0 if std is None else _num(std))
 
 
-def plot_bars(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path) -> Path:
-    """Grouped bar chart (mean ± std, in %) of one metric.
+def plot_bars(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path, over: str = "seeds") -> Path:
+    """Grouped bar chart (mean ± std over ``over``, in %) of one metric.
 
     Each row needs ``label`` and ``mean``/``std`` (or ``{metric}_mean``/``{metric}_std`` as
     produced by :func:`jumplora.metrics.report.aggregate`). Rows with an optional ``group``
@@ -311,7 +311,7 @@ def plot_bars(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path) 
         ax.set_xticks(range(len(rows)), labels=[str(r["label"]) for r in rows], rotation=30, ha="right")
     ax.axhline(0.0, color="black", linewidth=0.6)
     ax.set_ylabel(f"{metric} (%)")
-    ax.set_title(f"{metric} (mean ± std over seeds)")
+    ax.set_title(f"{metric} (mean ± std over {over})")
     ax.grid(axis="y", alpha=0.3)
     return _save(fig, path)
 
@@ -339,17 +339,22 @@ def write_run_plots(out: str | Path, results: Mapping[str, Any]) -> list[str]:
 
 
 def plot_comparison(
-    rows: Sequence[Mapping[str, Any]], out_dir: str | Path, metrics: Sequence[str] = ("op", "bwt"), suffix: str = ""
+    rows: Sequence[Mapping[str, Any]],
+    out_dir: str | Path,
+    metrics: Sequence[str] = ("op", "bwt"),
+    suffix: str = "",
+    over: str = "seeds",
 ) -> list[Path]:
     """One bar chart per metric comparing settings (``bars_<metric><suffix>.png``), skipping undefined metrics.
 
-    ``rows`` are :func:`jumplora.metrics.report.aggregate` rows (``label``, ``{metric}_mean``/``_std``).
+    ``rows`` are :func:`jumplora.metrics.report.aggregate` rows (``label``, ``{metric}_mean``/``_std``);
+    ``over`` names what the spread is over in the title (rows that pool orders are not seeds).
     """
     made = []
     for metric in metrics:
         present = [r for r in rows if r.get(f"{metric}_mean") is not None]
         if present:
-            made.append(plot_bars(present, metric, Path(out_dir) / f"bars_{metric}{suffix}.png"))
+            made.append(plot_bars(present, metric, Path(out_dir) / f"bars_{metric}{suffix}.png", over))
     return made
 
 
