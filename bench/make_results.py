@@ -559,7 +559,7 @@ def smollm2_figures(bars: list[dict]) -> list[str]:
             log = read_jsonl(RUNS_SMOL / name / "train_log.jsonl")
             made += plot_run_figures(res, log, FIGS, f"smollm2_o1_{strategy}-jl", kinds=("overlap", "training"))
     if bars:
-        made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix="_smollm2", over="runs")
+        made += run_bar_charts(bars, "_smollm2")
     return [f"![{Path(p).stem}]({Path(p).relative_to(DOCS)})" for p in made]
 
 
@@ -677,10 +677,15 @@ def bar_rows(bars: list[dict]) -> list[dict]:
     return rows
 
 
+def run_bar_charts(bars: list[dict], suffix: str) -> list[Path]:
+    """OP and BWT bar charts of table_for's per-method lists, whose spread pools orders and seeds (runs)."""
+    return plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix=suffix, over="runs")
+
+
 def bar_figures(bars_std: list[dict], bars_long: list[dict]) -> list[str]:
     made = []
     for stream, bars in (("standard", bars_std), ("long", bars_long)):
-        made += plot_comparison(bar_rows(bars), FIGS, ("op", "bwt"), suffix=f"_{stream}", over="runs")
+        made += run_bar_charts(bars, f"_{stream}")
     return [str(Path(p).relative_to(DOCS)) for p in made]
 
 
