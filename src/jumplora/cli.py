@@ -174,6 +174,8 @@ def _run(
 ) -> None:
     """Train a model on a task stream and write the accuracy matrix, CL metrics and plots."""
     _configure_logging(quiet, verbose)
+    if config_file is not None:  # types first: nothing of a bad file runs, plugin code included
+        _check_config_types(config_file)
     for name in plugin or []:
         _import_plugin(name)
     if threads is not None and threads < 1:
@@ -204,8 +206,22 @@ def _import_plugin(name: str) -> None:
             spec.loader.exec_module(module)
         else:
             importlib.import_module(name)
+    except typer.Exit:
+        raise
     except ImportError as err:
         _fail(f"--plugin {name}: cannot import it ({err})")
+    except Exception as err:  # the plugin's own code failed (SyntaxError, a name taken, …): its message
+        _fail(f"--plugin {name}: importing it raised {type(err).__name__}: {str(err)[:200]}")
+
+
+def _check_config_types(path: Path) -> None:
+    """The --config file's values against the RunConfig field types (before any plugin code runs)."""
+    from jumplora.config import ConfigError, check_types
+
+    try:
+        check_types(_read_config_file(path), str(path))
+    except ConfigError as err:
+        _fail(str(err))
 
 
 def _register_run() -> None:
