@@ -37,7 +37,7 @@ def finished(tmp_path_factory, tiny_model: str):
         jumplora=True, batch_size=2, sparsify_start=0.5, sparsify_end=1.0, target_density=0.1, cpu=True,
     )  # fmt: skip
     trainer = ContinualTrainer(config, quiet=True)
-    results = trainer.run(fresh=True)
+    results = trainer.run()
     result = runner.invoke(app, ["export", str(root / "run"), str(root / "export")])
     assert result.exit_code == 0, result.output
     return trainer, results, root / "run", root / "export"

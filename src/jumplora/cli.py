@@ -253,24 +253,13 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """--out must be (or become) a writable directory, and not hold a run unless resumed/replaced."""
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out}: exists and is not a directory")
-    existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
-    if not existing.is_dir():
-        _fail(f"--out {out}: {existing} is not a directory")
-    try:  # a real probe: read-only mounts, immutable folders and ACLs all show here
-        import tempfile
+    from jumplora.checkpoint import RunDirectoryError
+    from jumplora.checkpoint import check_out_dir as check
 
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        _fail(f"--out {out}: cannot write in {existing} ({err.strerror or err})")
-    from jumplora.lock import LOCK_NAME
-
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (resume or overwrite):
-        _fail(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if resume and not (out / "checkpoint" / "state.json").is_file() and (out / "results.json").exists():
-        _fail(f"{out} has results but no checkpoint to resume from")
+    try:
+        check(out, resume=resume, overwrite=overwrite)
+    except RunDirectoryError as err:
+        _fail(str(err))
 
 
 def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
@@ -286,11 +275,8 @@ def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet
     out = Path(config.out)
     check_out_dir(out, resume=resume, overwrite=overwrite)
     try:
-        trainer = ContinualTrainer(config, quiet=quiet)
-        if resume and (out / "checkpoint" / "state.json").is_file():
-            trainer.check_resumable()
-        trainer.prepare()
-        return trainer.run(fresh=overwrite and not resume)
+        trainer = ContinualTrainer(config, quiet=quiet, resume=resume, overwrite=overwrite)
+        return trainer.run()  # checks --out, then the checkpoint against config.json, then loads
     except NumericalError as err:
         console.print(f"[bold red]numerical fault:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=EXIT_NUMERICAL) from err
