@@ -12,10 +12,11 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoModel
 from typer.testing import CliRunner
 
+from jumplora.checkpoint import Progress, RunDirectory
 from jumplora.cli import app
 from jumplora.config import RunConfig
 from jumplora.export import apply_task_update, export_run
@@ -137,24 +138,35 @@ def test_model_card(finished) -> None:
     assert "AutoModel.from_pretrained" in card and "`target_density`: 0.1" in card
 
 
+def commit_run(run: Path, config: dict, rows: list[list[float]], updates: list[dict | None], **extra) -> None:
+    """A finished run's checkpoint and results, written as a run writes them (checksum, hashes)."""
+    rundir = RunDirectory(run, config, len(rows), {})
+    rundir.start()
+    progress = Progress(zero_shot=[0.1] * len(rows))
+    rundir.commit(progress)
+    for i, (row, update) in enumerate(zip(rows, updates, strict=True)):
+        progress.rows.append(row)
+        progress.per_task.append({"task": "ab"[i], "density": None})
+        progress.next_task = i + 1
+        rundir.commit(progress, update=update, support={"q": torch.ones(1, dtype=torch.bool)})
+    results = {"complete": True, "stream": "my-stream", "config": config, "tasks": list("ab"[: len(rows)]),
+               "accuracy_matrix": rows, "zero_shot": progress.zero_shot, "metrics": None,
+               "per_task": progress.per_task, **extra}  # fmt: skip
+    (run / "results.json").write_text(json.dumps(results))
+
+
 def _synthetic_run(root: Path, model_path: str, nested: bool) -> Path:
     """A finished run on MiniLM with one hand-made update (no training): exercises the packaging only."""
     run = root / "run"
-    (run / "checkpoint").mkdir(parents=True)
     mask = torch.zeros(384, 384, dtype=torch.bool)
     mask[::7, ::5] = True
     update = {"encoder.layer.0.attention.self.query::mask": mask,
               "encoder.layer.0.attention.self.query::values": torch.full((int(mask.sum()),), 0.01),
               "encoder.layer.1.attention.self.value::dense": torch.full((384, 384), -0.001)}  # fmt: skip
-    save_file(update, run / "checkpoint" / "update_000.safetensors")
     config = {"model": {"name": model_path}, "strategy": {"name": "seqlora", "args": {}}, "jumplora": False}
     if not nested:
         config = {"model": model_path, "strategy": "seqlora", "jumplora": False, "order": 1}
-    results = {"complete": True, "stream": "my-stream", "config": config, "tasks": ["a", "b"],
-               "accuracy_matrix": [[0.5, 0.1], [0.4, 0.6]], "zero_shot": [0.1, 0.1], "metrics": None}  # fmt: skip
-    (run / "results.json").write_text(json.dumps(results))
-    (run / "config.json").write_text(json.dumps(config))
-    (run / "checkpoint" / "state.json").write_text(json.dumps({"updates": [None, "update_000.safetensors"]}))
+    commit_run(run, config, [[0.5, 0.1], [0.4, 0.6]], [None, update])
     return run
 
 
@@ -171,7 +183,7 @@ def test_sentence_transformers_files_and_configs(tmp_path: Path, minilm_path: st
     assert meta["tasks_in_update"] == ["a", "b"] and meta["strategy"] == "seqlora"
     assert meta["density_per_module"]["encoder.layer.1.attention.self.value"] == 1.0
     assert "# seqlora (dense) on my-stream" in (out / "README.md").read_text()
-    expected = _base_plus(minilm_path, [run / "checkpoint" / "update_000.safetensors"])
+    expected = _base_plus(minilm_path, [run / "checkpoint" / "update_001.safetensors"])
     assert torch.equal(_hidden(AutoModel.from_pretrained(out)), _hidden(expected))
 
 
