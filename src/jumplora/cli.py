@@ -340,7 +340,12 @@ def report(
             dirs.extend(find_runs(path))
         else:
             _fail(f"{path}: not a run directory (no results.json)")
-    results, skipped = load_runs(dirs)
+    try:  # the loader --resume and export use: a damaged or edited run is one error line
+        results, skipped = load_runs(dirs)
+    except ValueError as err:
+        _fail(str(err))
+    if plot is not None and plot.exists() and not plot.is_dir():
+        _fail(f"--plot {plot}: exists and is not a folder")
     for run_dir, reason in skipped:
         console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(reason)}", highlight=False)
     if not results:
@@ -394,7 +399,7 @@ def _print_cells(title: str, header: list[str], cells: list[list[str]], fmt: str
         writer.writerows([header, *cells])
     elif fmt == "markdown":
         print(f"**{title}**\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        print("\n".join("| " + " | ".join(row) + " |" for row in cells) + "\n")
+        print("\n".join("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells) + "\n")
     else:
         table = Table(title=escape(title))
         for name in header:
