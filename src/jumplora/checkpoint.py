@@ -293,6 +293,11 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         flag = "--resume" if resume else "--overwrite"
         raise RunDirectoryError(f"{out}: holds files but not a jumplora run ({why_not}); {flag} acts on runs only, "
                                 "so nothing was touched: choose another --out")  # fmt: skip
+    for name in ("checkpoint", "plots", "tracking", PREDICTIONS):  # folders a run writes into
+        sub = out / name
+        if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
+            raise RunDirectoryError(f"{sub}: the run writes a folder here, but this is a file or a symlink; "
+                                    "nothing was touched: move it away")  # fmt: skip
     if resume and not (out / "checkpoint" / "state.json").is_file() and (out / "results.json").exists():
         raise RunDirectoryError(f"{out} has results but no checkpoint to resume from")
 

@@ -282,6 +282,14 @@ def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet
         raise typer.Exit(code=EXIT_NUMERICAL) from err
     except (ValueError, FileNotFoundError, RunDirectoryError) as err:
         _fail(str(err))
+    except OSError as err:  # disk full, a folder gone: the last committed checkpoint stays valid
+        _fail(_os_error_line(err))
+
+
+def _os_error_line(err: OSError) -> str:
+    """An OS error during a run, in one line: the file, the reason, and that --resume continues."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err}; the last checkpoint is kept: fix the cause, then --resume"
 
 
 def print_results(results: dict) -> None:
@@ -448,10 +456,14 @@ models_app = typer.Typer(help="Models known by short name: list them, fetch one.
 @models_app.command("list")
 def models_list() -> None:
     """Known short names for --model, whether each is ready locally, and where."""
-    from jumplora.models import list_models
+    from jumplora.models import ModelLoadError, list_models
 
     table = Table("name", "cached", "path", "description")
-    for m in list_models():
+    try:
+        known = list_models()
+    except ModelLoadError as err:
+        _fail(str(err))
+    for m in known:
         table.add_row(str(m["name"]), "yes" if m["cached"] else "no", str(m["path"]), str(m["description"]))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 

@@ -82,9 +82,22 @@ def verify_checkpoint(run: Path, results: dict[str, Any]) -> dict[str, Any]:
         if differs:
             raise RunDirectoryError(f"{run / RESULTS_FILE}: does not match the checkpoint ({differs}); "
                                     "edited or from another run")  # fmt: skip
-    for name in state["hashes"]:
-        _confined(run / "checkpoint", name)
+    for name, expected in state["hashes"].items():  # every file, as --resume reads them
+        path = _confined(run / "checkpoint", name)
+        if _sha256(path) != expected:
+            raise RunDirectoryError(f"{path}: content does not match the hash in state.json (edited or damaged)")
     return state
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    try:
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+    except OSError as err:
+        raise RunDirectoryError(f"{path}: cannot read it ({err.strerror or err})") from err
+    return digest.hexdigest()
 
 
 def load_checked_tensors(record: RunRecord, name: str) -> dict[str, Any]:
