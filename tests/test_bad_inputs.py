@@ -216,7 +216,7 @@ def plugin(code: str, *extra: str) -> Callable[[Path], list[str]]:
 
 def bad_config_then_plugin(d: Path) -> list[str]:
     """A plugin that would leave a file if it ran; the config's wrong type must stop the run first."""
-    _write(d / "spy.py", "from pathlib import Path\\nPath(__file__).with_name('PLUGIN_RAN').write_text('x')\\n")
+    _write(d / "spy.py", "from pathlib import Path\nPath(__file__).with_name('PLUGIN_RAN').write_text('x')\n")
     return ["--config", str(_write(d / "c.json", {"optim": {"epochs": 2.0}})), "--plugin", str(d / "spy.py")]
 
 
@@ -362,7 +362,7 @@ def predictions_edit(lines) -> Callable[[Path], None]:
 
     def edit(run: Path) -> None:
         path = sorted((run / "predictions").iterdir())[-1]
-        path.write_text("\\n".join(lines(path.read_text().splitlines())) + "\\n")
+        path.write_text("\n".join(lines(path.read_text().splitlines())) + "\n")
 
     return edit
 
@@ -379,7 +379,7 @@ def prefix_matched_cache(d: Path) -> list[str]:
     """A real-looking GGUF header whose sha256 prefix names a cached folder converted from another file."""
     import hashlib
 
-    fake = _write(d / "m.gguf", b"GGUF" + b"\\0" * 60)
+    fake = _write(d / "m.gguf", b"GGUF" + b"\0" * 60)
     digest = hashlib.sha256(fake.read_bytes()).hexdigest()
     cached = d / "home" / "gguf" / digest[:24]
     _write(cached / "jumplora_source.json", {"gguf": "other.gguf", "sha256": "0" * 64})
@@ -408,21 +408,21 @@ ISSUE_29_CASES: dict[str, Case] = {
     "config strategy name a number": Case(cfg({"strategy": {"name": 5}}), ("strategy.name must be a string",)),
     "config targets a string": Case(cfg({"model": {"targets": "query"}}), ("model.targets must be a list of strings",)),
     "config optim a list": Case(cfg({"optim": [1]}), ("optim", "must be a mapping")),
-    "config yaml r a string": Case(cfg("adapter:\\n  r: '8'\\n", "c.yaml"), ("c.yaml", "adapter.r must be an integer")),
+    "config yaml r a string": Case(cfg("adapter:\n  r: '8'\n", "c.yaml"), ("c.yaml", "adapter.r must be an integer")),
     "config from results.json": Case(cfg({"config": {"optim": {"lr": "fast"}}, "accuracy_matrix": []}, "results.json"),
                                      ("results.json", "optim.lr must be a number")),
     "config checked before any plugin": Case(bad_config_then_plugin, ("optim.epochs must be an integer",)),
     # --plugin: its failure is one line (and README says it runs code)
-    "plugin syntax error": Case(plugin("def broken(:\\n"), ("--plugin", "SyntaxError")),
-    "plugin raises": Case(plugin("raise RuntimeError('boom')\\n"), ("--plugin", "RuntimeError: boom")),
+    "plugin syntax error": Case(plugin("def broken(:\n"), ("--plugin", "SyntaxError")),
+    "plugin raises": Case(plugin("raise RuntimeError('boom')\n"), ("--plugin", "RuntimeError: boom")),
     "plugin re-registers inclora": Case(plugin(
-        "from dataclasses import dataclass\\nfrom jumplora.cl import Strategy, register_strategy\\n"
-        "@register_strategy('inclora')\\n@dataclass\\nclass Mine(Strategy):\\n    pass\\n"),
+        "from dataclasses import dataclass\nfrom jumplora.cl import Strategy, register_strategy\n"
+        "@register_strategy('inclora')\n@dataclass\nclass Mine(Strategy):\n    pass\n"),
         ("--plugin", "'inclora' is already taken")),
     "plugin list field": Case(plugin(
-        "from dataclasses import dataclass, field\\nfrom jumplora.cl import Strategy, register_strategy\\n"
-        "@register_strategy('listy')\\n@dataclass\\nclass Listy(Strategy):\\n"
-        "    xs: list = field(default_factory=list)\\n"), ("--plugin", "field 'xs' must be float, int, bool or str")),
+        "from dataclasses import dataclass, field\nfrom jumplora.cl import Strategy, register_strategy\n"
+        "@register_strategy('listy')\n@dataclass\nclass Listy(Strategy):\n"
+        "    xs: list = field(default_factory=list)\n"), ("--plugin", "field 'xs' must be float, int, bool or str")),
     "plugin relative name": Case(lambda d: ["--plugin", "..x", *_bench()(d)], ("--plugin ..x",)),
     "plugin file missing": Case(lambda d: ["--plugin", str(d / "nope.py"), *_bench()(d)], ("nope.py", "not found")),
     "plugin module missing": Case(lambda d: ["--plugin", "no_such_module_xyz", *_bench()(d)],
@@ -458,8 +458,8 @@ ISSUE_29_CASES: dict[str, Case] = {
     "gguf that is not gguf": Case(not_gguf, ("fake.gguf", "not a GGUF file")),
     "gguf prefix matches another cache": Case(prefix_matched_cache, ("cached conversion is not of", "m.gguf"),
                                               env={"JUMPLORA_HOME": "{dir}/home"}),
-    "task name with ESC": Case(lambda d: stream(d, name="a\\x1b[31mred"), ("field 'name'", "control character")),
-    "task name with newline": Case(lambda d: stream(d, name="a\\nb"), ("field 'name'", "control character")),
+    "task name with ESC": Case(lambda d: stream(d, name="a\x1b[31mred"), ("field 'name'", "control character")),
+    "task name with newline": Case(lambda d: stream(d, name="a\nb"), ("field 'name'", "control character")),
     # export: the loader --resume uses; never in or over the run; removes only what it created
     "export swapped updates": Case(export_args(swap_updates), ("update_000.safetensors", "does not match the hash"),
                                    command="export", needs_run=True),
@@ -525,11 +525,11 @@ ISSUE_29_CASES: dict[str, Case] = {
                             ("does not match the checkpoint",), command="report", needs_run=True),
     "report truncated update": Case(report_args(truncate_update), ("does not match the hash",), command="report",
                                     needs_run=True),
-    "report task name with ESC": Case(report_args(results_edit(lambda r: r["tasks"].__setitem__(0, "cb\\x1b[2J"))),
+    "report task name with ESC": Case(report_args(results_edit(lambda r: r["tasks"].__setitem__(0, "cb\x1b[2J"))),
                                       ("field tasks", "printable"), command="report", needs_run=True),
-    "report task name with newline": Case(report_args(results_edit(lambda r: r["tasks"].__setitem__(0, "c\\nb"))),
+    "report task name with newline": Case(report_args(results_edit(lambda r: r["tasks"].__setitem__(0, "c\nb"))),
                                           ("field tasks", "printable"), command="report", needs_run=True),
-    "report stream label with ESC": Case(report_args(results_edit(lambda r: r.update(stream="s\\x1b[0m"))),
+    "report stream label with ESC": Case(report_args(results_edit(lambda r: r.update(stream="s\x1b[0m"))),
                                          ("field stream", "printable"), command="report", needs_run=True),
     "report results over the size cap": Case(report_args(), ("results.json", "byte limit"), command="report",
                                              needs_run=True, env={"JUMPLORA_MAX_FILE_MB": "0.001"}),
