@@ -12,7 +12,7 @@ import peft
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 from typer.testing import CliRunner
 
@@ -213,3 +213,71 @@ def test_output_folder_not_overwritten(tmp_path: Path, minilm_path: str) -> None
     result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_sparse_export_is_labelled_sparse(finished) -> None:
+    """Issue 29: export read config.get("jumplora") from the nested config; the flag is adapter.sparse."""
+    _, _, _, out = finished
+    for folder in sorted((out / "task_updates").iterdir()):
+        assert json.loads((folder / "task_update.json").read_text())["jumplora"] is True
+        with safe_open(str(folder / "update.safetensors"), framework="pt") as handle:
+            assert handle.metadata()["jumplora"] == "true"
+    assert (out / "jumplora_export.json").is_file()
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_apply_task_update_checks_everything_before_changing_a_weight(finished, tiny_model: str, tmp_path) -> None:
+    """A mismatched model, a random-init model and NaN values are refused with no weight changed."""
+    from transformers import BertConfig, BertModel
+
+    from jumplora.export import ExportError
+
+    _, _, _, out = finished
+    folder = sorted((out / "task_updates").iterdir())[0]
+    base = AutoModel.from_pretrained(tiny_model)
+    config = BertConfig.from_pretrained(tiny_model)
+    wider = BertModel(BertConfig(**{**config.to_dict(), "num_hidden_layers": 3, "hidden_size": 64,
+                                    "intermediate_size": 64}))  # fmt: skip
+    wider.config._name_or_path = tiny_model  # same name, other shapes: the shape check must catch it
+    before = _weights(wider)
+    with pytest.raises(ExportError, match="has shape"):
+        apply_task_update(wider, folder)
+    assert _same(_weights(wider), before)
+    random_init = BertModel(config)
+    before = _weights(random_init)
+    with pytest.raises(ExportError, match="names no source"):
+        apply_task_update(random_init, folder)
+    assert _same(_weights(random_init), before)
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(folder, poisoned)
+    with safe_open(str(folder / "update.safetensors"), framework="pt") as handle:
+        tensors, meta = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()  # noqa: SIM118
+    last = sorted(k for k in tensors if k.endswith(("::values", "::dense")))[-1]
+    tensors[last] = tensors[last].clone()
+    tensors[last].view(-1)[-1] = float("nan")
+    save_file(tensors, str(poisoned / "update.safetensors"), metadata=meta)
+    before = _weights(base)
+    with pytest.raises(ExportError, match="NaN or inf"):
+        apply_task_update(base, poisoned)
+    assert _same(_weights(base), before)
+    (poisoned / "update.safetensors").write_bytes((folder / "update.safetensors").read_bytes()[:64])
+    with pytest.raises(ExportError, match="not a readable safetensors file"):
+        apply_task_update(base, poisoned)
+    apply_task_update(base, folder)  # the right base model: applied
+    assert not _same(_weights(base), before)
+
+
+def test_export_overwrites_an_earlier_export_only(finished, tmp_path) -> None:
+    _, _, run, out = finished
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    result = runner.invoke(app, ["export", str(run), str(again), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "again.partial").exists() and (again / "jumplora_export.json").is_file()
