@@ -83,6 +83,18 @@ def test_api_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model):
     assert files(out) == before
 
 
+def test_report_reads_a_resumed_run_through_the_validated_loader(finished):
+    """After a resume that changed an output-only option (log_every), report still accepts the run."""
+    from typer.testing import CliRunner
+
+    from jumplora.cli import app
+
+    assert json.loads((finished / "results.json").read_text())["config"]["log_every"] == 3  # resumed above
+    result = CliRunner().invoke(app, ["report", str(finished), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)[0]["n"] == 1
+
+
 @pytest.mark.slow
 def test_kill_then_edit_config_json_then_resume_is_refused(tmp_path, tiny_model):
     """Killed after task 1's commit; config.json edited (lr, r); --resume is refused, nothing changes."""
