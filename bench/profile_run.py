@@ -46,7 +46,7 @@ def main() -> None:
     for key, value in zip(rest[::2], rest[1::2], strict=True):
         name = key.lstrip("-").replace("-", "_")
         overrides[name] = value.split(",") if name in ("tasks", "targets") else _parse(value)
-    trainer = ContinualTrainer(RunConfig.from_flat(**overrides), quiet=True)
+    trainer = ContinualTrainer(RunConfig.from_flat(**overrides), quiet=True, overwrite=True)  # always a fresh run
 
     spent: dict[str, float] = defaultdict(float)
     for method in PHASES:

@@ -170,7 +170,8 @@ def test_resume_with_other_config_and_overwrite(paths):
     assert invoke(out, *args).exit_code == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     result = invoke(out, *args, "--resume", "--lr", "0.5")
-    assert result.exit_code == 2 and "--resume with a different configuration (lr: 0.001 → 0.5)" in result.stderr
+    needle = "--resume with a different configuration (first difference optim.lr: 0.001 → 0.5)"
+    assert result.exit_code == 2 and needle in result.stderr
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     result = invoke(out, *args, "--overwrite", "--lr", "0.5")
     assert result.exit_code == 0, result.stderr

@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 from typer.testing import CliRunner
 
+from jumplora.checkpoint import Progress, RunDirectory
 from jumplora.cli import app
 from jumplora.config import RunConfig
 from jumplora.export import apply_task_update, export_run
@@ -37,7 +38,7 @@ def finished(tmp_path_factory, tiny_model: str):
         jumplora=True, batch_size=2, sparsify_start=0.5, sparsify_end=1.0, target_density=0.1, cpu=True,
     )  # fmt: skip
     trainer = ContinualTrainer(config, quiet=True)
-    results = trainer.run(fresh=True)
+    results = trainer.run()
     result = runner.invoke(app, ["export", str(root / "run"), str(root / "export")])
     assert result.exit_code == 0, result.output
     return trainer, results, root / "run", root / "export"
@@ -137,24 +138,35 @@ def test_model_card(finished) -> None:
     assert "AutoModel.from_pretrained" in card and "`target_density`: 0.1" in card
 
 
+def commit_run(run: Path, config: dict, rows: list[list[float]], updates: list[dict | None], **extra) -> None:
+    """A finished run's checkpoint and results, written as a run writes them (checksum, hashes)."""
+    rundir = RunDirectory(run, config, len(rows), {})
+    rundir.start()
+    progress = Progress(zero_shot=[0.1] * len(rows))
+    rundir.commit(progress)
+    for i, (row, update) in enumerate(zip(rows, updates, strict=True)):
+        progress.rows.append(row)
+        progress.per_task.append({"task": "ab"[i], "density": None})
+        progress.next_task = i + 1
+        rundir.commit(progress, update=update, support={"q": torch.ones(1, dtype=torch.bool)})
+    results = {"complete": True, "stream": "my-stream", "config": config, "tasks": list("ab"[: len(rows)]),
+               "accuracy_matrix": rows, "zero_shot": progress.zero_shot, "metrics": None,
+               "per_task": progress.per_task, **extra}  # fmt: skip
+    (run / "results.json").write_text(json.dumps(results))
+
+
 def _synthetic_run(root: Path, model_path: str, nested: bool) -> Path:
     """A finished run on MiniLM with one hand-made update (no training): exercises the packaging only."""
     run = root / "run"
-    (run / "checkpoint").mkdir(parents=True)
     mask = torch.zeros(384, 384, dtype=torch.bool)
     mask[::7, ::5] = True
     update = {"encoder.layer.0.attention.self.query::mask": mask,
               "encoder.layer.0.attention.self.query::values": torch.full((int(mask.sum()),), 0.01),
               "encoder.layer.1.attention.self.value::dense": torch.full((384, 384), -0.001)}  # fmt: skip
-    save_file(update, run / "checkpoint" / "update_000.safetensors")
     config = {"model": {"name": model_path}, "strategy": {"name": "seqlora", "args": {}}, "jumplora": False}
     if not nested:
         config = {"model": model_path, "strategy": "seqlora", "jumplora": False, "order": 1}
-    results = {"complete": True, "stream": "my-stream", "config": config, "tasks": ["a", "b"],
-               "accuracy_matrix": [[0.5, 0.1], [0.4, 0.6]], "zero_shot": [0.1, 0.1], "metrics": None}  # fmt: skip
-    (run / "results.json").write_text(json.dumps(results))
-    (run / "config.json").write_text(json.dumps(config))
-    (run / "checkpoint" / "state.json").write_text(json.dumps({"updates": [None, "update_000.safetensors"]}))
+    commit_run(run, config, [[0.5, 0.1], [0.4, 0.6]], [None, update])
     return run
 
 
@@ -171,7 +183,7 @@ def test_sentence_transformers_files_and_configs(tmp_path: Path, minilm_path: st
     assert meta["tasks_in_update"] == ["a", "b"] and meta["strategy"] == "seqlora"
     assert meta["density_per_module"]["encoder.layer.1.attention.self.value"] == 1.0
     assert "# seqlora (dense) on my-stream" in (out / "README.md").read_text()
-    expected = _base_plus(minilm_path, [run / "checkpoint" / "update_000.safetensors"])
+    expected = _base_plus(minilm_path, [run / "checkpoint" / "update_001.safetensors"])
     assert torch.equal(_hidden(AutoModel.from_pretrained(out)), _hidden(expected))
 
 
@@ -201,3 +213,71 @@ def test_output_folder_not_overwritten(tmp_path: Path, minilm_path: str) -> None
     result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_sparse_export_is_labelled_sparse(finished) -> None:
+    """Issue 29: export read config.get("jumplora") from the nested config; the flag is adapter.sparse."""
+    _, _, _, out = finished
+    for folder in sorted((out / "task_updates").iterdir()):
+        assert json.loads((folder / "task_update.json").read_text())["jumplora"] is True
+        with safe_open(str(folder / "update.safetensors"), framework="pt") as handle:
+            assert handle.metadata()["jumplora"] == "true"
+    assert (out / "jumplora_export.json").is_file()
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_apply_task_update_checks_everything_before_changing_a_weight(finished, tiny_model: str, tmp_path) -> None:
+    """A mismatched model, a random-init model and NaN values are refused with no weight changed."""
+    from transformers import BertConfig, BertModel
+
+    from jumplora.export import ExportError
+
+    _, _, _, out = finished
+    folder = sorted((out / "task_updates").iterdir())[0]
+    base = AutoModel.from_pretrained(tiny_model)
+    config = BertConfig.from_pretrained(tiny_model)
+    wider = BertModel(BertConfig(**{**config.to_dict(), "num_hidden_layers": 3, "hidden_size": 64,
+                                    "intermediate_size": 64}))  # fmt: skip
+    wider.config._name_or_path = tiny_model  # same name, other shapes: the shape check must catch it
+    before = _weights(wider)
+    with pytest.raises(ExportError, match="has shape"):
+        apply_task_update(wider, folder)
+    assert _same(_weights(wider), before)
+    random_init = BertModel(config)
+    before = _weights(random_init)
+    with pytest.raises(ExportError, match="names no source"):
+        apply_task_update(random_init, folder)
+    assert _same(_weights(random_init), before)
+    poisoned = tmp_path / "poisoned"
+    shutil.copytree(folder, poisoned)
+    with safe_open(str(folder / "update.safetensors"), framework="pt") as handle:
+        tensors, meta = {k: handle.get_tensor(k) for k in handle.keys()}, handle.metadata()  # noqa: SIM118
+    last = sorted(k for k in tensors if k.endswith(("::values", "::dense")))[-1]
+    tensors[last] = tensors[last].clone()
+    tensors[last].view(-1)[-1] = float("nan")
+    save_file(tensors, str(poisoned / "update.safetensors"), metadata=meta)
+    before = _weights(base)
+    with pytest.raises(ExportError, match="NaN or inf"):
+        apply_task_update(base, poisoned)
+    assert _same(_weights(base), before)
+    (poisoned / "update.safetensors").write_bytes((folder / "update.safetensors").read_bytes()[:64])
+    with pytest.raises(ExportError, match="not a readable safetensors file"):
+        apply_task_update(base, poisoned)
+    apply_task_update(base, folder)  # the right base model: applied
+    assert not _same(_weights(base), before)
+
+
+def test_export_overwrites_an_earlier_export_only(finished, tmp_path) -> None:
+    _, _, run, out = finished
+    again = tmp_path / "again"
+    shutil.copytree(out, again)
+    result = runner.invoke(app, ["export", str(run), str(again), "--overwrite"])
+    assert result.exit_code == 0, result.output
+    assert not (tmp_path / "again.partial").exists() and (again / "jumplora_export.json").is_file()

@@ -41,7 +41,7 @@ from jumplora.io import remove_temporaries as _remove_temporaries
 
 PREDICTIONS = "predictions"  # folder of per-evaluation answers (``save_predictions``)
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4  # 4: state.json records the run's config (config.json must match it)
 # Files in checkpoint/ that a newer commit replaces (deleted once no state.json names them).
 _VERSIONED_PREFIXES = ("strategy_", "adapter_", "partial_")
 
@@ -81,9 +81,13 @@ class RunDirectory:
     """One run's folder. ``config`` is the run's config dict; ``num_tasks`` and ``fingerprint`` (data
     file → size:sha256) pin what a checkpoint may hold."""
 
-    def __init__(self, out: Path, config: dict[str, Any], num_tasks: int, fingerprint: dict[str, str]) -> None:
+    def __init__(
+        self, out: Path, config: dict[str, Any], num_tasks: int, fingerprint: dict[str, str],
+        free_keys: frozenset[str] = frozenset(),
+    ) -> None:  # fmt: skip
         self.out = Path(out)
         self.config = config
+        self.free_keys = free_keys  # top-level config keys a resumed run may change (output-only options)
         self.num_tasks = num_tasks
         self.fingerprint = fingerprint
         self.ckpt = self.out / "checkpoint"
@@ -114,6 +118,7 @@ class RunDirectory:
         if not self.has_checkpoint():
             return None
         state = self._read_state(steps_per_task)
+        check_same_config(self.out, state["config"], self.config, self.free_keys)
         tensors = {name: self._load_checked(name, state["hashes"]) for name in state["hashes"]}
         progress = Progress(**{k: state[k] for k in asdict(Progress())})
         partial = None
@@ -132,9 +137,7 @@ class RunDirectory:
 
     def _read_state(self, steps_per_task: list[int]) -> dict[str, Any]:
         path = self.ckpt / "state.json"
-        state = _read_json(path, "the checkpoint")
-        if not isinstance(state, dict) or state.get("checksum") != _checksum(state):
-            raise RunDirectoryError(f"{path}: its checksum does not match its content (edited or damaged)")
+        state = read_state(self.out)
         try:
             _validate_state(state, self.num_tasks, steps_per_task)
         except (KeyError, TypeError, ValueError) as err:
@@ -208,6 +211,8 @@ class RunDirectory:
             "partial": None,
             "hashes": hashes,
             "fingerprint": self.fingerprint,
+            # What "the same run" means: config.json as written at the start, under the checksum.
+            "config": self._state["config"] if self._state else self.config,
         }
         self._commit(state)
 
@@ -257,6 +262,62 @@ class RunDirectory:
         _remove_temporaries(self.out)
 
 
+# -- the output folder ---------------------------------------------------------------------------------
+def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """--out must be (or become) a writable directory, and not hold a run unless resumed/replaced.
+
+    ``resume``/``overwrite`` act on a jumplora run only: a non-empty folder that is not one (no valid
+    config.json) is refused, never cleared. Raises RunDirectoryError; the CLI and the API share it.
+    """
+    import tempfile
+
+    from jumplora.lock import LOCK_NAME
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunDirectoryError(f"--out {out}: exists and is not a directory")
+    existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
+    if not existing.is_dir():
+        raise RunDirectoryError(f"--out {out}: {existing} is not a directory")
+    try:  # a real probe: read-only mounts, immutable folders and ACLs all show here
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as err:
+        raise RunDirectoryError(f"--out {out}: cannot write in {existing} ({err.strerror or err})") from err
+    if not (out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())):
+        return
+    if not (resume or overwrite):
+        raise RunDirectoryError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+    why_not = not_a_run(out)
+    if why_not:
+        flag = "--resume" if resume else "--overwrite"
+        raise RunDirectoryError(f"{out}: holds files but not a jumplora run ({why_not}); {flag} acts on runs only, "
+                                "so nothing was touched: choose another --out")  # fmt: skip
+    for name in ("checkpoint", "plots", "tracking", PREDICTIONS):  # folders a run writes into
+        sub = out / name
+        if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
+            raise RunDirectoryError(f"{sub}: the run writes a folder here, but this is a file or a symlink; "
+                                    "nothing was touched: move it away")  # fmt: skip
+    if resume and not (out / "checkpoint" / "state.json").is_file() and (out / "results.json").exists():
+        raise RunDirectoryError(f"{out} has results but no checkpoint to resume from")
+
+
+def not_a_run(out: Path) -> str:
+    """Why the non-empty folder ``out`` is not a jumplora run directory ('' when it is one)."""
+    from jumplora.config import PART_TYPES, ConfigError, check_types
+
+    path = Path(out) / "config.json"
+    if not path.is_file() or path.is_symlink():
+        return "no config.json"
+    try:
+        config = _read_json(path, "the run's configuration")
+        check_types(config, str(path))
+    except (RunDirectoryError, ConfigError) as err:
+        return str(err)[:160]
+    missing = [part for part in PART_TYPES if part not in config]
+    return f"config.json has no {missing[0]!r} section" if missing else ""
+
+
 # -- helpers ----------------------------------------------------------------------------------------------
 def predictions_file(out: Path, number: int, after: str) -> Path:
     """``out/predictions/NN-after-TASK.jsonl``: evaluation ``number`` of the run (0 is zero-shot)."""
@@ -264,10 +325,72 @@ def predictions_file(out: Path, number: int, after: str) -> Path:
 
 
 def _read_json(path: Path, what: str) -> Any:
+    """A JSON file of the run, size-capped, depth-limited and strict; RunDirectoryError naming it."""
+    from jumplora.data.safe import DataError, decode_utf8, loads_json, read_bytes
+
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-        raise RunDirectoryError(f"{path}: cannot read {what} ({type(err).__name__})") from err
+        return loads_json(decode_utf8(read_bytes(path, what), path, what), str(path))
+    except DataError as err:
+        raise RunDirectoryError(f"{path}: cannot read {what} ({str(err).removeprefix(f'{path}: ')[:160]})") from err
+
+
+def read_state(out: Path) -> dict[str, Any]:
+    """``out/checkpoint/state.json`` with its checksum verified (the schema is the caller's to check)."""
+    path = Path(out) / "checkpoint" / "state.json"
+    state = _read_json(path, "the checkpoint")
+    if not isinstance(state, dict) or state.get("checksum") != _checksum(state):
+        raise RunDirectoryError(f"{path}: its checksum does not match its content (edited or damaged)")
+    if state.get("format") != FORMAT_VERSION:
+        raise RunDirectoryError(
+            f"{path}: unknown checkpoint format {str(state.get('format'))[:20]} (this version reads "
+            f"{FORMAT_VERSION}); start a new run (--overwrite)"
+        )
+    return state
+
+
+def check_same_config(out: Path, recorded: Any, config: dict[str, Any] | None, free_keys: frozenset[str]) -> None:
+    """One definition of "the same run": config.json equals the config the checkpoint recorded, and
+    ``config`` (the run asked for now; None to check the files only) equals it but for ``free_keys``."""
+    path = Path(out) / "config.json"
+    if not isinstance(recorded, dict):
+        raise RunDirectoryError(f"{out / 'checkpoint' / 'state.json'}: field config must be an object")
+    edited = first_difference(recorded, _read_json(path, "the run's configuration"))
+    if edited:
+        raise RunDirectoryError(f"{path}: edited since the checkpoint was written ({edited}); it no longer "
+                                "says what ran: restore it, or start a new run (--overwrite)")  # fmt: skip
+    if config is not None:
+        changed = first_difference(recorded, config, skip=free_keys)
+        if changed:
+            raise RunDirectoryError(f"{path}: --resume with a different configuration (first difference "
+                                    f"{changed}); use another --out or --overwrite")  # fmt: skip
+
+
+def first_difference(saved: Any, now: Any, path: str = "", skip: frozenset[str] = frozenset()) -> str | None:
+    """``field: saved → now`` for the first (dotted) field where two configs differ; None when equal.
+
+    Top-level keys in ``skip`` are ignored; 1 equals 1.0 (a float field may be written either way)."""
+    if isinstance(saved, dict) and isinstance(now, dict):
+        for key in [*saved, *(k for k in now if k not in saved)]:
+            if not path and key in skip:
+                continue
+            where = f"{path}.{key}" if path else str(key)
+            if key not in saved or key not in now:
+                return f"{where}: {'absent' if key not in saved else 'set'} → {'absent' if key not in now else 'set'}"
+            found = first_difference(saved[key], now[key], where)
+            if found:
+                return found
+        return None
+    if isinstance(saved, list | tuple) and isinstance(now, list | tuple) and len(saved) == len(now):
+        found = (first_difference(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(saved, now, strict=True)))
+        return next((f for f in found if f), None)
+    if saved == now and isinstance(saved, bool) == isinstance(now, bool) and type(saved) is not list:
+        return None
+    return f"{path}: {_brief(saved)} → {_brief(now)}"
+
+
+def _brief(value: Any, limit: int = 40) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
 
 
 def _checksum(state: dict[str, Any]) -> str:
@@ -311,6 +434,7 @@ def _validate_state(state: Any, num_tasks: int, steps_per_task: list[int]) -> No
     _expect(type(state["global_step"]) is int and state["global_step"] >= 0, "field global_step must be an int >= 0")
     _expect(isinstance(state["wall_time_s"], (int, float)), "field wall_time_s must be a number")
     _expect(isinstance(state["fingerprint"], dict), "field fingerprint must be an object")
+    _expect(isinstance(state["config"], dict), "field config must be an object")
     hashes = state["hashes"]
     _expect(isinstance(hashes, dict), "field hashes must be an object")
     named = [*state["updates"], *state["supports"], state["strategy"], state["adapter"]]

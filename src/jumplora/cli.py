@@ -174,6 +174,8 @@ def _run(
 ) -> None:
     """Train a model on a task stream and write the accuracy matrix, CL metrics and plots."""
     _configure_logging(quiet, verbose)
+    if config_file is not None:  # types first: nothing of a bad file runs, plugin code included
+        _check_config_types(config_file)
     for name in plugin or []:
         _import_plugin(name)
     if threads is not None and threads < 1:
@@ -204,8 +206,22 @@ def _import_plugin(name: str) -> None:
             spec.loader.exec_module(module)
         else:
             importlib.import_module(name)
+    except typer.Exit:
+        raise
     except ImportError as err:
         _fail(f"--plugin {name}: cannot import it ({err})")
+    except Exception as err:  # the plugin's own code failed (SyntaxError, a name taken, …): its message
+        _fail(f"--plugin {name}: importing it raised {type(err).__name__}: {str(err)[:200]}")
+
+
+def _check_config_types(path: Path) -> None:
+    """The --config file's values against the RunConfig field types (before any plugin code runs)."""
+    from jumplora.config import ConfigError, check_types
+
+    try:
+        check_types(_read_config_file(path), str(path))
+    except ConfigError as err:
+        _fail(str(err))
 
 
 def _register_run() -> None:
@@ -237,24 +253,13 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """--out must be (or become) a writable directory, and not hold a run unless resumed/replaced."""
-    if out.exists() and not out.is_dir():
-        _fail(f"--out {out}: exists and is not a directory")
-    existing = out if out.exists() else next((p for p in out.absolute().parents if p.exists()), Path("/"))
-    if not existing.is_dir():
-        _fail(f"--out {out}: {existing} is not a directory")
-    try:  # a real probe: read-only mounts, immutable folders and ACLs all show here
-        import tempfile
+    from jumplora.checkpoint import RunDirectoryError
+    from jumplora.checkpoint import check_out_dir as check
 
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as err:
-        _fail(f"--out {out}: cannot write in {existing} ({err.strerror or err})")
-    from jumplora.lock import LOCK_NAME
-
-    if out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir()) and not (resume or overwrite):
-        _fail(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-    if resume and not (out / "checkpoint" / "state.json").is_file() and (out / "results.json").exists():
-        _fail(f"{out} has results but no checkpoint to resume from")
+    try:
+        check(out, resume=resume, overwrite=overwrite)
+    except RunDirectoryError as err:
+        _fail(str(err))
 
 
 def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet: bool = False) -> dict:
@@ -270,16 +275,21 @@ def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet
     out = Path(config.out)
     check_out_dir(out, resume=resume, overwrite=overwrite)
     try:
-        trainer = ContinualTrainer(config, quiet=quiet)
-        if resume and (out / "checkpoint" / "state.json").is_file():
-            trainer.check_resumable()
-        trainer.prepare()
-        return trainer.run(fresh=overwrite and not resume)
+        trainer = ContinualTrainer(config, quiet=quiet, resume=resume, overwrite=overwrite)
+        return trainer.run()  # checks --out, then the checkpoint against config.json, then loads
     except NumericalError as err:
         console.print(f"[bold red]numerical fault:[/] {escape(str(err))}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=EXIT_NUMERICAL) from err
     except (ValueError, FileNotFoundError, RunDirectoryError) as err:
         _fail(str(err))
+    except OSError as err:  # disk full, a folder gone: the last committed checkpoint stays valid
+        _fail(_os_error_line(err))
+
+
+def _os_error_line(err: OSError) -> str:
+    """An OS error during a run, in one line: the file, the reason, and that --resume continues."""
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{err.strerror or err}; the last checkpoint is kept: fix the cause, then --resume"
 
 
 def print_results(results: dict) -> None:
@@ -338,7 +348,12 @@ def report(
             dirs.extend(find_runs(path))
         else:
             _fail(f"{path}: not a run directory (no results.json)")
-    results, skipped = load_runs(dirs)
+    try:  # the loader --resume and export use: a damaged or edited run is one error line
+        results, skipped = load_runs(dirs)
+    except ValueError as err:
+        _fail(str(err))
+    if plot is not None and plot.exists() and not plot.is_dir():
+        _fail(f"--plot {plot}: exists and is not a folder")
     for run_dir, reason in skipped:
         console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(reason)}", highlight=False)
     if not results:
@@ -392,7 +407,7 @@ def _print_cells(title: str, header: list[str], cells: list[list[str]], fmt: str
         writer.writerows([header, *cells])
     elif fmt == "markdown":
         print(f"**{title}**\n\n| " + " | ".join(header) + " |\n|" + "---|" * len(header))
-        print("\n".join("| " + " | ".join(row) + " |" for row in cells) + "\n")
+        print("\n".join("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells) + "\n")
     else:
         table = Table(title=escape(title))
         for name in header:
@@ -441,10 +456,14 @@ models_app = typer.Typer(help="Models known by short name: list them, fetch one.
 @models_app.command("list")
 def models_list() -> None:
     """Known short names for --model, whether each is ready locally, and where."""
-    from jumplora.models import list_models
+    from jumplora.models import ModelLoadError, list_models
 
     table = Table("name", "cached", "path", "description")
-    for m in list_models():
+    try:
+        known = list_models()
+    except ModelLoadError as err:
+        _fail(str(err))
+    for m in known:
         table.add_row(str(m["name"]), "yes" if m["cached"] else "no", str(m["path"]), str(m["description"]))
     Console(width=None if sys.stdout.isatty() else 200).print(table)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import typing
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -187,6 +188,9 @@ class RunConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
 
     def __post_init__(self) -> None:
+        wrong = type_problems({f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+        if wrong:
+            raise ConfigError("invalid run configuration: " + wrong[0])
         problems = _at_least(self, 1, "log_every") + _at_least(self, 0, "checkpoint_every")
         problems += _check_trackers(self.report_to)
         if not 0 <= self.seed < 2**32:
@@ -239,6 +243,9 @@ class RunConfig:
         for key, value in values.items():
             part, name = index[key]
             (parts[part] if part else top)[name] = value
+        wrong = type_problems({**top, **parts})
+        if wrong:
+            raise ConfigError(f"{source}: {wrong[0]}")
         try:
             return cls(**top, **{name: PART_TYPES[name](**kw) for name, kw in parts.items()})
         except TypeError as err:  # e.g. a list where a number belongs, caught by the dataclass
@@ -299,6 +306,81 @@ def field_of(flat_name: str) -> dataclasses.Field:
     part, name = flat_fields()[flat_name]
     owner = PART_TYPES[part] if part else RunConfig
     return next(f for f in dataclasses.fields(owner) if f.name == name)
+
+
+# -- types: one strict check driven by the dataclass fields ---------------------------------------------
+def type_problems(values: dict[str, Any]) -> list[str]:
+    """Every value whose type is not its RunConfig field's, as ``part.field must be …, got …``.
+
+    ``values`` is nested like config.json (parts as mappings or dataclasses; missing keys take their
+    defaults). Strict on purpose: a bool is not an int, a float is not an int, a string is not a list,
+    so ``"sparse": "false"`` or ``"epochs": 2.0`` cannot run as something the file does not say. Needs
+    no plugin and no strategy registry, so it runs before either.
+    """
+    hints = _hints(RunConfig)
+    out = []
+    for key, value in values.items():
+        if key in PART_TYPES:
+            if dataclasses.is_dataclass(value):
+                value = {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+            if not isinstance(value, dict):
+                out.append(f"{key} must be a mapping of settings, got {_kind(value)}")
+                continue
+            part_hints = _hints(PART_TYPES[key])
+            out += [_type_error(f"{key}.{k}", part_hints[k], v) for k, v in value.items() if k in part_hints]
+        elif key in hints:
+            out.append(_type_error(key, hints[key], value))
+    return [p for p in out if p]
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _type_error(name: str, hint: Any, value: Any) -> str:
+    """'' when ``value`` fits ``hint`` (int, float, bool, str, list[str], dict[str, Any], each maybe None)."""
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    if optional:
+        hint = next(a for a in args if a is not type(None))
+    if value is None:
+        return "" if optional else f"{name} must be {_expected(hint)}, got None"
+    origin = typing.get_origin(hint) or hint
+    if origin is bool:
+        ok = isinstance(value, bool)
+    elif origin is int:
+        ok = type(value) is int
+    elif origin is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    elif origin is str:
+        ok = isinstance(value, str)
+    elif origin is list:
+        ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+    elif origin is dict:
+        ok = isinstance(value, dict) and all(isinstance(k, str) for k in value)
+    else:  # a part (a dataclass): checked by type_problems itself
+        return ""
+    return "" if ok else f"{name} must be {_expected(hint)}, got {_short(value)} ({_kind(value)})"
+
+
+def _expected(hint: Any) -> str:
+    origin = typing.get_origin(hint) or hint
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+            list: "a list of strings", dict: "a mapping"}.get(origin, str(hint))  # fmt: skip
+
+
+def _kind(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "a mapping", type(None): "null"}.get(type(value), type(value).__name__)  # fmt: skip
+
+
+def check_types(data: dict[str, Any], source: str) -> None:
+    """Raise ConfigError naming ``source`` and the first field of a nested config whose type is wrong."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of settings, got {_kind(data)}")
+    wrong = type_problems(data)
+    if wrong:
+        raise ConfigError(f"{source}: {wrong[0]}")
 
 
 # -- validation helpers ---------------------------------------------------------------------------------

@@ -38,7 +38,6 @@ import torch
 from torch import nn
 
 from jumplora.adapters.updates import apply_update, unpack_update
-from jumplora.io import load_tensors
 
 __all__ = ["ExportError", "apply_task_update", "apply_update", "export_run", "load_run_model", "model_name"]
 
@@ -75,45 +74,101 @@ def update_modules(tensors: Mapping[str, torch.Tensor]) -> list[str]:
     return sorted({key.split("::")[0] for key in tensors})
 
 
-def apply_task_update(model: nn.Module, folder: str | Path, sign: int = 1) -> nn.Module:
-    """Re-apply (``sign=+1``) or remove (``sign=-1``) an exported task's update; returns ``model``."""
+def apply_task_update(model: nn.Module, folder: str | Path, sign: int = 1, *, check_base: bool = True) -> nn.Module:
+    """Re-apply (``sign=+1``) or remove (``sign=-1``) an exported task's update; returns ``model``.
+
+    Everything is checked before any weight changes (all or nothing): the file, the base model it was
+    made for (``check_base=False`` skips only that), every module's presence and shape, finite values."""
     if sign not in (1, -1):
         raise ValueError(f"sign must be +1 or -1, got {sign}")
     path = Path(folder) / "update.safetensors"
     if not path.is_file():
         raise ExportError(f"{path}: not an exported task update")
-    apply_update(model, load_tensors(path), sign=sign)
+    tensors, meta = _read_update_file(path)
+    if check_base:
+        _check_base_model(model, meta.get("base_model"), Path(folder), path)
+    _check_update_fits(model, tensors, path)
+    apply_update(model, tensors, sign=sign)
     return model
 
 
-# -- the run ----------------------------------------------------------------------------------------
-def _read_json(path: Path) -> Any:
+def _read_update_file(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: cannot read it ({err})") from err
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})  # noqa: SIM118
+    except Exception as err:  # safetensors raises its own error types (a truncated file, a bad header)
+        raise ExportError(f"{path}: not a readable safetensors file ({type(err).__name__})") from err
 
 
+def _check_base_model(model: nn.Module, base: str | None, folder: Path, path: Path) -> None:
+    """The model must be the update's base (by name or path) or the export the update folder belongs to."""
+    from jumplora.data.safe import resolved
+
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    if not base or not name:
+        raise ExportError(f"{path}: made for base model {base!r}, but the model names no source "
+                          "(random init?); pass check_base=False to apply it anyway")  # fmt: skip
+    from jumplora.adapters.model import stable_model_name
+
+    same = stable_model_name(name) == base or (Path(name).exists() and Path(base).exists()
+                                                and resolved(Path(name)) == resolved(Path(base)))  # fmt: skip
+    exported = Path(name).is_dir() and resolved(Path(name)) in resolved(folder).parents
+    if not (same or exported):
+        raise ExportError(f"{path}: made for base model {base[:80]!r}, not {name[:80]!r}; "
+                          "pass check_base=False to apply it anyway")  # fmt: skip
+
+
+def _check_update_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from jumplora.adapters.targets import weight_is_transposed
+
+    try:
+        dense = unpack_update(tensors)
+    except ValueError as err:
+        raise ExportError(f"{path}: {err}") from err
+    modules = dict(model.named_modules())
+    for name, update in dense.items():
+        module = modules.get(name)
+        if module is None or not isinstance(getattr(module, "weight", None), torch.Tensor):
+            raise ExportError(f"{path}: names module {name[:80]!r}, which the model does not have")
+        shape = tuple(module.weight.shape)[:: -1 if weight_is_transposed(module) else 1]
+        if tuple(update.shape) != shape:
+            raise ExportError(f"{path}: the update of {name!r} has shape {tuple(update.shape)}, the weight {shape}")
+        if not torch.isfinite(update).all():
+            raise ExportError(f"{path}: the update of {name!r} holds NaN or inf values")
+
+
+# -- the run ----------------------------------------------------------------------------------------
 def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any], list[str | None]]:
-    """(config, results, update file names) of a *complete* run; ExportError otherwise."""
+    """(config, results, update file names) of a *complete* run, validated as ``--resume`` validates it
+    (``jumplora.run_reader``: checksum, schema, config.json, R against the checkpoint); ExportError otherwise."""
+    from jumplora.checkpoint import RunDirectoryError
+    from jumplora.run_reader import read_run as read_validated
+
     run = Path(run_dir)
-    results = _read_json(run / "results.json")
-    if not isinstance(results, dict) or results.get("complete") is not True:
-        raise ExportError(f"{run}: the run is incomplete (results.json is not marked complete); finish it first")
-    kind = results.get("runner") or results.get("reference")
-    if kind in ("multitask", "independent"):
-        raise ExportError(f"{run}: a {kind} reference run keeps no model to export (its updates are not saved)")
-    config = results.get("config") or _read_json(run / "config.json")
-    if not (run / "checkpoint" / "state.json").is_file():
-        raise ExportError(f"{run / 'checkpoint' / 'state.json'}: missing; the run kept no updates to export")
-    state = _read_json(run / "checkpoint" / "state.json")
-    updates = state.get("updates") if isinstance(state, dict) else None
-    if not isinstance(updates, list) or len(updates) != len(results.get("tasks") or []):
+    try:
+        record = read_validated(run)
+        kind = record.results.get("runner") or record.results.get("reference")
+        if kind in ("multitask", "independent"):
+            raise ExportError(f"{run}: a {kind} reference run keeps no model to export (its updates are not saved)")
+        record = read_validated(run, need_checkpoint=True)
+    except RunDirectoryError as err:
+        raise ExportError(str(err)) from err
+    if len(record.updates) != len(record.results["tasks"]):
         raise ExportError(f"{run / 'checkpoint' / 'state.json'}: does not list one update per task")
-    for name in updates:
-        if name is not None and not (run / "checkpoint" / name).is_file():
-            raise ExportError(f"{run / 'checkpoint' / name}: update file missing")
-    return config, results, updates
+    return record.results["config"], record.results, record.updates
+
+
+def checked_update(run_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
+    """One update file of the run, read only if its sha256 is the one state.json (checksum verified) records."""
+    from jumplora.checkpoint import RunDirectoryError, read_state
+    from jumplora.run_reader import RunRecord, load_checked_tensors
+
+    try:
+        return load_checked_tensors(RunRecord(Path(run_dir), {}, read_state(Path(run_dir))), name)
+    except RunDirectoryError as err:
+        raise ExportError(str(err)) from err
 
 
 def load_base(config: Mapping[str, Any]) -> tuple[nn.Module, Any, Path]:
@@ -134,7 +189,7 @@ def load_run_model(run_dir: str | Path) -> nn.Module:
     model, _, _ = load_base(config)
     for name in updates:
         if name is not None:
-            apply_update(model, load_tensors(Path(run_dir) / "checkpoint" / name))
+            apply_update(model, checked_update(run_dir, name))
     return model
 
 
@@ -314,11 +369,11 @@ def _write_export(run: Path, out: Path, config: dict, results: dict, updates: li
         density = per_task[index].get("density") if index < len(per_task) else None
         entry: dict[str, Any] = {"task_index": index, "task": task, "folder": None, "density": density}
         if name is not None:
-            tensors = load_tensors(run / "checkpoint" / name)
+            tensors = checked_update(run, name)
             apply_update(model, tensors)
             sub = Path("task_updates") / f"{index:03d}_{_slug(task)}"
             meta = {"base_model": base_id, "task": task, "task_index": index, "stream": stream_label(results),
-                    "strategy": strategy_name(config), "jumplora": bool(config.get("jumplora")),
+                    "strategy": strategy_name(config), "jumplora": _is_sparse(config),
                     "tasks_in_update": list(results["tasks"][_first_unsaved(updates, index) : index + 1])}  # fmt: skip
             entry["density"] = write_task_update(pristine, tensors, out / sub, meta)["density"]
             entry["folder"] = str(sub)
@@ -339,20 +394,54 @@ def _first_unsaved(updates: list[str | None], index: int) -> int:
 
 
 def export_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the final merged model, its card and every task's update to ``out`` (all or nothing)."""
+    """Write the final merged model, its card and every task's update to ``out`` (all or nothing).
+
+    Never writes inside the run or over it, and removes only what it created: ``--overwrite`` replaces
+    an earlier export only, and an existing ``out.partial`` is refused, not deleted."""
     run, out = Path(run_dir), Path(out)
     config, results, updates = read_run(run)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise ExportError(f"{out} already exists and is not empty; pass --overwrite to replace it")
     tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
+    check_export_target(run, out, tmp, overwrite=overwrite)
     tmp.mkdir(parents=True)
     try:
         _write_export(run, tmp, config, results, updates)
+        (tmp / EXPORT_MARKER).write_text(json.dumps({"run": str(run.absolute())}) + "\n")
+        if (out / EXPORT_MARKER).is_file():
+            shutil.rmtree(out)  # an earlier export (checked above), replaced only once the new one is whole
+        elif out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if out.exists():
-        shutil.rmtree(out) if out.is_dir() else out.unlink()
-    tmp.rename(out)
     return out
+
+
+#: Written last into every export: ``--overwrite`` replaces a folder only when it holds this file.
+EXPORT_MARKER = "jumplora_export.json"
+
+
+def check_export_target(run: Path, out: Path, tmp: Path, *, overwrite: bool) -> None:
+    """Refuse an output that is the run, inside it or holds it, a symlink, a non-export folder, or a
+    leftover ``.partial`` (whose files may be the user's)."""
+    from jumplora.data.safe import resolved
+
+    run_real, out_real = resolved(run), resolved(out)
+    if out_real == run_real or run_real in out_real.parents or out_real in run_real.parents:
+        raise ExportError(f"{out}: is the run {run}, inside it or holds it; export to a folder outside the run")
+    for path in (out, tmp):
+        if path.is_symlink():
+            raise ExportError(f"{path}: is a symlink; export to a plain folder")
+    if tmp.exists():
+        raise ExportError(f"{tmp}: already exists (an interrupted export, or your files); remove or rename it")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise ExportError(f"{out} already exists and is not empty; pass --overwrite to replace it")
+        if not out.is_dir() or not (out / EXPORT_MARKER).is_file():
+            raise ExportError(f"{out}: is not a jumplora export (no {EXPORT_MARKER}); --overwrite replaces "
+                              "exports only, so nothing was touched")  # fmt: skip
+
+
+def _is_sparse(config: Mapping[str, Any]) -> bool:
+    """Whether the run's adapters were sparse JumpLoRA (``adapter.sparse``; ``jumplora`` in a flat config)."""
+    return bool(_config_field(config, "adapter", "sparse", "jumplora"))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import stat
 from pathlib import Path
 from types import TracebackType
 
@@ -39,9 +40,16 @@ class RunLock:
     def acquire(self) -> RunLock:
         try:
             self.out.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            # O_NOFOLLOW: a symlinked lock would have its target (a user's file) overwritten with the PID.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
         except OSError as exc:
+            if self.path.is_symlink():
+                raise RunLockedError(f"{self.path}: the run lock is a symlink; remove it (its target is left as it "
+                                     "is)") from None  # fmt: skip
             raise RunLockedError(f"{self.out}: cannot create the run lock {self.path.name}: {exc.strerror}") from None
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            os.close(fd)
+            raise RunLockedError(f"{self.path}: the run lock is not a regular file; remove it")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import logging
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from torch import nn
 
 from jumplora.adapters import supports
 from jumplora.adapters.updates import apply_update, pack_update
-from jumplora.checkpoint import Progress, Restored, RunDirectory, RunDirectoryError
+from jumplora.checkpoint import Progress, Restored, RunDirectory, check_out_dir, check_same_config, read_state
 from jumplora.cl import make_strategy
 from jumplora.config import RESUME_FREE_KEYS, RunConfig
 from jumplora.data import stream_fingerprint
@@ -51,7 +50,8 @@ class Runner:
         self.config = engine.config
         self.out = Path(self.config.out)
         fingerprint = stream_fingerprint(engine.stream)
-        self.rundir = RunDirectory(self.out, self.config.to_dict(), len(engine.tasks), fingerprint=fingerprint)
+        self.rundir = RunDirectory(self.out, self.config.to_dict(), len(engine.tasks), fingerprint=fingerprint,
+                                   free_keys=RESUME_FREE_KEYS)  # fmt: skip
         self.progress = Progress()
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
@@ -292,7 +292,10 @@ class ContinualTrainer:
     """Runs one configuration end to end; ``run()`` returns the results also saved to ``config.out``.
 
     Pass ``model`` and ``tokenizer`` to train a model object you already hold (placed with
-    ``device_map``, quantised, …) instead of loading ``config.model.name``.
+    ``device_map``, quantised, …) instead of loading ``config.model.name``. ``resume`` and ``overwrite``
+    mean what ``--resume`` and ``--overwrite`` mean: by default a ``config.out`` that already holds a run
+    is refused (never silently reused), ``resume=True`` continues it only when its recorded
+    configuration equals ``config`` (output-only options aside), ``overwrite=True`` starts it again.
     """
 
     def __init__(
@@ -303,8 +306,11 @@ class ContinualTrainer:
         tokenizer: Any = None,
         accelerator: Accelerator | None = None,
         quiet: bool = False,
+        resume: bool = False,
+        overwrite: bool = False,
     ) -> None:
         self.config = config
+        self.resume, self.overwrite = resume, overwrite
         self.engine = Engine(config, model=model, tokenizer=tokenizer, accelerator=accelerator, quiet=quiet)
 
     def prepare(self) -> None:
@@ -312,25 +318,22 @@ class ContinualTrainer:
         self.engine.prepare()
 
     def check_resumable(self) -> None:
-        """Refuse a resume whose configuration differs from the one saved in ``config.out``."""
-        path = Path(self.config.out) / "config.json"
-        try:
-            saved = RunConfig.from_dict(json.loads(path.read_text(encoding="utf-8")), source=str(path)).flat()
-        except (OSError, ValueError, RecursionError) as err:
-            raise RunDirectoryError(f"{path}: cannot read the run's configuration ({str(err)[:200]})") from err
-        now = self.config.flat()
-        diff = [
-            f"{k}: {saved[k]!r} → {now[k]!r}"[:120] for k in now if k not in RESUME_FREE_KEYS and saved[k] != now[k]
-        ]
-        if diff:
-            raise RunDirectoryError(f"{path}: --resume with a different configuration ({'; '.join(diff[:4])})")
+        """Refuse a resume whose configuration differs from the one the checkpoint recorded (config.json)."""
+        out = Path(self.config.out)
+        if (out / "checkpoint" / "state.json").is_file():
+            state = read_state(out)
+            check_same_config(out, state.get("config"), self.config.to_dict(), RESUME_FREE_KEYS)
 
-    def run(self, fresh: bool = False) -> RunResults:
-        """Run the stream; resumes from the checkpoint in ``config.out`` unless ``fresh``.
+    def run(self) -> RunResults:
+        """Run the stream (resumed from the checkpoint in ``config.out`` only with ``resume=True``).
 
         Ends the run's trackers and, under several processes, the process group."""
+        check_out_dir(Path(self.config.out), resume=self.resume, overwrite=self.overwrite)
+        if self.resume:
+            self.check_resumable()
         if self.engine.loaded is None:
             self.prepare()
+        fresh = not self.resume
         runner = RUNNERS[self.config.runner](self.engine)
         self.engine.accelerator.wait_for_everyone()
         # One run per directory: a second run or a live --resume on the same folder is refused here,

@@ -128,7 +128,7 @@ def load_custom_stream(
     for key in spec:
         if key not in TOP_KEYS:
             raise DataError(f"{path}: unknown key {brief(key)} (allowed: {', '.join(TOP_KEYS)})")
-    name = _str_field(spec, "name", str(path), default=path.stem)
+    name = _printable_name(_str_field(spec, "name", str(path), default=path.stem), f"{path}: field 'name'")
     raw_tasks = spec.get("tasks")
     if not isinstance(raw_tasks, list) or not raw_tasks:
         raise DataError(f"{path}: field 'tasks' must be a non-empty list of task mappings")
@@ -142,6 +142,13 @@ def load_custom_stream(
     return TaskStream(name=name, tasks=tasks, sources=reader.sources)
 
 
+def _printable_name(name: str | None, where: str) -> str | None:
+    """Names go into terminals, file names and tables: no control characters (ESC, newline, tab)."""
+    if name is not None and not name.isprintable():
+        raise DataError(f"{where} = {brief(name)} holds a control character (names must be printable text)")
+    return name
+
+
 def _load_task(ctx: _Context, t: Any, where: str) -> Task:
     if not isinstance(t, dict):
         raise DataError(f"{where}: must be a mapping, got {type_name(t)}")
@@ -151,6 +158,7 @@ def _load_task(ctx: _Context, t: Any, where: str) -> Task:
     task_name = _str_field(t, "name", where)
     if task_name is None:
         raise DataError(f"{where}: missing required field 'name'")
+    _printable_name(task_name, f"{where}: field 'name'")
     where = f"{where} ({brief(task_name)})"
     preset = get_preset(t["preset"], where=f"{where}: field 'preset'") if t.get("preset") is not None else None
     folder = ctx.benchmark_folder(preset, where) if preset else None

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from jumplora.checkpoint import predictions_file
-from jumplora.io import read_jsonl
 from jumplora.models.base import normalize_answer
 
 KINDS: tuple[str, ...] = ("correct", "own_option", "newest_task", "other_task", "no_option")
@@ -48,8 +47,10 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
 
     Raises ValueError naming the file when the run has no saved predictions or no task options.
     """
+    from jumplora.run_reader import read_run
+
     run = Path(run_dir)
-    results = json.loads((run / "results.json").read_text(encoding="utf-8"))
+    results = read_run(run, complete=False).results  # the loader --resume and export use
     if results.get("runner", "continual") != "continual":
         raise ValueError(f"{run / 'results.json'}: a {results['runner']} run has no earlier tasks to drift from")
     options = results.get("task_options")
@@ -63,7 +64,7 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
         path = predictions_file(run, i + 1, f"after {newest}")
         if not path.is_file():
             raise ValueError(f"{path}: missing (run with --save-predictions)")
-        records = read_jsonl(path)
+        records = read_predictions(path, key)
         for old in tasks[:i]:
             mine = [r for r in records if r["task"] == old]
             if not mine or key not in mine[0]:
@@ -71,6 +72,30 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
             counts = Counter(answer_kind(r, key, normal[old], normal[newest], stream) for r in mine)
             rows.append({"after": newest, "task": old, "n": len(mine), **{k: counts[k] / len(mine) for k in KINDS}})
     return rows
+
+
+def read_predictions(path: Path, key: str) -> list[dict[str, Any]]:
+    """Every line of a predictions file, checked: a damaged line is an error, never skipped (the files are
+    written whole, atomically, so a bad line means damage, and skipping it would change the shares)."""
+    from jumplora.checkpoint import RunDirectoryError
+    from jumplora.data.safe import DataError, decode_utf8, read_bytes
+
+    try:
+        lines = decode_utf8(read_bytes(path, "saved predictions"), path, "saved predictions").splitlines()
+    except DataError as err:
+        raise RunDirectoryError(str(err)) from err
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            record = None
+        correct = key.replace("prediction", "correct")
+        if not (isinstance(record, dict) and isinstance(record.get("task"), str) and isinstance(record.get(key), str)
+                and isinstance(record.get(correct), bool)):  # fmt: skip
+            raise RunDirectoryError(f"{path}: line {number} is damaged (not a record with task, {key}, {correct})")
+        records.append(record)
+    return records
 
 
 def final_drift(rows: list[dict[str, Any]]) -> dict[str, float]:

@@ -96,29 +96,22 @@ _REQUIRED = ("config", "tasks", "accuracy_matrix")
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     """Load ``run_dir/results.json`` (or a path to the file itself) of a *complete* run.
 
-    Raises ValueError naming the file when it is missing, not valid JSON, lacks required
-    keys or is not marked ``"complete": true`` — so partial runs can never be averaged.
+    Read through ``jumplora.run_reader.read_run``, the loader ``--resume`` and ``export`` share: the
+    schema is checked and, when the run has a checkpoint, results.json must agree with it and every
+    file it names must match its hash. Raises ValueError naming the file (:class:`IncompleteRunError`
+    when the run is not marked ``"complete": true``, so partial runs can never be averaged).
     The returned dict gets a ``"run_dir"`` entry for reporting.
     """
-    p = Path(run_dir)
-    f = p if p.suffix == ".json" else p / RESULTS_FILE
-    if not f.is_file():
-        raise ValueError(f"{f}: results file not found")
-    try:
-        data = json.loads(f.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"{f}: cannot parse results JSON ({e})") from e
-    if not isinstance(data, dict):
-        raise ValueError(f"{f}: expected a JSON object, got {type(data).__name__}")
-    missing = [k for k in _REQUIRED if k not in data]
-    if missing:
-        raise ValueError(f"{f}: missing required keys {missing}")
-    if data.get("complete") is not True:
-        raise ValueError(f'{f}: run is incomplete ("complete" is not true)')
-    if not isinstance(data["config"], dict):
-        raise ValueError(f'{f}: "config" must be an object')
-    data["run_dir"] = str(f.parent)
-    return data
+    from jumplora.run_reader import read_run
+
+    record = read_run(run_dir, complete=False)
+    if record.results.get("complete") is not True:
+        raise IncompleteRunError(f'{record.path / RESULTS_FILE}: run is incomplete ("complete" is not true)')
+    return {**record.results, "run_dir": str(record.path)}
+
+
+class IncompleteRunError(ValueError):
+    """The run has not finished (it is skipped by reports, never averaged)."""
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -127,13 +120,15 @@ def find_runs(root: str | Path) -> list[Path]:
 
 
 def load_runs(run_dirs: Iterable[str | Path]) -> tuple[list[dict[str, Any]], list[tuple[str, str]]]:
-    """Load many runs; returns (complete results, [(run_dir, reason), ...] for skipped ones)."""
+    """Load many runs; returns (complete results, [(run_dir, reason), ...] for incomplete ones).
+
+    A damaged run raises ValueError naming its file: a report never silently leaves a run out."""
     ok: list[dict[str, Any]] = []
     skipped: list[tuple[str, str]] = []
     for d in run_dirs:
         try:
             ok.append(load_results(d))
-        except ValueError as e:
+        except IncompleteRunError as e:  # a damaged or edited run is an error, not a skip
             skipped.append((str(d), str(e)))
     return ok, skipped
 
@@ -514,7 +509,8 @@ def _matrix_markdown(results: Mapping[str, Any]) -> str:
     tasks = [str(t).replace("|", "\\|") for t in results["tasks"]]
     lines = [f"### {run_label(results)} ({results.get('run_dir')})", "",
              "| after \\ on | " + " | ".join(tasks) + " |", "|---|" + "---:|" * len(tasks)]  # fmt: skip
-    lines += ["| " + " | ".join([name, *(_acc(v) for v in vals)]) + " |" for name, vals in matrix_rows(results)]
+    lines += ["| " + " | ".join([name.replace("|", "\\|"), *(_acc(v) for v in vals)]) + " |"
+              for name, vals in matrix_rows(results)]  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -86,9 +86,14 @@ KNOWN_MODELS: dict[str, KnownModel] = {
 def cache_home() -> Path:
     """Root of jumplora's model cache (outside any repository)."""
     if os.environ.get("JUMPLORA_HOME"):
-        return Path(os.environ["JUMPLORA_HOME"]).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "jumplora"
+        home = Path(os.environ["JUMPLORA_HOME"]).expanduser()
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        home = (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "jumplora"
+    blocking = next((p for p in (home, *home.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ModelLoadError(f"the model cache {home} ($JUMPLORA_HOME): {blocking} is a file, not a folder")
+    return home
 
 
 def _packaged_minilm() -> Path:
@@ -152,9 +157,14 @@ def convert_gguf(gguf_file: str | Path, dest: str | Path) -> Path:
 
 def _cached_gguf(gguf_file: Path) -> Path:
     """The converted folder of a local ``.gguf`` file, converting it on first use (keyed by sha256)."""
+    with gguf_file.open("rb") as handle:
+        if handle.read(4) != b"GGUF":
+            raise ModelLoadError(f"{gguf_file}: not a GGUF file (it does not start with the GGUF magic bytes)")
     digest = _sha256(gguf_file)
     dest = cache_home() / "gguf" / digest[:24]
     if (dest / _MARKER).is_file():
+        if _recorded_sha256(dest) != digest:  # the folder is keyed by a prefix: its marker must say the whole hash
+            raise ModelLoadError(f"{dest}: the cached conversion is not of {gguf_file} (sha256 differs); remove it")
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".convert-", dir=dest.parent))
@@ -163,6 +173,13 @@ def _cached_gguf(gguf_file: Path) -> Path:
         return _publish(tmp, dest, {"gguf": str(gguf_file), "sha256": digest})
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _recorded_sha256(folder: Path) -> str | None:
+    try:
+        return json.loads((folder / _MARKER).read_text(encoding="utf-8")).get("sha256")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _fetch_pypi_gguf(model: KnownModel, workdir: Path) -> Path:
