@@ -76,7 +76,8 @@ class ThetaGroup:
             {**state["param_groups"][k], "params": [index_built[id(p)] for p in params]}
             for k, params in enumerate(self.built_layout)
         ]
-        moments = {index_built[id(p)]: state["state"][index_now[id(p)]] for p in now if index_now[id(p)] in state["state"]}
+        saved = state["state"]
+        moments = {index_built[id(p)]: saved[index_now[id(p)]] for p in now if index_now[id(p)] in saved}
         return {"state": moments, "param_groups": groups}
 
 
