@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help wraps at any width and never cuts a flag name
 )
 console = Console(stderr=True)
 log = logging.getLogger("jumplora")
@@ -302,9 +303,17 @@ def print_results(results: dict) -> None:
 
 
 @app.command()
-def strategies() -> None:
+def strategies(
+    plugin: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="Import a module or .py file first, to list the strategies it registers; repeatable."),
+    ] = None,
+) -> None:
     """List the CL strategies with their hyper-parameters (set them with --strategy-arg NAME=VALUE)."""
     from jumplora.cl import strategy_help
+
+    for name in plugin or []:
+        _import_plugin(name)
 
     print(strategy_help())
 
@@ -347,6 +356,7 @@ def report(
         _print_drift(results, fmt)
         return
     rows = aggregate(results)
+    _note_environment_differences(rows)
     out = Console(width=None if sys.stdout.isatty() else 200)
     shown = format_matrices(results, fmt, width=out.width) if matrix else format_rows(rows, fmt)
     if isinstance(shown, str):
@@ -356,6 +366,17 @@ def report(
             out.print(table)
     if plot is not None:
         _report_plots(results, rows, plot)
+
+
+def _note_environment_differences(rows: list[dict]) -> None:
+    """Say (on stderr) which pooled settings mix runs made on different software or hardware."""
+    for row in rows:
+        if row.get("environment_differs"):
+            what = ", ".join(row["environment_differs"])
+            console.print(f"note: {escape(row['label'])} pools {row['n']} runs that differ in: {escape(what)}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+    console.print("± is the sample standard deviation over the n runs of a setting (none shown for n = 1)",
+                  highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _print_drift(results: list[dict], fmt: str) -> None:
@@ -454,6 +475,7 @@ def models_pull(name: Annotated[str, typer.Argument(help="A short name from `jum
     """Fetch and convert a known model once (later runs use the cached folder)."""
     from jumplora.models import ModelLoadError, pull_model
 
+    _configure_logging(quiet=False, verbose=False)
     try:
         path = pull_model(name)
     except ModelLoadError as err:
@@ -462,6 +484,23 @@ def models_pull(name: Annotated[str, typer.Argument(help="A short name from `jum
 
 
 app.add_typer(models_app, name="models")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from jumplora import __version__
+
+        print(f"jumplora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Continual learning of language models with sparse JumpLoRA adapters."""
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -32,6 +32,7 @@ from jumplora.cl import make_strategy
 from jumplora.config import RESUME_FREE_KEYS, RunConfig
 from jumplora.data import stream_fingerprint
 from jumplora.engine import Engine, scores_by_metric
+from jumplora.environment import run_environment
 from jumplora.io import append_jsonl
 from jumplora.lock import RunLock
 from jumplora.metrics import cl_metrics
@@ -55,6 +56,7 @@ class Runner:
         self.progress = Progress()
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
+        self._environment: dict[str, Any] | None = None
         engine.on_log = self._log
 
     def _log(self, record: dict[str, Any]) -> None:
@@ -63,7 +65,17 @@ class Runner:
             numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
             self.engine.accelerator.log(numbers, step=record["global_step"])
 
+    def environment(self) -> dict[str, Any]:
+        """results.json's ``environment`` (measured once; its warnings are logged then, on rank 0)."""
+        if self._environment is None:
+            loaded = self.engine.loaded
+            self._environment = run_environment(self.engine.accelerator, self.config, loaded and loaded.model)
+            for warning in self._environment["warnings"] if self.engine.is_main else []:
+                log.warning("warning: %s", warning)
+        return self._environment
+
     def _start_trackers(self) -> None:
+        self.environment()
         if self.config.report_to:
             flat = {k: v for k, v in self.config.flat().items() if isinstance(v, (int, float, str, bool))}
             self.engine.accelerator.init_trackers("jumplora", config=flat)
@@ -115,6 +127,7 @@ class Runner:
             if progress.rank_rows and len(progress.rank_rows) == len(names)
             else None,
             "plots": [],
+            "environment": self.environment(),
         }
         results.update(override)
         return results  # type: ignore[return-value]
