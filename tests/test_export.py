@@ -201,3 +201,34 @@ def test_output_folder_not_overwritten(tmp_path: Path, minilm_path: str) -> None
     result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
     assert result.exit_code == 2 and "--overwrite" in result.output
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_export_metadata_parses_and_names_no_local_path(tmp_path: Path, minilm_path: str) -> None:
+    """Model card front matter the Hub's parser reads; the per-task adapter card names the hub id; 0644 files."""
+    from huggingface_hub import ModelCard
+
+    out = export_run(_synthetic_run(tmp_path, str(minilm_path), nested=True), tmp_path / "out")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card.data.library_name == "sentence-transformers" and card.data.license == "apache-2.0"
+    assert {"jumplora", "continual-learning", "seqlora"} <= set(card.data.tags)
+    assert "# seqlora (dense) on my-stream" in card.text
+    adapter_card = ModelCard.load(out / "task_updates" / "001_b" / "README.md")
+    assert adapter_card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "site-packages" not in (out / "task_updates" / "001_b" / "README.md").read_text()
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_saved_jumplora_adapter_card_says_how_to_load(tmp_path: Path, minilm_path: str) -> None:
+    import peft
+    from huggingface_hub import ModelCard
+
+    from jumplora import JumpLoraConfig
+
+    model = peft.get_peft_model(AutoModel.from_pretrained(minilm_path), JumpLoraConfig(target_modules=["query"]))
+    model.save_pretrained(tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    assert "pip install jumplora" in text and "import jumplora" in text and "site-packages" not in text
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and "jumplora" in card.data.tags

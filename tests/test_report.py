@@ -73,7 +73,7 @@ def test_csv_parses_back(runs: list[Path]) -> None:
     assert [r["label"] for r in rows] == ["in_c&lora / order1", "multitask / order1", "seqlora / order1"]
     a = rows[0]
     assert a["n"] == "2" and a["seeds"] == "0;1" and a["stream"] == "order1"
-    assert float(a["op_mean"]) == pytest.approx(0.65) and float(a["op_std"]) == pytest.approx(0.05 * 2**0.5)  # sample std
+    assert float(a["op_mean"]) == pytest.approx(0.65) and float(a["op_std"]) == pytest.approx(0.05 * 2**0.5)
     assert a["op_n"] == "2" and a["density_mean"] == "" and a["density_n"] == "0"
     assert {f"{k}_{s}" for k in METRIC_KEYS for s in ("mean", "std", "n")} <= set(a)
 

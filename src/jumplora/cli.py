@@ -219,16 +219,23 @@ def _register_run() -> None:
 
 
 def _configure_logging(quiet: bool, verbose: bool) -> None:
+    """jumplora's lines at INFO (DEBUG with -v, WARNING with -q), timestamped, on rank 0 only; other
+    libraries at WARNING whatever -v says (their DEBUG, e.g. matplotlib's font search, is noise)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(format="%(message)s", level=level, stream=sys.stderr, force=True)
+    main_process = os.environ.get("RANK", "0") in ("", "0")  # set by torchrun / accelerate launch
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", level=logging.WARNING,
+                        stream=sys.stderr, force=True)  # fmt: skip
+    logging.getLogger("jumplora").setLevel(level if main_process else logging.ERROR)
     if not verbose:  # library deprecation notices are not the user's business in a CLI run
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        if quiet:
+            warnings.filterwarnings("ignore", category=UserWarning)
         import transformers
 
         transformers.logging.set_verbosity_error()
-    if quiet or not sys.stderr.isatty():  # library progress bars fill redirected logs with \r lines
+    if quiet or not main_process or not sys.stderr.isatty():  # progress bars fill redirected logs with \r lines
         import huggingface_hub
         import transformers
 
@@ -442,15 +449,19 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     out: Annotated[Path, typer.Argument(help="Output folder for the merged model, card and per-task updates.")],
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no warnings, bars or summary.")] = False,
 ) -> None:
     """Write a finished run's final model as a standard HF folder, with a model card and per-task updates."""
     from jumplora.export import export_run
+
+    _configure_logging(quiet, verbose=False)
 
     try:
         written = export_run(run_dir, out, overwrite=overwrite)
     except (ValueError, OSError) as err:
         _fail(str(err))
-    Console().print(f"exported {escape(str(run_dir))} to {escape(str(written))}", highlight=False)
+    if not quiet:
+        Console().print(f"exported {escape(str(run_dir))} to {escape(str(written))}", highlight=False)
 
 
 _register_run()

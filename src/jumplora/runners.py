@@ -14,6 +14,7 @@ import contextlib
 import copy
 import json
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,34 @@ from jumplora.training_state import adapter_tensors, load_adapter_tensors
 log = logging.getLogger("jumplora")
 
 
+#: train_log.jsonl keys that are not tracker scalars: the x-axis and labels.
+_NOT_SCALARS = frozenset({"step", "global_step", "task_index", "task"})
+
+
+def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A train_log.jsonl record as tracker scalars under ``train/`` (θ: the mean over threshold groups)."""
+    values: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):  # θ per threshold group
+            numbers = [v for v in value.values() if isinstance(v, (int, float))]
+            value = sum(numbers) / len(numbers) if numbers else None
+        if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[f"train/{key}"] = float(value)
+    return values
+
+
+def training_line(record: dict[str, Any]) -> str:
+    """One logged step for a redirected log: task, step, loss, and γ/density when sparse."""
+    parts = [f"{record['task']} step {record['step']}"]
+    if record.get("loss") is not None:
+        parts.append(f"loss {record['loss']:.4f}")
+    if record.get("gamma"):
+        parts.append(f"gamma {record['gamma']:.2f}")
+    if record.get("density") is not None:
+        parts.append(f"density {100 * record['density']:.2f}%")
+    return "  ".join(parts)
+
+
 class Runner:
     """Shared by the runners: the run directory, the log, trackers and the results.json shape."""
 
@@ -61,9 +90,19 @@ class Runner:
 
     def _log(self, record: dict[str, Any]) -> None:
         append_jsonl(self.out / "train_log.jsonl", record)
+        if not sys.stderr.isatty():  # no progress bar to watch: a line per logged step instead
+            log.info("%s", training_line(record))
         if self.config.report_to:
-            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.engine.accelerator.log(numbers, step=record["global_step"])
+            self.engine.accelerator.log(tracker_scalars(record), step=record["global_step"])
+
+    def _track_evaluation(self, accuracies: list[float], metrics: dict[str, float | None] | None = None) -> None:
+        """Trackers get each task's accuracy after every evaluation and, at the end, OP/BWT/FWT."""
+        if not self.config.report_to:
+            return
+        names = [d.task.name for d in self.engine.tasks]
+        values = {f"eval/acc/{name}": acc for name, acc in zip(names, accuracies, strict=False) if acc is not None}
+        values.update({f"eval/{k}": v for k, v in (metrics or {}).items() if v is not None})
+        self.engine.accelerator.log(values, step=self.engine.global_step)
 
     def environment(self) -> dict[str, Any]:
         """results.json's ``environment`` (measured once; its warnings are logged then, on rank 0)."""
@@ -91,6 +130,7 @@ class Runner:
     def _record(self, scores: dict[str, list[float]], zero_shot: bool = False) -> None:
         """One evaluation of every task: a row of R (and of the ranking metric when there is one)."""
         p = self.progress
+        self._track_evaluation(scores["accuracy"])
         if zero_shot:
             p.zero_shot, p.rank_zero_shot = scores["accuracy"], scores.get("rank_accuracy")
         else:
@@ -133,6 +173,7 @@ class Runner:
         return results  # type: ignore[return-value]
 
     def finish(self, results: RunResults) -> RunResults:
+        self._track_evaluation([], results.get("metrics"))
         if self.engine.is_main:
             if self.config.plots:
                 from jumplora.metrics.plots import write_run_plots

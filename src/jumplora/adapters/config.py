@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
@@ -57,6 +57,14 @@ class JumpLoraConfig(PeftConfig):
     dual_gain: float = adapter_field("dual_gain")
     controller_theta_lr: float | None = adapter_field("controller_theta_lr")
     fused: bool = adapter_field("fused")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's, then the README.md PEFT wrote there names the stable base model id (never a site-packages
+        path) and says that loading needs ``pip install jumplora; import jumplora``."""
+        super().save_pretrained(save_directory, **kwargs)
+        from ..cards import JUMPLORA_LOADING_NOTE, fix_adapter_card
+
+        fix_adapter_card(save_directory, self.base_model_name_or_path, tags=["jumplora"], note=JUMPLORA_LOADING_NOTE)
 
     def __post_init__(self) -> None:
         super().__post_init__()
