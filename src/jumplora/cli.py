@@ -387,29 +387,43 @@ def _note_environment_differences(rows: list[dict]) -> None:
 
 
 def _print_drift(results: list[dict], fmt: str) -> None:
-    """One table per run: for each evaluation and earlier task, the share of each kind of answer."""
+    """Per run: for each evaluation and earlier task, the share of each kind of answer. A run without
+    saved predictions is skipped with a note; CSV is one tidy table (fractions) over every run."""
     import json
 
     from jumplora.metrics.drift import KINDS, answer_drift, prediction_keys
 
     if fmt == "latex":
         _fail("--drift prints as table, markdown, csv or json")
+    tidy: list[list[str]] = []
+    shown = 0
     for res in results:
         run_dir = Path(res["run_dir"])
         keys = prediction_keys(res)
         try:
             tables = {key: answer_drift(run_dir, key) for key in keys}
         except ValueError as err:
-            _fail(str(err))
+            console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(str(err))}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
+            continue
+        shown += 1
         if fmt == "json":
             print(json.dumps({"run": str(run_dir), **tables}))
             continue
         for key, rows in tables.items():
+            answers = "ranked" if key == "rank_prediction" else "generated"
+            if fmt == "csv":
+                tidy += [[str(run_dir), answers, r["after"], r["task"], str(r["n"]), *(f"{r[k]:.6g}" for k in KINDS)]
+                         for r in rows]  # fmt: skip
+                continue
             header = ["after", "task", "n", *(f"{k} %" for k in KINDS)]
             cells = [[r["after"], r["task"], str(r["n"]), *(f"{100 * r[k]:.1f}" for k in KINDS)] for r in rows]
-            how = "ranked " if key == "rank_prediction" else ("generated " if len(keys) > 1 else "")
-            title = f"{run_dir} — {how}answers to earlier tasks"
-            _print_cells(title, header, cells, fmt)
+            how = f"{answers} " if len(keys) > 1 or key == "rank_prediction" else ""
+            _print_cells(f"{run_dir} — {how}answers to earlier tasks", header, cells, fmt)
+    if not shown:
+        _fail("no run to report has saved predictions (run with --save-predictions)")
+    if fmt == "csv":
+        _print_cells("", ["run", "answers", "after", "task", "n", *KINDS], tidy, fmt)
 
 
 def _print_cells(title: str, header: list[str], cells: list[list[str]], fmt: str) -> None:
