@@ -16,7 +16,7 @@ JUMPLORA_LOADING_NOTE = (
     "This is a JumpLoRA adapter (`peft_type: JUMPLORA`), a PEFT method that the `jumplora` package "
     "registers. Install and import it before loading (without it PEFT stops with `KeyError: 'JUMPLORA'`):\n\n"
     "```python\n# pip install jumplora\nimport jumplora  # registers the JUMPLORA method with PEFT\n"
-    "from peft import AutoPeftModel\n\nmodel = AutoPeftModel.from_pretrained(\"path/to/this/folder\")\n```\n"
+    'from peft import AutoPeftModel\n\nmodel = AutoPeftModel.from_pretrained("path/to/this/folder")\n```\n'
 )
 
 
