@@ -232,3 +232,24 @@ def test_saved_jumplora_adapter_card_says_how_to_load(tmp_path: Path, minilm_pat
     assert "pip install jumplora" in text and "import jumplora" in text and "site-packages" not in text
     card = ModelCard.load(tmp_path / "adapter" / "README.md")
     assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and "jumplora" in card.data.tags
+
+
+def test_dense_run_exports_a_plain_lora_adapter(tmp_path: Path, minilm_path: str) -> None:
+    """A dense run's update (rank ≤ r product) comes back as the LoRA adapter it is, not a dense-size SHiRA."""
+    torch.manual_seed(0)
+    update = {f"encoder.layer.{i}.attention.self.{m}::dense": 0.01 * torch.randn(384, 4) @ torch.randn(4, 384)
+              for i in (0, 1) for m in ("query", "value")}  # fmt: skip
+    run = _synthetic_run(tmp_path, str(minilm_path), nested=True)
+    save_file(update, run / "checkpoint" / "update_000.safetensors")
+    out = export_run(run, tmp_path / "out")
+    folder = out / "task_updates" / "001_b"
+    meta = json.loads((folder / "task_update.json").read_text())
+    assert meta["peft"]["type"] == "LORA" and meta["peft"]["r"] == 4 and set(meta["peft"]["ranks"].values()) == {4}
+    adapter_bytes = (folder / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < 0.05 * (folder / "update.safetensors").stat().st_size
+    merged = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path), folder).merge_and_unload()
+    base = AutoModel.from_pretrained(minilm_path)
+    for key, delta in update.items():
+        name = key.removesuffix("::dense")
+        got = merged.get_submodule(name).weight - base.get_submodule(name).weight
+        torch.testing.assert_close(got, delta, rtol=0, atol=1e-6)

@@ -39,6 +39,7 @@ from torch import nn
 
 from jumplora.adapters.updates import apply_update, unpack_update
 from jumplora.cards import export_card_metadata, fix_adapter_card
+from jumplora.export_lora import is_dense_update, write_lora_adapter
 from jumplora.io import load_tensors
 
 __all__ = ["ExportError", "apply_task_update", "apply_update", "export_run", "load_run_model", "model_name"]
@@ -228,7 +229,8 @@ def write_task_update(
     total = sum((tensors.get(f"{n}::mask", tensors.get(f"{n}::dense"))).numel() for n in per_module)
     meta = {**meta, "format": "jumplora-update-1", "scale": 1.0, "layout": "(out_features, in_features)",
             "modules": sorted(per_module), "density": kept / total, "density_per_module": per_module}  # fmt: skip
-    peft_info = write_shira_adapter(base, tensors, folder, meta["base_model"])
+    writer = write_lora_adapter if is_dense_update(tensors) else write_shira_adapter  # a dense run: plain LoRA
+    peft_info = writer(base, tensors, folder, meta["base_model"])
     meta["peft"] = peft_info if isinstance(peft_info, dict) else None
     if isinstance(peft_info, str):
         meta["peft_unavailable"] = peft_info
