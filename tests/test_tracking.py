@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -44,6 +45,9 @@ def test_tensorboard_tracker_gets_the_training_log(tmp_path, tiny_model):
     after_training = acc.Scalars("eval/acc/cb")[-1]
     assert after_training.step > 0 and 0.0 <= after_training.value <= 1.0
     assert (tmp_path / "run" / "train_log.jsonl").stat().st_size > 0  # the log file is still written
+    env = json.loads((tmp_path / "run" / "results.json").read_text())["environment"]
+    assert env["world_size"] == 1 and env["threads"] == 1 and env["device"] == "cpu" and env["dtype"] == "float32"
+    assert env["effective_batch_size"] == 8 and env["torch_version"] and env["warnings"] == []
 
 
 def test_unknown_tracker_is_bad_input(tmp_path, tiny_model):
