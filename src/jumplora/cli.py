@@ -226,6 +226,8 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", level=logging.WARNING,
                         stream=sys.stderr, force=True)  # fmt: skip
     logging.getLogger("jumplora").setLevel(level if main_process else logging.ERROR)
+    if not main_process:  # the same library warnings would print once per process
+        warnings.filterwarnings("ignore")
     if not verbose:  # library deprecation notices are not the user's business in a CLI run
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
