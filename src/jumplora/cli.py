@@ -365,7 +365,7 @@ def report(
         _print_drift(results, fmt)
         return
     rows = aggregate(results)
-    _note_environment_differences(rows)
+    _note_environment_differences(rows, show_std_note=not matrix and fmt in ("table", "markdown", "latex"))
     out = Console(width=None if sys.stdout.isatty() else 200)
     shown = format_matrices(results, fmt, width=out.width) if matrix else format_rows(rows, fmt)
     if isinstance(shown, str):
@@ -377,15 +377,16 @@ def report(
         _report_plots(results, rows, plot)
 
 
-def _note_environment_differences(rows: list[dict]) -> None:
+def _note_environment_differences(rows: list[dict], show_std_note: bool) -> None:
     """Say (on stderr) which pooled settings mix runs made on different software or hardware."""
     for row in rows:
         if row.get("environment_differs"):
             what = ", ".join(row["environment_differs"])
             console.print(f"note: {escape(row['label'])} pools {row['n']} runs that differ in: {escape(what)}",
                           highlight=False, soft_wrap=True)  # fmt: skip
-    console.print("± is the sample standard deviation over the n runs of a setting (none shown for n = 1)",
-                  highlight=False, soft_wrap=True)  # fmt: skip
+    if show_std_note:
+        console.print("± is the sample standard deviation over the n runs of a setting (none shown for n = 1)",
+                      highlight=False, soft_wrap=True)  # fmt: skip
 
 
 def _print_drift(results: list[dict], fmt: str) -> None:
