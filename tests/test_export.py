@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -253,3 +254,19 @@ def test_dense_run_exports_a_plain_lora_adapter(tmp_path: Path, minilm_path: str
         name = key.removesuffix("::dense")
         got = merged.get_submodule(name).weight - base.get_submodule(name).weight
         torch.testing.assert_close(got, delta, rtol=0, atol=1e-6)
+
+
+def test_export_quiet_prints_nothing_of_its_own_and_no_bars_when_redirected(tmp_path: Path, minilm_path: str) -> None:
+    run = _synthetic_run(tmp_path, str(minilm_path), nested=True)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+
+    def export(out: str, *flags: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "jumplora.cli", "export", str(run), str(tmp_path / out), *flags]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    loud, quiet = export("loud"), export("quiet", "-q")
+    assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "exported" in loud.stdout and quiet.stdout == ""
+    assert "UserWarning" not in quiet.stderr and "peft" not in quiet.stderr, quiet.stderr[-2000:]
+    assert "Writing" not in loud.stderr and "\r" not in loud.stderr  # redirected: no progress bars
