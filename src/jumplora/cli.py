@@ -223,8 +223,13 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
     libraries at WARNING whatever -v says (their DEBUG, e.g. matplotlib's font search, is noise)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     main_process = os.environ.get("RANK", "0") in ("", "0")  # set by torchrun / accelerate launch
-    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", level=logging.WARNING,
+    libraries = logging.ERROR if quiet else logging.WARNING  # -q: jumplora's own warnings only
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", level=libraries,
                         stream=sys.stderr, force=True)  # fmt: skip
+    if quiet:  # torch's loggers have their own handler, and importing torch sets their levels
+        import torch  # noqa: F401
+
+        logging.getLogger("torch").setLevel(logging.ERROR)
     logging.getLogger("jumplora").setLevel(level if main_process else logging.ERROR)
     if not main_process:  # the same library warnings would print once per process
         warnings.filterwarnings("ignore")
