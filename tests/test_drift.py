@@ -87,3 +87,23 @@ def test_report_drift_json_and_a_clear_error_without_predictions(run: Path, tmp_
     (run / "predictions" / "03-after-nli.jsonl").unlink()
     missing = runner.invoke(app, ["report", str(run), "--drift"])
     assert missing.exit_code == 2 and "03-after-nli.jsonl: missing (run with --save-predictions)" in missing.output
+
+
+def test_report_drift_skips_a_run_without_predictions_and_csv_is_one_tidy_table(run: Path, tmp_path: Path) -> None:
+    """`report runs/* --drift`: a run lacking predictions gets a note, not an abort; CSV: one header, fractions."""
+    import csv
+    import io
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(run, other)
+    shutil.rmtree(other / "predictions")
+    result = runner.invoke(app, ["report", str(run), str(other), "--drift", "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "skipped" in result.stderr and "other" in result.stderr and "missing" in result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert list(rows[0]) == ["run", "answers", "after", "task", "n", *KINDS]
+    assert {r["answers"] for r in rows} == {"generated", "ranked"} and {r["run"] for r in rows} == {str(run)}
+    first = next(r for r in rows if r["answers"] == "generated" and r["after"] == "topic" and r["task"] == "sst")
+    assert [float(first[k]) for k in KINDS] == [0.25, 0.25, 0.25, 0.0, 0.25]  # fractions, not percentages
+    assert len(rows) == 2 * len(answer_drift(run))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -155,14 +156,16 @@ def commit_run(run: Path, config: dict, rows: list[list[float]], updates: list[d
     (run / "results.json").write_text(json.dumps(results))
 
 
-def _synthetic_run(root: Path, model_path: str, nested: bool) -> Path:
+def _synthetic_run(root: Path, model_path: str, nested: bool, update: dict | None = None) -> Path:
     """A finished run on MiniLM with one hand-made update (no training): exercises the packaging only."""
     run = root / "run"
     mask = torch.zeros(384, 384, dtype=torch.bool)
     mask[::7, ::5] = True
-    update = {"encoder.layer.0.attention.self.query::mask": mask,
-              "encoder.layer.0.attention.self.query::values": torch.full((int(mask.sum()),), 0.01),
-              "encoder.layer.1.attention.self.value::dense": torch.full((384, 384), -0.001)}  # fmt: skip
+    update = update or {
+        "encoder.layer.0.attention.self.query::mask": mask,
+        "encoder.layer.0.attention.self.query::values": torch.full((int(mask.sum()),), 0.01),
+        "encoder.layer.1.attention.self.value::dense": torch.full((384, 384), -0.001),
+    }
     config = {"model": {"name": model_path}, "strategy": {"name": "seqlora", "args": {}}, "jumplora": False}
     if not nested:
         config = {"model": model_path, "strategy": "seqlora", "jumplora": False, "order": 1}
@@ -281,3 +284,70 @@ def test_export_overwrites_an_earlier_export_only(finished, tmp_path) -> None:
     result = runner.invoke(app, ["export", str(run), str(again), "--overwrite"])
     assert result.exit_code == 0, result.output
     assert not (tmp_path / "again.partial").exists() and (again / "jumplora_export.json").is_file()
+
+
+def test_export_metadata_parses_and_names_no_local_path(tmp_path: Path, minilm_path: str) -> None:
+    """Model card front matter the Hub's parser reads; the per-task adapter card names the hub id; 0644 files."""
+    from huggingface_hub import ModelCard
+
+    out = export_run(_synthetic_run(tmp_path, str(minilm_path), nested=True), tmp_path / "out")
+    card = ModelCard.load(out / "README.md")
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert card.data.library_name == "sentence-transformers" and card.data.license == "apache-2.0"
+    assert {"jumplora", "continual-learning", "seqlora"} <= set(card.data.tags)
+    assert "# seqlora (dense) on my-stream" in card.text
+    adapter_card = ModelCard.load(out / "task_updates" / "001_b" / "README.md")
+    assert adapter_card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "site-packages" not in (out / "task_updates" / "001_b" / "README.md").read_text()
+    modes = {str(p.relative_to(out)): p.stat().st_mode & 0o777 for p in out.rglob("*") if p.is_file()}
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_saved_jumplora_adapter_card_says_how_to_load(tmp_path: Path, minilm_path: str) -> None:
+    import peft
+    from huggingface_hub import ModelCard
+
+    from jumplora import JumpLoraConfig
+
+    model = peft.get_peft_model(AutoModel.from_pretrained(minilm_path), JumpLoraConfig(target_modules=["query"]))
+    model.save_pretrained(tmp_path / "adapter")
+    text = (tmp_path / "adapter" / "README.md").read_text()
+    assert "pip install jumplora" in text and "import jumplora" in text and "site-packages" not in text
+    card = ModelCard.load(tmp_path / "adapter" / "README.md")
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and "jumplora" in card.data.tags
+
+
+def test_dense_run_exports_a_plain_lora_adapter(tmp_path: Path, minilm_path: str) -> None:
+    """A dense run's update (rank ≤ r product) comes back as the LoRA adapter it is, not a dense-size SHiRA."""
+    torch.manual_seed(0)
+    update = {f"encoder.layer.{i}.attention.self.{m}::dense": 0.01 * torch.randn(384, 4) @ torch.randn(4, 384)
+              for i in (0, 1) for m in ("query", "value")}  # fmt: skip
+    run = _synthetic_run(tmp_path, str(minilm_path), nested=True, update=update)
+    out = export_run(run, tmp_path / "out")
+    folder = out / "task_updates" / "001_b"
+    meta = json.loads((folder / "task_update.json").read_text())
+    assert meta["peft"]["type"] == "LORA" and meta["peft"]["r"] == 4 and set(meta["peft"]["ranks"].values()) == {4}
+    adapter_bytes = (folder / "adapter_model.safetensors").stat().st_size
+    assert adapter_bytes < 0.05 * (folder / "update.safetensors").stat().st_size
+    merged = peft.PeftModel.from_pretrained(AutoModel.from_pretrained(minilm_path), folder).merge_and_unload()
+    base = AutoModel.from_pretrained(minilm_path)
+    for key, delta in update.items():
+        name = key.removesuffix("::dense")
+        got = merged.get_submodule(name).weight - base.get_submodule(name).weight
+        torch.testing.assert_close(got, delta, rtol=0, atol=1e-6)
+
+
+def test_export_quiet_prints_nothing_of_its_own_and_no_bars_when_redirected(tmp_path: Path, minilm_path: str) -> None:
+    run = _synthetic_run(tmp_path, str(minilm_path), nested=True)
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
+
+    def export(out: str, *flags: str) -> subprocess.CompletedProcess:
+        cmd = [sys.executable, "-m", "jumplora.cli", "export", str(run), str(tmp_path / out), *flags]
+        return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+
+    loud, quiet = export("loud"), export("quiet", "-q")
+    assert loud.returncode == 0 and quiet.returncode == 0, quiet.stderr[-2000:]
+    assert "exported" in loud.stdout and quiet.stdout == ""
+    assert "UserWarning" not in quiet.stderr and "peft" not in quiet.stderr, quiet.stderr[-2000:]
+    assert "Writing" not in loud.stderr and "\r" not in loud.stderr  # redirected: no progress bars

@@ -308,17 +308,18 @@ def test_aggregate(runs: list[Path]) -> None:
     assert [r["label"] for r in rows] == ["inclora+jumplora / order1", "seq / order1"]
     a, b = rows
     assert a["n"] == 2 and sorted(a["seeds"]) == [0, 1]
-    assert a["op_mean"] == pytest.approx(0.65) and a["op_std"] == pytest.approx(0.05)
-    assert a["bwt_mean"] == pytest.approx(-0.15) and a["bwt_std"] == pytest.approx(0.05)
-    assert a["fwt_mean"] == pytest.approx(0.01) and a["fwt_std"] == pytest.approx(0.01)
-    assert a["forgetting_mean"] == pytest.approx(0.2) and a["forgetting_std"] == pytest.approx(0.1)
-    assert a["density_mean"] == pytest.approx(0.04) and a["density_std"] == pytest.approx(0.01)
-    assert a["jaccard_mean"] == pytest.approx(0.3) and a["jaccard_std"] == pytest.approx(0.1)
-    assert a["jaccard_past_mean"] == pytest.approx(0.2) and a["jaccard_past_std"] == pytest.approx(0.1)
-    assert a["wall_time_s_mean"] == pytest.approx(150.0) and a["wall_time_s_std"] == pytest.approx(50.0)
+    # two seeds: the sample std (ddof=1) is √2 × the population std
+    assert a["op_mean"] == pytest.approx(0.65) and a["op_std"] == pytest.approx(0.05 * 2**0.5)
+    assert a["bwt_mean"] == pytest.approx(-0.15) and a["bwt_std"] == pytest.approx(0.05 * 2**0.5)
+    assert a["fwt_mean"] == pytest.approx(0.01) and a["fwt_std"] == pytest.approx(0.01 * 2**0.5)
+    assert a["forgetting_mean"] == pytest.approx(0.2) and a["forgetting_std"] == pytest.approx(0.1 * 2**0.5)
+    assert a["density_mean"] == pytest.approx(0.04) and a["density_std"] == pytest.approx(0.01 * 2**0.5)
+    assert a["jaccard_mean"] == pytest.approx(0.3) and a["jaccard_std"] == pytest.approx(0.1 * 2**0.5)
+    assert a["jaccard_past_mean"] == pytest.approx(0.2) and a["jaccard_past_std"] == pytest.approx(0.1 * 2**0.5)
+    assert a["wall_time_s_mean"] == pytest.approx(150.0) and a["wall_time_s_std"] == pytest.approx(50.0 * 2**0.5)
     assert a["fwt_vs_independent_mean"] is None
 
-    assert b["n"] == 1 and b["op_mean"] == pytest.approx(0.4) and b["op_std"] == 0.0
+    assert b["n"] == 1 and b["op_mean"] == pytest.approx(0.4) and b["op_std"] is None  # one run: no std
     assert b["density_mean"] is None and b["jaccard_mean"] is None
 
     # Passing raw results including an incomplete one: it is skipped, not averaged.
@@ -333,16 +334,16 @@ def test_markdown_and_table(runs: list[Path]) -> None:
     lines = md.strip().splitlines()
     assert len(lines) == 4  # header, separator, two settings
     row_a = next(line for line in lines if "inclora+jumplora / order1" in line)
-    for expected in ["65.00 ± 5.00", "-15.00 ± 5.00", "1.00 ± 1.00", "20.00 ± 10.00",
-                     "4.00 ± 1.00", "30.00 ± 10.00", "150.0 ± 50.0"]:  # fmt: skip
+    for expected in ["65.00 ± 7.07", "-15.00 ± 7.07", "1.00 ± 1.41", "20.00 ± 14.14",
+                     "4.00 ± 1.41", "30.00 ± 14.14", "150.0 ± 70.7"]:  # fmt: skip
         assert expected in row_a, expected
     row_b = next(line for line in lines if "seq / order1" in line)
-    assert "40.00 ± 0.00" in row_b and "—" in row_b
+    assert "| 40.00 |" in row_b and "±" not in row_b.split("|")[3] and "—" in row_b
 
     console = Console(record=True, width=250)
     console.print(render_table(rows))
     text = console.export_text()
-    assert "65.00 ± 5.00" in text and "seq / order1" in text
+    assert "65.00 ± 7.07" in text and "seq / order1" in text
 
 
 def test_aggregate_disambiguates_labels() -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -36,8 +38,16 @@ def test_tensorboard_tracker_gets_the_training_log(tmp_path, tiny_model):
 
     acc = EventAccumulator(str(events[0].parent))
     acc.Reload()
-    assert {"loss", "gamma", "lr"} <= set(acc.Tags()["scalars"])
+    tags = set(acc.Tags()["scalars"])
+    assert {"train/loss", "train/gamma", "train/lr", "train/theta", "train/density"} <= tags, tags
+    assert not tags & {"step", "global_step", "task_index", "train/step", "train/global_step"}, tags  # the x-axis
+    assert {"eval/acc/cb", "eval/op"} <= tags, tags  # evaluations and the final metrics
+    after_training = acc.Scalars("eval/acc/cb")[-1]
+    assert after_training.step > 0 and 0.0 <= after_training.value <= 1.0
     assert (tmp_path / "run" / "train_log.jsonl").stat().st_size > 0  # the log file is still written
+    env = json.loads((tmp_path / "run" / "results.json").read_text())["environment"]
+    assert env["world_size"] == 1 and env["threads"] == 1 and env["device"] == "cpu" and env["dtype"] == "float32"
+    assert env["effective_batch_size"] == 8 and env["torch_version"] and env["warnings"] == []
 
 
 def test_unknown_tracker_is_bad_input(tmp_path, tiny_model):
@@ -52,6 +62,7 @@ def test_redirected_output_is_clean_and_levels_work(tmp_path, tiny_model):
     assert "\r" not in proc.stderr, "progress bars in a redirected log"
     assert "Warning" not in proc.stderr, proc.stderr[-2000:]
     assert "zero-shot eval" in proc.stderr and "eval after cb" in proc.stderr  # INFO lines replace the bars
+    assert re.search(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d cb step 1  loss \d", proc.stderr, re.M), proc.stderr[-2000:]
     quiet = run_cli(tmp_path / "quiet", tiny_model, "--quiet")
     assert quiet.returncode == 0 and quiet.stderr.strip() == "", quiet.stderr[-2000:]
     verbose = run_cli(tmp_path / "verbose", tiny_model, "-v")

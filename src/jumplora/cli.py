@@ -31,6 +31,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help wraps at any width and never cuts a flag name
 )
 console = Console(stderr=True)
 log = logging.getLogger("jumplora")
@@ -234,16 +235,30 @@ def _register_run() -> None:
 
 
 def _configure_logging(quiet: bool, verbose: bool) -> None:
+    """jumplora's lines at INFO (DEBUG with -v, WARNING with -q), timestamped, on rank 0 only; other
+    libraries at WARNING whatever -v says (their DEBUG, e.g. matplotlib's font search, is noise)."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(format="%(message)s", level=level, stream=sys.stderr, force=True)
+    main_process = os.environ.get("RANK", "0") in ("", "0")  # set by torchrun / accelerate launch
+    libraries = logging.ERROR if quiet else logging.WARNING  # -q: jumplora's own warnings only
+    logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", level=libraries,
+                        stream=sys.stderr, force=True)  # fmt: skip
+    if quiet:  # torch's loggers have their own handler, and importing torch sets their levels
+        import torch  # noqa: F401
+
+        logging.getLogger("torch").setLevel(logging.ERROR)
+    logging.getLogger("jumplora").setLevel(level if main_process else logging.ERROR)
+    if not main_process:  # the same library warnings would print once per process
+        warnings.filterwarnings("ignore")
     if not verbose:  # library deprecation notices are not the user's business in a CLI run
         warnings.filterwarnings("ignore", category=FutureWarning)
         warnings.filterwarnings("ignore", category=DeprecationWarning)
         warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+        if quiet:
+            warnings.filterwarnings("ignore", category=UserWarning)
         import transformers
 
         transformers.logging.set_verbosity_error()
-    if quiet or not sys.stderr.isatty():  # library progress bars fill redirected logs with \r lines
+    if quiet or not main_process or not sys.stderr.isatty():  # progress bars fill redirected logs with \r lines
         import huggingface_hub
         import transformers
 
@@ -312,9 +327,17 @@ def print_results(results: dict) -> None:
 
 
 @app.command()
-def strategies() -> None:
+def strategies(
+    plugin: Annotated[
+        Optional[list[str]],  # noqa: UP045
+        typer.Option(help="Import a module or .py file first, to list the strategies it registers; repeatable."),
+    ] = None,
+) -> None:
     """List the CL strategies with their hyper-parameters (set them with --strategy-arg NAME=VALUE)."""
     from jumplora.cl import strategy_help
+
+    for name in plugin or []:
+        _import_plugin(name)
 
     print(strategy_help())
 
@@ -362,6 +385,7 @@ def report(
         _print_drift(results, fmt)
         return
     rows = aggregate(results)
+    _note_environment_differences(rows, show_std_note=not matrix and fmt in ("table", "markdown", "latex"))
     out = Console(width=None if sys.stdout.isatty() else 200)
     shown = format_matrices(results, fmt, width=out.width) if matrix else format_rows(rows, fmt)
     if isinstance(shown, str):
@@ -373,30 +397,56 @@ def report(
         _report_plots(results, rows, plot)
 
 
+def _note_environment_differences(rows: list[dict], show_std_note: bool) -> None:
+    """Say (on stderr) which pooled settings mix runs made on different software or hardware."""
+    for row in rows:
+        if row.get("environment_differs"):
+            what = ", ".join(row["environment_differs"])
+            console.print(f"note: {escape(row['label'])} pools {row['n']} runs that differ in: {escape(what)}",
+                          highlight=False, soft_wrap=True)  # fmt: skip
+    if show_std_note:
+        console.print("± is the sample standard deviation over the n runs of a setting (none shown for n = 1)",
+                      highlight=False, soft_wrap=True)  # fmt: skip
+
+
 def _print_drift(results: list[dict], fmt: str) -> None:
-    """One table per run: for each evaluation and earlier task, the share of each kind of answer."""
+    """Per run: for each evaluation and earlier task, the share of each kind of answer. A run without
+    saved predictions is skipped with a note; CSV is one tidy table (fractions) over every run."""
     import json
 
     from jumplora.metrics.drift import KINDS, answer_drift, prediction_keys
 
     if fmt == "latex":
         _fail("--drift prints as table, markdown, csv or json")
+    tidy: list[list[str]] = []
+    shown = 0
     for res in results:
         run_dir = Path(res["run_dir"])
         keys = prediction_keys(res)
         try:
             tables = {key: answer_drift(run_dir, key) for key in keys}
         except ValueError as err:
-            _fail(str(err))
+            console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(str(err))}", highlight=False,
+                          soft_wrap=True)  # fmt: skip
+            continue
+        shown += 1
         if fmt == "json":
             print(json.dumps({"run": str(run_dir), **tables}))
             continue
         for key, rows in tables.items():
+            answers = "ranked" if key == "rank_prediction" else "generated"
+            if fmt == "csv":
+                tidy += [[str(run_dir), answers, r["after"], r["task"], str(r["n"]), *(f"{r[k]:.6g}" for k in KINDS)]
+                         for r in rows]  # fmt: skip
+                continue
             header = ["after", "task", "n", *(f"{k} %" for k in KINDS)]
             cells = [[r["after"], r["task"], str(r["n"]), *(f"{100 * r[k]:.1f}" for k in KINDS)] for r in rows]
-            how = "ranked " if key == "rank_prediction" else ("generated " if len(keys) > 1 else "")
-            title = f"{run_dir} — {how}answers to earlier tasks"
-            _print_cells(title, header, cells, fmt)
+            how = f"{answers} " if len(keys) > 1 or key == "rank_prediction" else ""
+            _print_cells(f"{run_dir} — {how}answers to earlier tasks", header, cells, fmt)
+    if not shown:
+        _fail("no run to report has saved predictions (run with --save-predictions)")
+    if fmt == "csv":
+        _print_cells("", ["run", "answers", "after", "task", "n", *KINDS], tidy, fmt)
 
 
 def _print_cells(title: str, header: list[str], cells: list[list[str]], fmt: str) -> None:
@@ -436,15 +486,19 @@ def export(
     run_dir: Annotated[Path, typer.Argument(help="A finished run directory.")],
     out: Annotated[Path, typer.Argument(help="Output folder for the merged model, card and per-task updates.")],
     overwrite: Annotated[bool, typer.Option(help="Replace a non-empty output folder.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Errors only: no warnings, bars or summary.")] = False,
 ) -> None:
     """Write a finished run's final model as a standard HF folder, with a model card and per-task updates."""
     from jumplora.export import export_run
+
+    _configure_logging(quiet, verbose=False)
 
     try:
         written = export_run(run_dir, out, overwrite=overwrite)
     except (ValueError, OSError) as err:
         _fail(str(err))
-    Console().print(f"exported {escape(str(run_dir))} to {escape(str(written))}", highlight=False)
+    if not quiet:
+        Console().print(f"exported {escape(str(run_dir))} to {escape(str(written))}", highlight=False)
 
 
 _register_run()
@@ -473,6 +527,7 @@ def models_pull(name: Annotated[str, typer.Argument(help="A short name from `jum
     """Fetch and convert a known model once (later runs use the cached folder)."""
     from jumplora.models import ModelLoadError, pull_model
 
+    _configure_logging(quiet=False, verbose=False)
     try:
         path = pull_model(name)
     except ModelLoadError as err:
@@ -481,6 +536,23 @@ def models_pull(name: Annotated[str, typer.Argument(help="A short name from `jum
 
 
 app.add_typer(models_app, name="models")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from jumplora import __version__
+
+        print(f"jumplora {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main_options(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Continual learning of language models with sparse JumpLoRA adapters."""
 
 
 def main() -> None:  # pragma: no cover - console entry point

@@ -14,12 +14,15 @@ import dataclasses
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from jumplora.adapters.config import JumpLoraConfig
+from jumplora.adapter_fields import adapter_defaults
+
+if TYPE_CHECKING:
+    from jumplora.adapters.config import JumpLoraConfig
 
 RUNNERS = ("continual", "multitask", "independent")
-_JUMPLORA_FIELDS = {f.name: f for f in dataclasses.fields(JumpLoraConfig)}
+_JUMPLORA_FIELDS = adapter_defaults()
 
 
 class ConfigError(ValueError):
@@ -117,6 +120,8 @@ class AdapterConfig:
 
     def to_peft(self, target_modules: list[str] | str) -> JumpLoraConfig:
         """The PEFT config of this adapter (JumpLoraConfig validates the values)."""
+        from jumplora.adapters.config import JumpLoraConfig
+
         targets = target_modules if target_modules == "all-linear" else list(target_modules)
         return JumpLoraConfig(**dataclasses.asdict(self), target_modules=targets)
 

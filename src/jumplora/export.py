@@ -38,6 +38,8 @@ import torch
 from torch import nn
 
 from jumplora.adapters.updates import apply_update, unpack_update
+from jumplora.cards import export_card_metadata, fix_adapter_card
+from jumplora.export_lora import is_dense_update, write_lora_adapter
 
 __all__ = ["ExportError", "apply_task_update", "apply_update", "export_run", "load_run_model", "model_name"]
 
@@ -199,7 +201,9 @@ PACKAGED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt_all_mini
 
 def base_model_id(config: Mapping[str, Any]) -> str:
     """The base model as a user would name it: the configured name/path, or the packaged model's hub id."""
-    return str(model_name(config) or PACKAGED_MODEL_ID)
+    from jumplora.adapters.model import stable_model_name
+
+    return str(stable_model_name(model_name(config)) or PACKAGED_MODEL_ID)  # never a site-packages path
 
 
 def _masks(tensors: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:
@@ -255,6 +259,7 @@ def write_shira_adapter(
         layer.shira_weight["default"].data = dense[name][mask].to(layer.shira_weight["default"])
     peft_model.peft_config["default"].base_model_name_or_path = base_id
     peft_model.save_pretrained(folder)
+    fix_adapter_card(folder, base_id, tags=["jumplora"])  # PEFT's card names the config's path
     return {"type": "SHIRA", "r": r, "padding_entries": sum(int(p.sum() - masks[n].sum()) for n, p in padded.items())}
 
 
@@ -279,7 +284,8 @@ def write_task_update(
     total = sum((tensors.get(f"{n}::mask", tensors.get(f"{n}::dense"))).numel() for n in per_module)
     meta = {**meta, "format": "jumplora-update-1", "scale": 1.0, "layout": "(out_features, in_features)",
             "modules": sorted(per_module), "density": kept / total, "density_per_module": per_module}  # fmt: skip
-    peft_info = write_shira_adapter(base, tensors, folder, meta["base_model"])
+    writer = write_lora_adapter if is_dense_update(tensors) else write_shira_adapter  # a dense run: plain LoRA
+    peft_info = writer(base, tensors, folder, meta["base_model"])
     meta["peft"] = peft_info if isinstance(peft_info, dict) else None
     if isinstance(peft_info, str):
         meta["peft_unavailable"] = peft_info
@@ -382,7 +388,17 @@ def _write_export(run: Path, out: Path, config: dict, results: dict, updates: li
     trust = bool(_config_field(config, "model", "trust_remote_code", "trust_remote_code"))
     AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust).save_pretrained(out)
     _copy_sentence_transformers(folder, out)
-    (out / "README.md").write_text(model_card(results, tasks, base_id))
+    sparse = bool(_config_field(config, "adapter", "sparse", "jumplora"))
+    front_matter = export_card_metadata(base_id, folder, strategy_name(config), sparse)
+    (out / "README.md").write_text(front_matter + model_card(results, tasks, base_id))
+    readable_by_all(out)
+
+
+def readable_by_all(folder: Path) -> None:
+    """Files 0644 and folders 0755, as `save_pretrained` leaves them (atomic writes create files 0600)."""
+    folder.chmod(0o755)
+    for path in folder.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
 
 
 def _first_unsaved(updates: list[str | None], index: int) -> int:

@@ -44,3 +44,6 @@ class RunResults(TypedDict):
     rank_accuracy_matrix: list[list[float]] | None
     rank_zero_shot: list[float] | None
     rank_metrics: dict[str, float | None] | None
+    # What the run ran on: versions, git commit, device, dtype, threads, world size, effective batch
+    # (jumplora.environment.run_environment; absent in runs made before it was recorded).
+    environment: dict[str, Any]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from jumplora.cl import make_strategy
 from jumplora.config import RESUME_FREE_KEYS, RunConfig
 from jumplora.data import stream_fingerprint
 from jumplora.engine import Engine, scores_by_metric
+from jumplora.environment import run_environment
 from jumplora.io import append_jsonl
 from jumplora.lock import RunLock
 from jumplora.metrics import cl_metrics
@@ -38,6 +40,34 @@ from jumplora.results import RunResults
 from jumplora.training_state import adapter_tensors, load_adapter_tensors
 
 log = logging.getLogger("jumplora")
+
+
+#: train_log.jsonl keys that are not tracker scalars: the x-axis and labels.
+_NOT_SCALARS = frozenset({"step", "global_step", "task_index", "task"})
+
+
+def tracker_scalars(record: dict[str, Any]) -> dict[str, float]:
+    """A train_log.jsonl record as tracker scalars under ``train/`` (θ: the mean over threshold groups)."""
+    values: dict[str, float] = {}
+    for key, value in record.items():
+        if isinstance(value, dict):  # θ per threshold group
+            numbers = [v for v in value.values() if isinstance(v, (int, float))]
+            value = sum(numbers) / len(numbers) if numbers else None
+        if key not in _NOT_SCALARS and isinstance(value, (int, float)) and not isinstance(value, bool):
+            values[f"train/{key}"] = float(value)
+    return values
+
+
+def training_line(record: dict[str, Any]) -> str:
+    """One logged step for a redirected log: task, step, loss, and γ/density when sparse."""
+    parts = [f"{record['task']} step {record['step']}"]
+    if record.get("loss") is not None:
+        parts.append(f"loss {record['loss']:.4f}")
+    if record.get("gamma"):
+        parts.append(f"gamma {record['gamma']:.2f}")
+    if record.get("density") is not None:
+        parts.append(f"density {100 * record['density']:.2f}%")
+    return "  ".join(parts)
 
 
 class Runner:
@@ -55,15 +85,36 @@ class Runner:
         self.progress = Progress()
         self._start = time.perf_counter()
         self._elapsed_before = 0.0
+        self._environment: dict[str, Any] | None = None
         engine.on_log = self._log
 
     def _log(self, record: dict[str, Any]) -> None:
         append_jsonl(self.out / "train_log.jsonl", record)
+        if not sys.stderr.isatty():  # no progress bar to watch: a line per logged step instead
+            log.info("%s", training_line(record))
         if self.config.report_to:
-            numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.engine.accelerator.log(numbers, step=record["global_step"])
+            self.engine.accelerator.log(tracker_scalars(record), step=record["global_step"])
+
+    def _track_evaluation(self, accuracies: list[float], metrics: dict[str, float | None] | None = None) -> None:
+        """Trackers get each task's accuracy after every evaluation and, at the end, OP/BWT/FWT."""
+        if not self.config.report_to:
+            return
+        names = [d.task.name for d in self.engine.tasks]
+        values = {f"eval/acc/{name}": acc for name, acc in zip(names, accuracies, strict=False) if acc is not None}
+        values.update({f"eval/{k}": v for k, v in (metrics or {}).items() if v is not None})
+        self.engine.accelerator.log(values, step=self.engine.global_step)
+
+    def environment(self) -> dict[str, Any]:
+        """results.json's ``environment`` (measured once; its warnings are logged then, on rank 0)."""
+        if self._environment is None:
+            loaded = self.engine.loaded
+            self._environment = run_environment(self.engine.accelerator, self.config, loaded and loaded.model)
+            for warning in self._environment["warnings"] if self.engine.is_main else []:
+                log.warning("warning: %s", warning)
+        return self._environment
 
     def _start_trackers(self) -> None:
+        self.environment()
         if self.config.report_to:
             flat = {k: v for k, v in self.config.flat().items() if isinstance(v, (int, float, str, bool))}
             self.engine.accelerator.init_trackers("jumplora", config=flat)
@@ -79,6 +130,7 @@ class Runner:
     def _record(self, scores: dict[str, list[float]], zero_shot: bool = False) -> None:
         """One evaluation of every task: a row of R (and of the ranking metric when there is one)."""
         p = self.progress
+        self._track_evaluation(scores["accuracy"])
         if zero_shot:
             p.zero_shot, p.rank_zero_shot = scores["accuracy"], scores.get("rank_accuracy")
         else:
@@ -115,11 +167,13 @@ class Runner:
             if progress.rank_rows and len(progress.rank_rows) == len(names)
             else None,
             "plots": [],
+            "environment": self.environment(),
         }
         results.update(override)
         return results  # type: ignore[return-value]
 
     def finish(self, results: RunResults) -> RunResults:
+        self._track_evaluation([], results.get("metrics"))
         if self.engine.is_main:
             if self.config.plots:
                 from jumplora.metrics.plots import write_run_plots

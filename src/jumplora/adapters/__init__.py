@@ -11,6 +11,7 @@ from .config import JumpLoraConfig
 from .jumprelu import jumprelu, rectangle, threshold_grad
 from .layer import JumpLoraLayer, Linear
 from .model import JumpLoraModel, block_name
+from .optim import param_groups
 from .peft_type import JUMPLORA
 from .schedule import Sparsifier, SparsitySchedule, theta_learning_rate
 from .sparsity import (
@@ -44,6 +45,7 @@ __all__ = [
     "jumplora_layers",
     "jumprelu",
     "merge_and_discard",
+    "param_groups",
     "rectangle",
     "set_gamma",
     "sparsity_stats",

@@ -14,44 +14,42 @@ from typing import Any
 
 import torch
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers.trainer_callback import ExportableState
 
+from .optim import ThetaGroup
 from .schedule import Sparsifier
-from .sparsity import threshold_parameters
 
 
-def give_thresholds_their_lr(optimizer: torch.optim.Optimizer, model: torch.nn.Module, lr: float,
-                             scheduler: Any = None, adapter: str = "default") -> None:  # fmt: skip
-    """Move θ into its own param group (learning rate ``lr``, no weight decay); before the first step only.
-
-    A scheduler already built is told about the group, which keeps a constant ``lr``: the controller must
-    still move θ at the end of a decaying schedule.
-    """
-    ids = {id(p) for p in threshold_parameters(model, adapter).values()}
-    thetas = []
-    for group in optimizer.param_groups:
-        thetas += [p for p in group["params"] if id(p) in ids]
-        group["params"] = [p for p in group["params"] if id(p) not in ids]
-    if not thetas:
-        return
-    optimizer.add_param_group({"params": thetas, "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
-    inner = getattr(scheduler, "scheduler", scheduler)  # Accelerate wraps the torch scheduler
-    if hasattr(inner, "base_lrs"):
-        inner.base_lrs.append(lr)
-    if hasattr(inner, "lr_lambdas"):
-        inner.lr_lambdas.append(lambda _: 1.0)
-
-
-class JumpLoraCallback(TrainerCallback):
+class JumpLoraCallback(TrainerCallback, ExportableState):
     """Drives γ, the θ init and the density controller of a JumpLoRA adapter during ``Trainer.train()``.
 
     ``trainer = Trainer(model=peft_model, ..., callbacks=[JumpLoraCallback()])``; after training the
     adapter is fully gated (γ = 1), so ``merge_and_unload()`` keeps exactly what the adapter computes.
     ``log_state()`` of the sparsifier (γ, density, target, multiplier) joins the Trainer's logs.
+    ``trainer.train(resume_from_checkpoint=...)`` continues where the checkpoint left off: the
+    sparsifier's state is saved in the checkpoint's ``trainer_state.json`` (``stateful_callbacks``) and
+    the optimizer's in the layout the Trainer builds (see :class:`~jumplora.adapters.optim.ThetaGroup`).
     """
 
     def __init__(self, adapter: str = "default") -> None:
         self.adapter = adapter
         self.sparsifier: Sparsifier | None = None
+
+    def state(self) -> dict:
+        """What a Trainer checkpoint keeps of this callback (JSON): the sparsifier's state."""
+        saved = self.sparsifier.state_dict() if self.sparsifier is not None else None
+        return {"args": {"adapter": self.adapter}, "attributes": {"sparsifier_state": saved}}
+
+    def _saved_state(self, state: TrainerState) -> dict | None:
+        """The sparsifier state a resumed Trainer read from its checkpoint (whatever
+        ``restore_callback_states_from_checkpoint`` says), None on a fresh start."""
+        if state.global_step == 0:
+            return None
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        for entry in saved if isinstance(saved, list) else [saved] if saved else []:
+            if entry.get("args", {}).get("adapter", "default") == self.adapter:
+                return entry.get("attributes", {}).get("sparsifier_state")
+        return None
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        model: torch.nn.Module | None = None, optimizer: Any = None, lr_scheduler: Any = None,
@@ -59,9 +57,17 @@ class JumpLoraCallback(TrainerCallback):
         if model is None:
             raise ValueError("JumpLoraCallback needs the Trainer's model")
         self.sparsifier = Sparsifier(model, max(1, state.max_steps), self.adapter)
+        saved = self._saved_state(state)
+        if saved is not None:
+            self.sparsifier.load_state_dict(saved)
+        elif state.global_step > 0:
+            raise ValueError(
+                f"JumpLoraCallback: the checkpoint at step {state.global_step} holds no JumpLoRA state for "
+                f"adapter {self.adapter!r} (was it trained with JumpLoraCallback?)"
+            )
         lr = self.sparsifier.theta_lr
-        if lr is not None and optimizer is not None and state.global_step == 0:
-            give_thresholds_their_lr(optimizer, model, lr, lr_scheduler, self.adapter)
+        if lr is not None and optimizer is not None:
+            ThetaGroup(optimizer, model, lr, lr_scheduler, self.adapter).attach()
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:  # fmt: skip

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from peft.config import PeftConfig
 
+from ..adapter_fields import adapter_field
 from .peft_type import JUMPLORA
 
 Granularity = Literal["global", "per_block", "per_module"]
@@ -24,9 +25,9 @@ class JumpLoraConfig(PeftConfig):
     LoRA (γ stays 0 and merges keep every entry), so dense and sparse runs share one code path.
     """
 
-    r: int = field(default=8, metadata={"help": "LoRA rank."})
-    lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
-    lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
+    r: int = adapter_field("r")
+    lora_alpha: float = adapter_field("lora_alpha")
+    lora_dropout: float = adapter_field("lora_dropout")
     target_modules: list[str] | str | None = field(
         default=None,
         metadata={"help": "Module names (suffix match) or a regex, as in PEFT LoRA; 'all-linear' works too."},
@@ -40,68 +41,30 @@ class JumpLoraConfig(PeftConfig):
         default=True, metadata={"help": "B = 0 (ΔW starts at zero). False draws B at random (tests only)."}
     )
 
-    sparse: bool = field(default=True, metadata={"help": "Gate ΔW with the JumpReLU (False: plain LoRA)."})
-    threshold_granularity: Granularity = field(
-        default="global",
-        metadata={"help": "One θ for the model ('global'), per transformer block, or per module."},
-    )
-    threshold_param: ThresholdParam = field(
-        default="log", metadata={"help": "Learn log θ ('log', keeps θ > 0) or θ itself ('direct')."}
-    )
-    init_threshold: float = field(
-        default=1e-3, metadata={"help": "θ before the budget-matched re-initialisation at the ramp start."}
-    )
-    bandwidth: float = field(default=1e-3, metadata={"help": "Width ε of the rectangle kernel of the θ STE."})
-    threshold_reduction: Literal["mean", "sum"] = field(
-        default="mean",
-        metadata={"help": "Reduce the θ pseudo-gradient over a matrix's entries by mean or sum."},
-    )
-    gamma: float = field(
-        default=0.0,
-        metadata={
-            "help": "Interpolation γ between dense (0) and gated (1) ΔW; saved so a loaded adapter matches."
-        },
-    )
-    sparsify_start: float = field(
-        default=0.2, metadata={"help": "Fraction of a task's steps where γ leaves 0."}
-    )
-    sparsify_end: float = field(
-        default=0.8, metadata={"help": "Fraction of a task's steps where γ reaches 1."}
-    )
-    target_density: float | None = field(
-        default=None,
-        metadata={
-            "help": "Density to init θ at and to control towards (None: the LoRA budget "
-            "r·(d_in+d_out)/(d_in·d_out) of each threshold group)."
-        },
-    )
-    density_control: DensityControl = field(
-        default="dual",
-        metadata={
-            "help": "How θ keeps the density after its init: 'none' (task loss alone, the paper), 'l0' "
-            "(+ l0_lambda·density through the STE) or 'dual' (a Lagrange multiplier drives the density "
-            "to target_density)."
-        },
-    )
-    l0_lambda: float = field(default=1e-4, metadata={"help": "Weight of the 'l0' density penalty."})
-    dual_lr: float = field(
-        default=0.1, metadata={"help": "'dual': multiplier += dual_lr·log(density/target) per step."}
-    )
-    dual_gain: float = field(
-        default=1.0,
-        metadata={"help": "'dual': proportional term; the θ-gradient weight is multiplier + gain·error."},
-    )
-    controller_theta_lr: float | None = field(
-        default=0.05,
-        metadata={
-            "help": "Learning rate of θ under a density controller (Adam's step on log θ is about this "
-            "size, whatever the gradient scale); None keeps the optimizer's."
-        },
-    )
-    fused: bool = field(
-        default=True,
-        metadata={"help": "One matmul with W + s·ΔW_eff when possible (same result, less work)."},
-    )
+    sparse: bool = adapter_field("sparse")
+    threshold_granularity: Granularity = adapter_field("threshold_granularity")
+    threshold_param: ThresholdParam = adapter_field("threshold_param")
+    init_threshold: float = adapter_field("init_threshold")
+    bandwidth: float = adapter_field("bandwidth")
+    threshold_reduction: Literal["mean", "sum"] = adapter_field("threshold_reduction")
+    gamma: float = adapter_field("gamma")
+    sparsify_start: float = adapter_field("sparsify_start")
+    sparsify_end: float = adapter_field("sparsify_end")
+    target_density: float | None = adapter_field("target_density")
+    density_control: DensityControl = adapter_field("density_control")
+    l0_lambda: float = adapter_field("l0_lambda")
+    dual_lr: float = adapter_field("dual_lr")
+    dual_gain: float = adapter_field("dual_gain")
+    controller_theta_lr: float | None = adapter_field("controller_theta_lr")
+    fused: bool = adapter_field("fused")
+
+    def save_pretrained(self, save_directory: str, **kwargs: Any) -> None:
+        """PEFT's, then the README.md PEFT wrote there names the stable base model id (never a site-packages
+        path) and says that loading needs ``pip install jumplora; import jumplora``."""
+        super().save_pretrained(save_directory, **kwargs)
+        from ..cards import JUMPLORA_LOADING_NOTE, fix_adapter_card
+
+        fix_adapter_card(save_directory, self.base_model_name_or_path, tags=["jumplora"], note=JUMPLORA_LOADING_NOTE)
 
     def __post_init__(self) -> None:
         super().__post_init__()

