@@ -414,7 +414,7 @@ def _print_drift(results: list[dict], fmt: str) -> None:
     saved predictions is skipped with a note; CSV is one tidy table (fractions) over every run."""
     import json
 
-    from jumplora.metrics.drift import KINDS, answer_drift, prediction_keys
+    from jumplora.metrics.drift import KINDS, NoPredictions, answer_drift, prediction_keys
 
     if fmt == "latex":
         _fail("--drift prints as table, markdown, csv or json")
@@ -425,10 +425,12 @@ def _print_drift(results: list[dict], fmt: str) -> None:
         keys = prediction_keys(res)
         try:
             tables = {key: answer_drift(run_dir, key) for key in keys}
-        except ValueError as err:
+        except NoPredictions as err:
             console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(str(err))}", highlight=False,
                           soft_wrap=True)  # fmt: skip
             continue
+        except ValueError as err:  # a damaged file is an error, never a skipped run
+            _fail(str(err))
         shown += 1
         if fmt == "json":
             print(json.dumps({"run": str(run_dir), **tables}))

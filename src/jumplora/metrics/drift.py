@@ -25,6 +25,11 @@ from jumplora.models.base import normalize_answer
 KINDS: tuple[str, ...] = ("correct", "own_option", "newest_task", "other_task", "no_option")
 
 
+class NoPredictions(ValueError):
+    """The run has no answers to sort (no saved predictions, a reference run, an old run without options):
+    a reader of many runs skips it with a note; a damaged file is a different, fatal error."""
+
+
 def prediction_keys(results: dict[str, Any]) -> tuple[str, ...]:
     """The answers a run saved: generated (or ranked, for encoders) and, for generative runs, ranked."""
     return ("prediction", "rank_prediction") if results.get("rank_accuracy_matrix") else ("prediction",)
@@ -45,17 +50,17 @@ def answer_kind(record: dict[str, Any], key: str, own: set[str], newest: set[str
 def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str, Any]]:
     """One row per evaluation after task i (i ≥ 1) and earlier task j < i: item count and share of each kind.
 
-    Raises ValueError naming the file when the run has no saved predictions or no task options.
+    Raises NoPredictions naming the file when the run has no saved predictions or no task options.
     """
     from jumplora.run_reader import read_run
 
     run = Path(run_dir)
     results = read_run(run, complete=False).results  # the loader --resume and export use
     if results.get("runner", "continual") != "continual":
-        raise ValueError(f"{run / 'results.json'}: a {results['runner']} run has no earlier tasks to drift from")
+        raise NoPredictions(f"{run / 'results.json'}: a {results['runner']} run has no earlier tasks to drift from")
     options = results.get("task_options")
     if not options:
-        raise ValueError(f"{run / 'results.json'}: no task_options (a run made before they were recorded)")
+        raise NoPredictions(f"{run / 'results.json'}: no task_options (a run made before they were recorded)")
     tasks = results["tasks"]
     normal = {task: {normalize_answer(o) for o in options[task]} for task in tasks}
     stream = set().union(*normal.values())
@@ -63,7 +68,7 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
     for i, newest in enumerate(tasks[1:], start=1):
         path = predictions_file(run, i + 1, f"after {newest}")
         if not path.is_file():
-            raise ValueError(f"{path}: missing (run with --save-predictions)")
+            raise NoPredictions(f"{path}: missing (run with --save-predictions)")
         records = read_predictions(path, key)
         for old in tasks[:i]:
             mine = [r for r in records if r["task"] == old]
