@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from jumplora.adapters.config import JumpLoraConfig
+from jumplora.models.quantize import QUANTIZE_CHOICES
 
 RUNNERS = ("continual", "multitask", "independent")
 _JUMPLORA_FIELDS = {f.name: f for f in dataclasses.fields(JumpLoraConfig)}
@@ -81,6 +82,10 @@ class ModelConfig:
     max_length: int = opt(128, "Maximum prompt length in tokens.")
     rank_options: bool = opt(False, "Generative models: rank the options by likelihood instead of generating.")
     trust_remote_code: bool = opt(False, "Allow custom model code from the model folder.")
+    quantize: str = opt(
+        "none", "Load the frozen base quantized (needs the optional extra 'quant'); task updates are kept beside "
+        "it as exact float32 sparse residuals.", choices=QUANTIZE_CHOICES,
+    )  # fmt: skip
 
     def problems(self) -> list[str]:
         return _at_least(self, 2, "max_length")

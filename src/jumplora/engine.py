@@ -120,7 +120,7 @@ class Engine:
         else:
             self.loaded = load_model(
                 m.name, m.family, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                max_length=m.max_length, rank_options=m.rank_options,
+                max_length=m.max_length, rank_options=m.rank_options, quantize=m.quantize,
             )  # fmt: skip
         limit = self.loaded.max_positions
         if limit is not None and cfg.model.max_length > limit:

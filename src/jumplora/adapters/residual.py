@@ -49,9 +49,9 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
     """The quantized weight as float32 (out, in), without the residual; a float weight as float32."""
     kind = quantization_kind(module)
     weight = module.weight
-    if kind == "bnb-int8":
-        codes = weight.CB if getattr(weight, "CB", None) is not None else weight.data
-        return codes.float() * weight.SCB.float()[:, None] / 127.0
+    if kind == "bnb-int8":  # row-wise absmax int8; the first forward moves CB/SCB to the layer's state
+        scales = weight.SCB if getattr(weight, "SCB", None) is not None else module.state.SCB
+        return weight.data.float() * scales.float()[:, None] / 127.0
     if kind == "bnb-4bit":
         import bitsandbytes.functional as bnbf
 
