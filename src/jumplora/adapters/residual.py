@@ -15,6 +15,7 @@ are untested here.
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -94,9 +95,12 @@ def add_to_residual(module: nn.Module, update: torch.Tensor, sign: float = 1.0, 
         total = found.to_dense().to(device) + total
     if check_finite and not torch.isfinite(total).all():
         raise ValueError("NaNs or infs in the merged residual")
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are tested
+        warnings.simplefilter("ignore", UserWarning)
+        compressed = total.to_sparse_csr()
     if RESIDUAL in module._buffers:
         del module._buffers[RESIDUAL]
-    module.register_buffer(RESIDUAL, total.to_sparse_csr(), persistent=False)
+    module.register_buffer(RESIDUAL, compressed, persistent=False)
     if getattr(module, _HOOK, None) is None:
         setattr(module, _HOOK, module.register_forward_hook(_add_residual))
 
