@@ -175,7 +175,8 @@ def test_missing_package_is_one_clear_error(monkeypatch) -> None:
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    missing = {"bitsandbytes"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name in missing else real(name, *a))
     with pytest.raises(ModelLoadError, match=r"--quantize nf4 needs the bitsandbytes package.*jumplora\[quant\]"):
         quantization_config("nf4")
 
