@@ -97,12 +97,19 @@ def add_to_residual(module: nn.Module, update: torch.Tensor, sign: float = 1.0, 
         raise ValueError("NaNs or infs in the merged residual")
     with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are tested
         warnings.simplefilter("ignore", UserWarning)
-        compressed = total.to_sparse_csr()
+        compressed = _csr32(total.to_sparse_csr())
     if RESIDUAL in module._buffers:
         del module._buffers[RESIDUAL]
     module.register_buffer(RESIDUAL, compressed, persistent=False)
     if getattr(module, _HOOK, None) is None:
         setattr(module, _HOOK, module.register_forward_hook(_add_residual))
+
+
+def _csr32(matrix: torch.Tensor) -> torch.Tensor:
+    """The CSR matrix with int32 indices (8 bytes per stored entry with its float32 value, not 12)."""
+    return torch.sparse_csr_tensor(
+        matrix.crow_indices().int(), matrix.col_indices().int(), matrix.values(), matrix.shape
+    )
 
 
 def _add_residual(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor) -> torch.Tensor:
