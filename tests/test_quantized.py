@@ -114,12 +114,18 @@ def test_quantized_targets_take_the_reference_path_with_gradients(tiny_folder: s
     assert layer.jumplora_B["default"].grad.abs().sum() > 0 and x.grad.abs().sum() > 0
 
 
-def test_residual_forward_carries_the_input_gradient(tiny_folder: str) -> None:
+@pytest.mark.parametrize(("step", "layout"), [(5, torch.sparse_csr), (1, torch.strided)])
+def test_residual_forward_carries_the_input_gradient(tiny_folder: str, step: int, layout: torch.layout) -> None:
+    """Sparse R as CSR; R denser than 1/2 is stored dense (smaller), with the same values and gradient."""
     model = quantized(tiny_folder, "torchao-int8")
     module = model.encoder.layer[0].attention.self.query
     update = torch.zeros(64, 64)
-    update[::7, ::5] = torch.randn(update[::7, ::5].shape)
-    res.add_to_residual(module, update)
+    update[::7, ::step] = torch.randn(update[::7, ::step].shape)
+    res.add_to_residual(module, update / 2)
+    assert res.residual(module).layout == torch.sparse_csr
+    res.add_to_residual(module, update / 2 + (step == 1) * torch.randn(64, 64))  # step 1: now dense
+    assert res.residual(module).layout == layout
+    update = res.residual_dense(module)
     x = torch.randn(3, 64, requires_grad=True)
     module(x).sum().backward()
     dense = res.dequantized_weight(module) + update

@@ -3,9 +3,10 @@
 A quantized weight (bitsandbytes int8 / nf4, torchao) cannot take ``W += ΔW``: the update is far below
 the quantization step, and bitsandbytes int8 even lets the in-place add pass silently while the layer
 keeps computing with its unchanged int8 copy. A JumpLoRA update is sparse (a few % of a weight's
-entries), so it is kept instead, exactly, as a float32 CSR matrix R on the module, and a forward hook
-adds ``x·Rᵀ`` to the quantized layer's output (autograd flows to ``x``). Later tasks' updates
-accumulate into R in float32, so the model computes Q(W) + Σ_t ΔW_t.
+entries), so it is kept instead, exactly, as a float32 matrix R on the module (CSR; dense once the
+accumulated supports cover half the entries, where that is smaller), and a forward hook adds ``x·Rᵀ``
+to the quantized layer's output (autograd flows to ``x``). Later tasks' updates accumulate into R in
+float32, so the model computes Q(W) + Σ_t ΔW_t.
 
 Which layers count as quantized (:func:`quantization_kind`): bitsandbytes ``Linear8bitLt`` /
 ``Linear4bit``, an ``nn.Linear`` whose weight is a torchao tensor subclass, and GPTQ/AWQ layers
@@ -19,9 +20,12 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 RESIDUAL = "jumplora_residual"
+#: Bytes per stored entry: CSR (float32 value + int32 column index) against a dense float32 matrix.
+CSR_BYTES_PER_ENTRY, DENSE_BYTES_PER_ENTRY = 8, 4
 _HOOK = "_jumplora_residual_hook"
 
 
@@ -66,13 +70,15 @@ def dequantized_weight(module: nn.Module) -> torch.Tensor:
 
 
 def residual(module: nn.Module) -> torch.Tensor | None:
-    """The module's float32 CSR residual R (out, in), or None."""
+    """The module's float32 residual R (out, in; CSR, or dense past density 1/2), or None."""
     return getattr(module, RESIDUAL, None)
 
 
 def residual_dense(module: nn.Module) -> torch.Tensor | None:
     found = residual(module)
-    return None if found is None else found.to_dense()
+    if found is None:
+        return None
+    return found if found.layout == torch.strided else found.to_dense()
 
 
 def effective_weight(module: nn.Module) -> torch.Tensor:
@@ -84,7 +90,10 @@ def effective_weight(module: nn.Module) -> torch.Tensor:
 
 @torch.no_grad()
 def add_to_residual(module: nn.Module, update: torch.Tensor, sign: float = 1.0, check_finite: bool = False) -> None:
-    """R += sign·update (float32, (out, in)), kept as CSR; the forward hook is added on first use."""
+    """R += sign·update (float32, (out, in)); the forward hook is added on first use.
+
+    R is stored as CSR while that is smaller than a dense float32 matrix (density below 1/2), densely
+    after that (many tasks' supports add up); both hold the same float32 values exactly."""
     shape = (module.out_features, module.in_features)
     if tuple(update.shape) != shape:
         raise ValueError(f"an update of shape {tuple(update.shape)} does not fit a {shape} layer")
@@ -92,15 +101,17 @@ def add_to_residual(module: nn.Module, update: torch.Tensor, sign: float = 1.0, 
     total = update.detach().to(device=device, dtype=torch.float32) * sign
     found = residual(module)
     if found is not None:
-        total = found.to_dense().to(device) + total
+        total = residual_dense(module).to(device) + total
     if check_finite and not torch.isfinite(total).all():
         raise ValueError("NaNs or infs in the merged residual")
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are tested
-        warnings.simplefilter("ignore", UserWarning)
-        compressed = _csr32(total.to_sparse_csr())
+    stored = total
+    if CSR_BYTES_PER_ENTRY * int(torch.count_nonzero(total)) < DENSE_BYTES_PER_ENTRY * total.numel():
+        with warnings.catch_warnings():  # "sparse CSR support is in beta": the ops used here are tested
+            warnings.simplefilter("ignore", UserWarning)
+            stored = _csr32(total.to_sparse_csr())
     if RESIDUAL in module._buffers:
         del module._buffers[RESIDUAL]
-    module.register_buffer(RESIDUAL, compressed, persistent=False)
+    module.register_buffer(RESIDUAL, stored, persistent=False)
     if getattr(module, _HOOK, None) is None:
         setattr(module, _HOOK, module.register_forward_hook(_add_residual))
 
@@ -118,6 +129,8 @@ def _add_residual(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
     if found is None or not args:
         return output
     x = args[0]
+    if found.layout == torch.strided:
+        return output + F.linear(x.to(torch.float32), found).to(output.dtype)
     flat = x.reshape(-1, x.shape[-1]).to(torch.float32)
     extra = torch.sparse.mm(found, flat.t()).t()
     return output + extra.reshape(*x.shape[:-1], -1).to(output.dtype)
@@ -125,7 +138,8 @@ def _add_residual(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor
 
 def residual_nnz(model: nn.Module) -> dict[str, int]:
     """Stored entries of every residual in ``model`` (module name → nnz), for memory accounting."""
-    return {name: int(r._nnz()) for name, m in model.named_modules() if (r := residual(m)) is not None}
+    return {name: int(torch.count_nonzero(residual_dense(m))) for name, m in model.named_modules()
+            if residual(m) is not None}  # fmt: skip
 
 
 # -- bitsandbytes 4-bit on CPU: never let the inference repack stop training --------------------------
