@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python bench/quant.py memory bench/runs/o1-inclora-jl-s* bench/runs/o4-inclora-jl-s* bench/runs_smollm2/o1-inclora-jl-s*
+    python bench/quant.py memory bench/runs/o[14]-inclora-jl-s* bench/runs_smollm2/o1-inclora-jl-s*
     python bench/quant.py speed --repeats 15              # MiniLM, bitsandbytes int8 base, query/value
 
 ``memory`` reads finished sparse runs (``results.json``): the residual of a module after t tasks holds the
@@ -81,7 +81,7 @@ def memory(run_dirs: list[str]) -> None:
         residual = [min(BYTES_PER_ENTRY * s + BYTES_PER_ROW * (rows + len(targeted)), DENSE_FP32 * total) / 2**20
                     for s in picks]  # fmt: skip
         dense = BF16 * total / 2**20
-        print(f"| {Path(run).name} | {len(sizes)} | {total:,} | {100 * picks[0] / total:.1f} % / "
+        print(f"| {Path(run).parent.name}/{Path(run).name} | {len(sizes)} | {total:,} | {100 * picks[0] / total:.1f} % / "
               f"{100 * picks[1] / total:.1f} % | {residual[0]:.2f} / {residual[1]:.2f} | {dense:.2f} | "
               f"{residual[0] / dense:.2f} / {residual[1] / dense:.2f} |")
 
@@ -137,8 +137,8 @@ def speed(args: argparse.Namespace) -> None:
         print(f"{name:7s} median {1e3 * statistics.median(values):8.1f} ms per step")
     ratios = [a / b for a, b in zip(times["int8+R"], times["int8"], strict=True)]
     vs_fp32 = [a / b for a, b in zip(times["int8"], times["fp32"], strict=True)]
-    print(f"int8+R / int8 (residual density {args.density:.0%}): median of paired ratios {statistics.median(ratios):.3f} "
-          f"(min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} rounds)")
+    print(f"int8+R / int8 (residual density {args.density:.0%}): median of paired ratios "
+          f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} rounds)")
     print(f"int8 / fp32: median of paired ratios {statistics.median(vs_fp32):.3f}")
 
 
