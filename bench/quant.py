@@ -81,7 +81,8 @@ def memory(run_dirs: list[str]) -> None:
         residual = [min(BYTES_PER_ENTRY * s + BYTES_PER_ROW * (rows + len(targeted)), DENSE_FP32 * total) / 2**20
                     for s in picks]  # fmt: skip
         dense = BF16 * total / 2**20
-        print(f"| {Path(run).parent.name}/{Path(run).name} | {len(sizes)} | {total:,} | {100 * picks[0] / total:.1f} % / "
+        label = f"{Path(run).parent.name}/{Path(run).name}"
+        print(f"| {label} | {len(sizes)} | {total:,} | {100 * picks[0] / total:.1f} % / "
               f"{100 * picks[1] / total:.1f} % | {residual[0]:.2f} / {residual[1]:.2f} | {dense:.2f} | "
               f"{residual[0] / dense:.2f} / {residual[1] / dense:.2f} |")
 
