@@ -67,8 +67,10 @@ def union_sizes(results: dict, total: int) -> list[int]:
 
 
 def memory(run_dirs: list[str]) -> None:
-    print("| run | tasks | targeted entries | union density after 4 / after T | residual MiB after 4 / T "
-          "| bf16 copy MiB | residual / bf16 copy after 4 / T |")
+    print(
+        "| run | tasks | targeted entries | union density after 4 / after T | residual MiB after 4 / T "
+        "| bf16 copy MiB | residual / bf16 copy after 4 / T |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for run in run_dirs:
         results = json.loads((Path(run) / "results.json").read_text())
@@ -82,9 +84,11 @@ def memory(run_dirs: list[str]) -> None:
                     for s in picks]  # fmt: skip
         dense = BF16 * total / 2**20
         label = f"{Path(run).parent.name}/{Path(run).name}"
-        print(f"| {label} | {len(sizes)} | {total:,} | {100 * picks[0] / total:.1f} % / "
-              f"{100 * picks[1] / total:.1f} % | {residual[0]:.2f} / {residual[1]:.2f} | {dense:.2f} | "
-              f"{residual[0] / dense:.2f} / {residual[1] / dense:.2f} |")
+        print(
+            f"| {label} | {len(sizes)} | {total:,} | {100 * picks[0] / total:.1f} % / "
+            f"{100 * picks[1] / total:.1f} % | {residual[0]:.2f} / {residual[1]:.2f} | {dense:.2f} | "
+            f"{residual[0] / dense:.2f} / {residual[1] / dense:.2f} |"
+        )
 
 
 def _step_model(quantize: str, density: float, seed: int = 0) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
@@ -138,8 +142,10 @@ def speed(args: argparse.Namespace) -> None:
         print(f"{name:7s} median {1e3 * statistics.median(values):8.1f} ms per step")
     ratios = [a / b for a, b in zip(times["int8+R"], times["int8"], strict=True)]
     vs_fp32 = [a / b for a, b in zip(times["int8"], times["fp32"], strict=True)]
-    print(f"int8+R / int8 (residual density {args.density:.0%}): median of paired ratios "
-          f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} rounds)")
+    print(
+        f"int8+R / int8 (residual density {args.density:.0%}): median of paired ratios "
+        f"{statistics.median(ratios):.3f} (min {min(ratios):.3f}, max {max(ratios):.3f}, {len(ratios)} rounds)"
+    )
     print(f"int8 / fp32: median of paired ratios {statistics.median(vs_fp32):.3f}")
 
 
