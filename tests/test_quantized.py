@@ -187,6 +187,23 @@ def test_missing_package_is_one_clear_error(monkeypatch) -> None:
         quantization_config("nf4")
 
 
+def test_missing_package_on_the_command_line_exits_2_and_writes_nothing(monkeypatch, tmp_path, tiny_folder) -> None:
+    import importlib.util
+
+    from typer.testing import CliRunner
+
+    from jumplora.cli import app
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "torchao" else real(name, *a))
+    out = tmp_path / "run"
+    result = CliRunner().invoke(app, ["run", "--out", str(out), "--tasks", "cb,rte", "--model", tiny_folder,
+                                      "--quantize", "torchao-int8", "--cpu", "--quiet"])  # fmt: skip
+    assert result.exit_code == 2
+    assert "error:" in result.output and "needs the torchao package" in result.output
+    assert not out.exists()
+
+
 def test_export_of_a_quantized_run_is_a_plain_float_model(tmp_path: Path, tiny_folder: str) -> None:
     pytest.importorskip("torchao", reason="--quantize torchao-int8 needs torchao (the 'quant' extra)")
     from jumplora.config import RunConfig

@@ -193,6 +193,13 @@ def dequantize_model(model: nn.Module) -> int:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, plain)
         replaced += 1
+    if replaced:
+        _drop_quantization_markers(model)
+    return replaced
+
+
+def _drop_quantization_markers(model: nn.Module) -> None:
+    """Remove transformers' quantized-model markers, so ``save_pretrained`` writes a plain float model."""
     for attr in ("hf_quantizer", "quantization_method"):
         if hasattr(model, attr):
             delattr(model, attr)
@@ -201,4 +208,3 @@ def dequantize_model(model: nn.Module) -> int:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
-    return replaced
