@@ -22,6 +22,8 @@ if TYPE_CHECKING:
     from jumplora.adapters.config import JumpLoraConfig
 
 RUNNERS = ("continual", "multitask", "independent")
+#: ``--quantize`` values (jumplora.models.quantize loads them); "none" loads the base in float32 as usual.
+QUANTIZE_CHOICES = ("none", "int8", "nf4", "torchao-int8")
 _JUMPLORA_FIELDS = adapter_defaults()
 
 
@@ -85,6 +87,10 @@ class ModelConfig:
     max_length: int = opt(128, "Maximum prompt length in tokens.")
     rank_options: bool = opt(False, "Generative models: rank the options by likelihood instead of generating.")
     trust_remote_code: bool = opt(False, "Allow custom model code from the model folder.")
+    quantize: str = opt(
+        "none", "Load the frozen base quantized (needs the optional extra 'quant'); task updates are kept beside "
+        "it as exact float32 sparse residuals.", choices=QUANTIZE_CHOICES,
+    )  # fmt: skip
 
     def problems(self) -> list[str]:
         return _at_least(self, 2, "max_length")

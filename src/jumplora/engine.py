@@ -36,6 +36,7 @@ from jumplora.adapters import (
     threshold_parameters,
     threshold_values,
 )
+from jumplora.adapters.residual import effective_weight
 from jumplora.adapters.targets import check_target_modules, weight_is_transposed
 from jumplora.cl import Strategy, StrategyContext, make_strategy
 from jumplora.config import RunConfig
@@ -119,7 +120,7 @@ class Engine:
         else:
             self.loaded = load_model(
                 m.name, m.family, revision=m.revision, trust_remote_code=m.trust_remote_code,
-                max_length=m.max_length, rank_options=m.rank_options,
+                max_length=m.max_length, rank_options=m.rank_options, quantize=m.quantize,
             )  # fmt: skip
         limit = self.loaded.max_positions
         if limit is not None and cfg.model.max_length > limit:
@@ -265,7 +266,7 @@ class Engine:
         merged = merge_and_discard(peft_model, keep_updates=True)
         modules = dict(merged.model.named_modules())
         for name, update in merged.updates.items():
-            weight = modules[name].weight.detach().float().cpu()
+            weight = effective_weight(modules[name]).cpu()  # a quantized layer's: dequantised + residual
             base = weight - (update.t() if weight_is_transposed(modules[name]) else update)
             largest, scale = float(update.abs().max()), float(base.abs().max())
             if not math.isfinite(largest) or largest > DIVERGENCE_FACTOR * max(scale, 1e-12):

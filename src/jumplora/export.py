@@ -174,15 +174,27 @@ def checked_update(run_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
 
 
 def load_base(config: Mapping[str, Any]) -> tuple[nn.Module, Any, Path]:
-    """The run's base model as loaded for training (float32), its tokenizer and its folder."""
+    """The run's base model as loaded for training (float32), its tokenizer and its folder.
+
+    A run on a quantized base (``--quantize``) gets that base quantized as in training, then dequantised
+    to plain float32 ``nn.Linear`` layers: the updates then add onto dequant(Q(W)), so the exported model
+    computes what the run's model computed (quantized weight + float32 residual)."""
+    from jumplora.adapters.residual import dequantize_model
     from jumplora.models import load_model
 
     loaded = load_model(
         model_name(config),
         _config_field(config, "model", "family", "family"),
         trust_remote_code=bool(_config_field(config, "model", "trust_remote_code", "trust_remote_code")),
+        quantize=quantization(config),
     )
+    dequantize_model(loaded.model)
     return loaded.model.eval(), loaded.tokenizer, Path(loaded.path)
+
+
+def quantization(config: Mapping[str, Any]) -> str:
+    """The run's ``--quantize`` value ('none' for runs saved before it existed)."""
+    return str(_config_field(config, "model", "quantize", "quantize") or "none")
 
 
 def load_run_model(run_dir: str | Path) -> nn.Module:
@@ -324,6 +336,7 @@ def model_card(results: Mapping[str, Any], tasks: list[dict[str, Any]], base_id:
     names = list(results["tasks"])
     lines = [f"# {method} on {stream_label(results)}", "",
              f"Base model: `{base_id}`, with the merged updates of a jumplora continual-learning run.", "",
+             *_quantized_note(config),
              f"- Stream: `{stream_label(results)}`; task order: {', '.join(f'`{n}`' for n in names)}",
              f"- Strategy: {method}",
              *(f"- `{k}`: {_find(config, k)}" for k in _CARD_KEYS if _find(config, k) is not None),
@@ -344,6 +357,14 @@ def model_card(results: Mapping[str, Any], tasks: list[dict[str, Any]], base_id:
               "where `task_update.json` lists a `peft` entry, `peft.PeftModel.from_pretrained(base, folder)` "
               "loads it onto the base model as a SHiRA adapter.", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _quantized_note(config: Mapping[str, Any]) -> list[str]:
+    kind = quantization(config)
+    if kind == "none":
+        return []
+    return [f"Trained on the base quantized with `--quantize {kind}`; this folder holds that base dequantised to "
+            "float32 plus every task's update (kept exactly beside the quantized weights during the run).", ""]
 
 
 def _copy_sentence_transformers(base: Path, out: Path) -> None:

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from . import kernels
+from . import kernels, residual
 from .config import JumpLoraConfig
 from .jumprelu import jumprelu
 from .targets import weight_is_transposed
@@ -138,7 +138,8 @@ class JumpLoraLayer(BaseTunerLayer):
         self.threshold_param[adapter_name] = config.threshold_param
         self.bandwidth[adapter_name] = config.bandwidth
         self.reduction[adapter_name] = config.threshold_reduction
-        self.fused[adapter_name] = config.fused
+        # The fused path folds ΔW into the weight it reads; a quantized weight takes the reference path.
+        self.fused[adapter_name] = config.fused and not residual.is_quantized(self.get_base_layer())
         self.init_threshold[adapter_name] = config.init_threshold
         self.jumplora_dropout[adapter_name] = (
             nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
@@ -276,6 +277,10 @@ class Linear(nn.Module, JumpLoraLayer):
         for adapter in adapter_names:
             if adapter not in self.jumplora_A:
                 continue
+            if residual.is_quantized(base):  # never into a quantized weight: an exact float32 residual
+                residual.add_to_residual(base, self.get_delta_weight(adapter), check_finite=safe_merge)
+                self.merged_adapters.append(adapter)
+                continue
             delta = self.get_delta_weight(adapter).to(base.weight.dtype)
             if safe_merge:
                 merged = base.weight.data + delta
@@ -293,7 +298,9 @@ class Linear(nn.Module, JumpLoraLayer):
         base = self.get_base_layer()
         while self.merged_adapters:
             adapter = self.merged_adapters.pop()
-            if adapter in self.jumplora_A:
+            if adapter in self.jumplora_A and residual.is_quantized(base):
+                residual.add_to_residual(base, self.get_delta_weight(adapter), sign=-1.0)
+            elif adapter in self.jumplora_A:
                 base.weight.data -= self.get_delta_weight(adapter).to(base.weight.dtype)
 
     def __repr__(self) -> str:

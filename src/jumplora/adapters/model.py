@@ -13,6 +13,7 @@ from torch import nn
 
 from .config import JumpLoraConfig
 from .layer import JumpLoraLayer, Linear
+from .residual import disable_cpu_repack, quantization_kind
 from .targets import is_adaptable
 
 # Transformer blocks are numbered children of a container with one of these names:
@@ -66,6 +67,11 @@ class JumpLoraModel(BaseTuner):
         current_key: str,
         **_: object,
     ) -> None:
+        if quantization_kind(target) == "gptq-awq":
+            raise TypeError(
+                f"JumpLoRA target {current_key!r} is a GPTQ/AWQ layer ({type(target).__name__}); quantized bases "
+                "are supported through bitsandbytes (int8, nf4) and torchao only"
+            )
         if not _is_supported_linear(target):
             raise TypeError(
                 f"JumpLoRA target {current_key!r} is a {type(target).__name__}; "
@@ -87,6 +93,10 @@ class JumpLoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def _prepare_model(self, peft_config: JumpLoraConfig, model: nn.Module) -> None:
+        """Keep bitsandbytes 4-bit layers trainable on CPU (see ``residual.disable_cpu_repack``)."""
+        disable_cpu_repack(model)
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)

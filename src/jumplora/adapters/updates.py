@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .residual import add_to_residual, is_quantized
 from .targets import weight_is_transposed
 
 
@@ -44,11 +45,17 @@ def unpack_update(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def apply_update(model: nn.Module, tensors: dict[str, torch.Tensor], sign: float = 1.0) -> None:
-    """W += sign · update for every module the packed update names (sign −1 removes it)."""
+    """W += sign · update for every module the packed update names (sign −1 removes it).
+
+    A quantized layer keeps the update in its float32 residual instead (``residual.add_to_residual``),
+    in the same order, so replaying a run's updates rebuilds the residuals exactly."""
     modules = dict(model.named_modules())
     for name, update in unpack_update(tensors).items():
         if name not in modules:
             raise ValueError(f"the update names module {name!r}, which the model does not have")
+        if is_quantized(modules[name]):
+            add_to_residual(modules[name], update, sign=sign)
+            continue
         weight = modules[name].weight
         if weight_is_transposed(modules[name]):
             update = update.t()

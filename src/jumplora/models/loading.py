@@ -20,9 +20,12 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
 
+from jumplora.adapters.residual import disable_cpu_repack
+
 from .base import ModelFamily
 from .causal import CausalFamily
 from .encoder import EncoderRankingFamily
+from .quantize import quantization_config
 from .seq2seq import Seq2SeqFamily
 from .sources import ModelLoadError, first_line, resolve_model
 
@@ -197,13 +200,16 @@ def load_model(
     trust_remote_code: bool = False,
     max_length: int | None = None,
     rank_options: bool = False,
+    quantize: str = "none",
 ) -> LoadedModel:
     """Load a model folder, ``.gguf`` file, hub id or short name (see :mod:`.sources`); None = MiniLM.
 
     Weights are read from safetensors only; the family prepares the model (pad token and the like).
+    ``quantize`` ('int8', 'nf4', 'torchao-int8') loads the linear layers quantized (see :mod:`.quantize`).
     """
     if family is not None:
         _check_family(family)
+    quantized = {"quantization_config": quantization_config(quantize, dtype)} if quantize != "none" else {}
     folder = resolve_model(path, revision)
     if not (folder / "config.json").is_file():
         raise ModelLoadError(f"model path {str(folder)!r} is not a model folder (no config.json)")
@@ -213,7 +219,9 @@ def load_model(
         config = AutoConfig.from_pretrained(folder, **common)
         name = detect_family(config, family)
         tokenizer = AutoTokenizer.from_pretrained(folder, **common)
-        model = _AUTO_CLASSES[name].from_pretrained(folder, config=config, dtype=dtype, use_safetensors=True, **common)
+        model = _AUTO_CLASSES[name].from_pretrained(
+            folder, config=config, dtype=dtype, use_safetensors=True, **quantized, **common
+        )
     except (OSError, ValueError, KeyError, RuntimeError) as err:
         raise ModelLoadError(f"could not load the model at {str(folder)!r}: {first_line(err)}") from err
     return wrap_model(model, tokenizer, name, max_length=max_length, rank_options=rank_options, path=folder)
@@ -230,6 +238,7 @@ def wrap_model(
 ) -> LoadedModel:
     """A model object (loaded here, or held by the user: placed, quantised…) with its family and targets."""
     name = detect_family(model.config, family)
+    disable_cpu_repack(model)  # a 4-bit base must stay trainable after the zero-shot evaluation
     fam = make_family(name, tokenizer, max_length=max_length, rank_options=rank_options)
     fam.prepare_model(model)
     return LoadedModel(
