@@ -165,6 +165,7 @@ class Sparsifier:
                 weight = group.multiplier + self.config.dual_gain * self._error(group)
             term = weight * smooth
             total = term if total is None else total + term
+        total = total.sum()  # θ is 1-D (one element): the term is a scalar loss
         self.penalty = float(total.detach())
         return total
 
