@@ -18,6 +18,8 @@ from typing import Any
 from jumplora.adapters.config import JumpLoraConfig
 
 RUNNERS = ("continual", "multitask", "independent")
+#: Sharding backends ``--shard`` takes (DeepSpeed ZeRO is not supported: asking for it is an error).
+SHARD_CHOICES = ("none", "fsdp2")
 _JUMPLORA_FIELDS = {f.name: f for f in dataclasses.fields(JumpLoraConfig)}
 
 
@@ -171,6 +173,11 @@ class RunConfig:
     seed: int = opt(0, "Seed for data caps, initialisation and shuffling.")
     mixed_precision: str = opt("no", "no | fp16 | bf16 (through Accelerate).", choices=("no", "fp16", "bf16"))
     cpu: bool = opt(False, "Force the CPU even when a GPU is present.")
+    shard: str = opt(
+        "none", "Shard the base model over the processes: none | fsdp2 (FSDP2 fully_shard per block; also "
+        "chosen by accelerate launch with an fsdp_version: 2 config). Works on CPU (gloo) too.",
+        choices=SHARD_CHOICES,
+    )  # fmt: skip
     log_every: int = opt(10, "Log every N optimizer steps to train_log.jsonl.")
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps within a task (0 = task ends only).")
     plots: bool = opt(True, "Draw the run's plots at the end.")

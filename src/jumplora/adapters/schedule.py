@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from .config import JumpLoraConfig
+from . import sharded
 from .layer import JumpLoraLayer
 from .sparsity import _layers_with, init_thresholds_to_budget, set_gamma, sparsity_stats
 
@@ -71,6 +73,7 @@ class _Group:
     density: float | None = None  # measured at the current step (for the penalty and the dual update)
     band_per_eps: float = 0.0
     scale: float | None = None  # mean |ΔW| when θ was last set or tracked
+    process_group: Any = None  # the group the base weights are sharded over (None: not sharded)
 
 
 def theta_learning_rate(model: nn.Module, adapter: str = "default") -> float | None:
@@ -119,6 +122,7 @@ class Sparsifier:
                 group = self.groups.setdefault(layer.threshold_group[adapter], _Group([], 0, 0.0))
                 group.layers.append(layer)
         for group in self.groups.values():
+            group.process_group = sharded.group_of(group.layers)
             group.entries = sum(m.in_features * m.out_features for m in group.layers)
             budget = sum(m.r[adapter] * (m.in_features + m.out_features) for m in group.layers)
             group.target = cfg.target_density if cfg.target_density is not None else budget / group.entries
@@ -182,11 +186,12 @@ class Sparsifier:
         eps = layer0.bandwidth[self.adapter]
         kept = band = 0
         total = 0.0
-        for layer in group.layers:
-            magnitude = layer.delta_weight(self.adapter).abs().float()
+        for layer in group.layers:  # a sharded base: this process's rows of ΔW, then summed over processes
+            magnitude = sharded.local_delta(layer, self.adapter).abs().float()
             kept += int((magnitude > theta).sum())
             band += int(((magnitude - theta).abs() < eps / 2).sum())
             total += float(magnitude.sum())
+        kept, band, total = sharded.sum_over_processes([kept, band, total], group.process_group, theta.device)
         # At least one entry in the kernel: under Adam the sign of θ's gradient is what counts, and a θ that
         # has left every entry behind (an empty kernel) would otherwise never come back.
         group.density, group.band_per_eps = kept / group.entries, max(band, 1) / group.entries / eps

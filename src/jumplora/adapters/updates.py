@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .sharded import add_to_weight
 from .targets import weight_is_transposed
 
 
@@ -56,4 +57,4 @@ def apply_update(model: nn.Module, tensors: dict[str, torch.Tensor], sign: float
             raise ValueError(
                 f"the update of {name!r} has shape {tuple(update.shape)}, the weight {tuple(weight.shape)}"
             )
-        weight.add_(update.to(device=weight.device, dtype=weight.dtype), alpha=sign)
+        add_to_weight(weight, update, alpha=sign)
