@@ -117,6 +117,7 @@ class Sparsifier:
         self.gamma = 0.0
         self.penalty: float | None = None
         self.groups: dict[str, _Group] = {}
+        sharded.reshard(model)
         for _, layer in _layers_with(model, adapter):
             if layer.sparse[adapter]:
                 group = self.groups.setdefault(layer.threshold_group[adapter], _Group([], 0, 0.0))
@@ -142,6 +143,7 @@ class Sparsifier:
         return self.mode != "none" and self.initialised_at is not None and not self.finished and bool(self.groups)
 
     def before_step(self, step: int) -> float:
+        sharded.reshard(self.model)
         if self.initialised_at is None and step >= self.init_step:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
             self.initialised_at = step
@@ -224,6 +226,7 @@ class Sparsifier:
 
     def finish(self) -> None:
         """End of task: make sure θ was initialised and the adapter is fully gated (γ = 1)."""
+        sharded.reshard(self.model)
         if self.initialised_at is None:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
             self.initialised_at = self.schedule.total_steps

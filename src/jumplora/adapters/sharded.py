@@ -29,6 +29,20 @@ from .targets import weight_is_transposed
 _BINS = 1 << 16  # one radix digit: 16 of float32's 32 bits
 
 
+def reshard(model: nn.Module) -> None:
+    """Put every FSDP2 unit of ``model`` back in its sharded state (a no-op for an unsharded model).
+
+    After an evaluation the root unit keeps its parameters unsharded (FSDP2 does not reshard the root
+    after forward); a write into those full copies would be lost, so θ init, density and the merge
+    always see the sharded parameters.
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def is_sharded(layer: nn.Module) -> bool:
     """Whether the base weight of a JumpLoRA layer is a DTensor (sharded by FSDP2)."""
     return isinstance(layer.get_base_layer().weight, DTensor)

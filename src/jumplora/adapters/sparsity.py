@@ -96,6 +96,7 @@ def init_thresholds_to_budget(
     per group. For the log parametrisation a θ of 0 (keep everything) is stored as the smallest
     positive float32, which keeps every non-zero entry.
     """
+    sharded.reshard(model)
     groups: dict[str, list[JumpLoraLayer]] = {}
     for _, layer in _layers_with(model, adapter):
         if layer.sparse[adapter]:
@@ -162,6 +163,7 @@ def merge_and_discard(
     strategies such as ELLA accumulate. A sparse adapter must be fully gated (γ = 1, θ initialised, as
     ``Sparsifier.finish()`` leaves it) unless ``force``.
     """
+    sharded.reshard(peft_model)
     layers = _layers_with(peft_model, adapter)
     masks = {name: layer.support(adapter).cpu() for name, layer in layers}
     updates = {}
