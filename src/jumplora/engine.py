@@ -185,7 +185,9 @@ class Engine:
         was_training = model.training
         model.eval()
         # A sharded model runs collectives in every forward: each process then evaluates every item.
-        rank, world = (0, 1) if self.shard != "none" else (self.accelerator.process_index, self.accelerator.num_processes)
+        rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if self.shard != "none":
+            rank, world = 0, 1
         indices = list(range(rank, len(data.eval_features), world))
         # Batches of similar lengths pad less (~10 % fewer tokens on the default stream); counts only.
         indices.sort(key=lambda i: len(data.eval_features[i]["input_ids"]))

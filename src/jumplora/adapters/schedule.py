@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .config import JumpLoraConfig
 from . import sharded
+from .config import JumpLoraConfig
 from .layer import JumpLoraLayer
 from .sparsity import _layers_with, init_thresholds_to_budget, set_gamma, sparsity_stats
 
