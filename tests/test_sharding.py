@@ -139,8 +139,9 @@ def _launch(args: list[str], processes: int, env: dict[str, str] | None = None) 
     return subprocess.run([*launcher, *args], env=env or _env(), capture_output=True, text=True, timeout=300)
 
 
-def _worker(out: Path, model: str, shard: str, batch: int, accum: int, processes: int) -> None:
-    proc = _launch([str(WORKER), str(out), model, str(resolve_data_dir()), shard, str(batch), str(accum)], processes)
+def _worker(out: Path, model: str, shard: str, batch: int, accum: int, processes: int, device: str = "cpu") -> None:
+    args = [str(WORKER), str(out), model, str(resolve_data_dir()), shard, str(batch), str(accum), device]
+    proc = _launch(args, processes)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -214,3 +215,20 @@ def test_fsdp2_killed_mid_task_resumes_to_the_same_run(tmp_path, tiny_llama_dir)
     for name in json.loads((straight / "checkpoint" / "state.json").read_text())["updates"]:
         u, v = load_file(str(straight / "checkpoint" / name)), load_file(str(killed / "checkpoint" / name))
         assert u.keys() == v.keys() and all(torch.equal(u[k], v[k]) for k in u)
+
+
+@pytest.mark.slow
+def test_fsdp2_world_size_one_matches_unsharded(tmp_path, tiny_llama_dir):
+    """One process, no launcher: --shard fsdp2 makes a world of one and gives the unsharded run bit for bit.
+    On a GPU machine this runs on CUDA (bench/gpu.sh runs it there)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    plain, sharded = tmp_path / "plain", tmp_path / "sharded"
+    _worker(plain, tiny_llama_dir, "none", 8, 1, processes=1, device=device)
+    _worker(sharded, tiny_llama_dir, "fsdp2", 8, 1, processes=1, device=device)
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (plain, sharded))
+    assert r2["config"]["shard"] == "fsdp2"
+    assert [t["thresholds"] for t in r2["per_task"]] == [t["thresholds"] for t in r1["per_task"]]
+    assert [t["density"] for t in r2["per_task"]] == [t["density"] for t in r1["per_task"]]
+    w1, w2 = _assembled(plain), _assembled(sharded)
+    for name, weight in w1.items():
+        torch.testing.assert_close(w2[name], weight, rtol=0, atol=1e-6)

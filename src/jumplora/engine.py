@@ -274,6 +274,11 @@ class Engine:
     def merge(self, peft_model: nn.Module, task_index: int) -> MergeResult:
         """Merge the task's gated update into the base weights; a diverged update is a numerical fault."""
         merged = merge_and_discard(peft_model, keep_updates=True)
+        if self.shard != "none" and self.config.adapter.sparse and density(merged.supports) == 0.0:
+            raise NumericalError(  # θ above every |ΔW|: a run that merges nothing must not exit 0
+                f"task {self.tasks[task_index].task.name!r} (index {task_index}): the sharded merge kept no "
+                "entry of the update (θ above every |ΔW|)"
+            )
         for name, (largest, scale) in self._update_sizes(merged).items():
             if not math.isfinite(largest) or largest > DIVERGENCE_FACTOR * max(scale, 1e-12):
                 raise NumericalError(
