@@ -75,6 +75,7 @@ def test_theta_is_one_element_and_old_zero_dim_theta_loads(tiny_llama):
         ({"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}, "none", "continual", "zero3"),
         ({"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "1"}, "none", "continual", "fsdp1"),
         ({}, "fsdp2", "independent", "independent"),
+        ({}, "fsdp2", "continual+bf16", "mixed-precision"),
     ],
 )
 def test_backends_not_run_as_asked_are_refused(monkeypatch, env, shard, runner, message):
@@ -82,8 +83,9 @@ def test_backends_not_run_as_asked_are_refused(monkeypatch, env, shard, runner, 
         monkeypatch.delenv(key, raising=False)
     for key, value in env.items():
         monkeypatch.setenv(key, value)
+    runner, _, precision = runner.partition("+")
     with pytest.raises(ValueError, match=message):
-        resolve_shard(shard, runner)
+        resolve_shard(shard, runner, precision or "no")
 
 
 def test_fsdp2_from_accelerate_config_is_chosen(monkeypatch):

@@ -92,7 +92,7 @@ class Engine:
         if model is not None and tokenizer is None:
             raise ValueError("pass the model's tokenizer with the model object")
         #: "none" or "fsdp2": the engine shards the base model itself (jumplora.sharding).
-        self.shard = sharding.resolve_shard(config.shard, config.runner)
+        self.shard = sharding.resolve_shard(config.shard, config.runner, config.mixed_precision)
         config.shard = self.shard  # config.json says what ran, also when accelerate launch chose it
         with sharding.launcher_sharding_hidden() if self.shard != "none" else contextlib.nullcontext():
             self.accelerator = accelerator or Accelerator(

@@ -8,7 +8,7 @@ root — because Accelerate's FSDP plugin only shards on an accelerator and woul
 CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the engine.
 
 Whatever jumplora cannot run as asked is refused with one error (exit 2), never run as something else:
-FSDP1, DeepSpeed (any ZeRO stage), the independent runner under sharding.
+FSDP1, DeepSpeed (any ZeRO stage), the independent runner or Accelerate's mixed precision under sharding.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def launcher_request() -> str | None:
     return None
 
 
-def resolve_shard(shard: str, runner: str) -> str:
+def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
     """The backend this run shards with ("none" or "fsdp2"); ValueError for anything that would not run as asked."""
     launched = launcher_request()
     if launched is not None and launched != "fsdp2":
@@ -51,6 +51,8 @@ def resolve_shard(shard: str, runner: str) -> str:
     chosen = "fsdp2" if launched == "fsdp2" else shard
     if chosen != "none" and runner == "independent":
         raise ValueError("--runner independent cannot shard (it copies the whole base model per task)")
+    if chosen != "none" and mixed_precision != "no":  # Accelerate's autocast comes with prepare(model), unused here
+        raise ValueError(f"--mixed-precision {mixed_precision} is not applied under --shard {chosen}; use 'no'")
     return chosen
 
 
