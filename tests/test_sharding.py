@@ -132,18 +132,22 @@ def _env() -> dict[str, str]:
     return env
 
 
-def _launch(args: list[str], processes: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def _launch(
+    args: list[str], processes: int, env: dict[str, str] | None = None, mode: tuple[str, ...] = ("--multi_gpu",)
+) -> subprocess.CompletedProcess:
     launcher = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+        sys.executable, "-m", "accelerate.commands.launch", *mode, "--num_processes", str(processes),
         "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
         "--main_process_port", str(free_port()),
     ] if processes > 1 else [sys.executable]  # fmt: skip
     return subprocess.run([*launcher, *args], env=env or _env(), capture_output=True, text=True, timeout=300)
 
 
-def _worker(out: Path, model: str, shard: str, batch: int, accum: int, processes: int, device: str = "cpu") -> None:
+def _worker(
+    out: Path, model: str, shard: str, batch: int, accum: int, processes: int, device: str = "cpu", **launch
+) -> None:
     args = [str(WORKER), str(out), model, str(resolve_data_dir()), shard, str(batch), str(accum), device]
-    proc = _launch(args, processes)
+    proc = _launch(args, processes, **launch)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -159,11 +163,13 @@ def _assembled(run: Path) -> dict[str, torch.Tensor]:
 
 @pytest.mark.slow
 def test_fsdp2_two_processes_match_one_process(tmp_path, tiny_llama_dir):
+    """FSDP2 asked for the ecosystem's way (accelerate launch --use_fsdp --fsdp_version 2, no --shard)."""
     one, two = tmp_path / "one", tmp_path / "two"
     _worker(one, tiny_llama_dir, "none", 4, 2, processes=1)
-    _worker(two, tiny_llama_dir, "fsdp2", 4, 1, processes=2)
+    _worker(two, tiny_llama_dir, "none", 4, 1, processes=2, mode=("--use_fsdp", "--fsdp_version", "2"))
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r2["config"]["shard"] == "fsdp2" and r1["complete"] and r2["complete"]
+    assert len(list(two.glob("rank*.safetensors"))) == 2
 
     # θ: the same on both processes at every log and task end, and equal to the single process's
     seen = [json.loads((two / f"rank{r}.json").read_text()) for r in range(2)]
@@ -179,6 +185,9 @@ def test_fsdp2_two_processes_match_one_process(tmp_path, tiny_llama_dir):
 
     # the merged weights, as the processes hold them (row blocks), against the single process's
     w1, w2 = _assembled(one), _assembled(two)
+    second = load_file(str(two / "rank1.safetensors"))  # really sharded: process 1 holds rows 16-31 only
+    assert int(second["model.layers.0.self_attn.q_proj.weight::first_row"]) == 16
+    assert second["model.layers.0.self_attn.q_proj.weight"].shape == (16, 32)
     base = load_file(str(Path(tiny_llama_dir) / "model.safetensors"))
     changed = 0
     for name, weight in w1.items():
