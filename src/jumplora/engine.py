@@ -10,6 +10,7 @@ each other — the continual stream, multitask or independent training — is a 
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
@@ -27,7 +28,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_constant_schedule_with_warmup
 
-from jumplora import faults, training_state
+from jumplora import faults, sharding, training_state
 from jumplora.adapters import (
     MergeResult,
     Sparsifier,
@@ -37,6 +38,7 @@ from jumplora.adapters import (
     threshold_values,
 )
 from jumplora.adapters.residual import effective_weight
+from jumplora.adapters.sharded import average_gradients
 from jumplora.adapters.targets import check_target_modules, weight_is_transposed
 from jumplora.cl import Strategy, StrategyContext, make_strategy
 from jumplora.config import RunConfig
@@ -90,14 +92,18 @@ class Engine:
         self._given = (model, tokenizer)
         if model is not None and tokenizer is None:
             raise ValueError("pass the model's tokenizer with the model object")
-        self.accelerator = accelerator or Accelerator(
-            cpu=config.cpu,
-            mixed_precision=config.mixed_precision,
-            gradient_accumulation_steps=config.optim.grad_accum,
-            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-            log_with=config.report_to,
-            project_dir=str(_tracking_dir(config)) if config.report_to else None,
-        )
+        #: "none" or "fsdp2": the engine shards the base model itself (jumplora.sharding).
+        self.shard = sharding.resolve_shard(config.shard, config.runner, config.mixed_precision)
+        config.shard = self.shard  # config.json says what ran, also when accelerate launch chose it
+        with sharding.launcher_sharding_hidden() if self.shard != "none" else contextlib.nullcontext():
+            self.accelerator = accelerator or Accelerator(
+                cpu=config.cpu,
+                mixed_precision=config.mixed_precision,
+                gradient_accumulation_steps=config.optim.grad_accum,
+                kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+                log_with=config.report_to,
+                project_dir=str(_tracking_dir(config)) if config.report_to else None,
+            )
         self.is_main = self.accelerator.is_main_process
         self.strategy: Strategy = make_strategy(config.strategy.name, config.strategy.args)
         self.stream: TaskStream | None = None
@@ -129,6 +135,8 @@ class Engine:
         self.peft_config()  # validates the adapter options now, not at the first task
         self.tasks = [self._task_data(task) for task in self.stream.tasks]
         self.base_model = self.loaded.model.to(self.accelerator.device)
+        if self.shard == "fsdp2":
+            self.base_model = sharding.shard_base_model(self.base_model, self.accelerator.device)
 
     def _task_data(self, task: Task) -> TaskData:
         own = self.config.stream.option_space == "task"
@@ -178,7 +186,10 @@ class Engine:
         model = self.accelerator.unwrap_model(model)
         was_training = model.training
         model.eval()
+        # A sharded model runs collectives in every forward: each process then evaluates every item.
         rank, world = self.accelerator.process_index, self.accelerator.num_processes
+        if self.shard != "none":
+            rank, world = 0, 1
         indices = list(range(rank, len(data.eval_features), world))
         # Batches of similar lengths pad less (~10 % fewer tokens on the default stream); counts only.
         indices.sort(key=lambda i: len(data.eval_features[i]["input_ids"]))
@@ -198,10 +209,11 @@ class Engine:
                 if predictions is not None:
                     predictions += _prediction_records(chunk, answers, answered, hits)
         model.train(was_training)
-        if predictions is not None:  # gather_object hands a single process's list back as it is
+        if predictions is not None and world > 1:  # every process's share, in order
             predictions[:] = sorted(gather_object(predictions), key=lambda record: record["index"])
         totals = torch.tensor([*correct.values(), len(indices)], dtype=torch.float64, device=self.accelerator.device)
-        totals = self.accelerator.reduce(totals, reduction="sum")
+        if world > 1:
+            totals = self.accelerator.reduce(totals, reduction="sum")
         return {key: float(totals[k] / max(totals[-1], 1)) for k, key in enumerate(modes)}
 
     def _predictions(self, model: nn.Module, batch: dict, modes: dict[str, str | None]) -> dict[str, list[str]]:
@@ -264,17 +276,30 @@ class Engine:
     def merge(self, peft_model: nn.Module, task_index: int) -> MergeResult:
         """Merge the task's gated update into the base weights; a diverged update is a numerical fault."""
         merged = merge_and_discard(peft_model, keep_updates=True)
-        modules = dict(merged.model.named_modules())
-        for name, update in merged.updates.items():
-            weight = effective_weight(modules[name]).cpu()  # a quantized layer's: dequantised + residual
-            base = weight - (update.t() if weight_is_transposed(modules[name]) else update)
-            largest, scale = float(update.abs().max()), float(base.abs().max())
+        if self.shard != "none" and self.config.adapter.sparse and density(merged.supports) == 0.0:
+            raise NumericalError(  # θ above every |ΔW|: a run that merges nothing must not exit 0
+                f"task {self.tasks[task_index].task.name!r} (index {task_index}): the sharded merge kept no "
+                "entry of the update (θ above every |ΔW|)"
+            )
+        for name, (largest, scale) in self._update_sizes(merged).items():
             if not math.isfinite(largest) or largest > DIVERGENCE_FACTOR * max(scale, 1e-12):
                 raise NumericalError(
                     f"task {self.tasks[task_index].task.name!r} (index {task_index}): the merged update of {name} "
                     f"has max |ΔW| = {largest:.3g} against max |W| = {scale:.3g} (diverged; lower --lr)"
                 )
         return merged
+
+    @staticmethod
+    def _update_sizes(merged: MergeResult) -> dict[str, tuple[float, float]]:
+        """Module → (max |merged update|, max |W| before the merge); a sharded merge measured them itself."""
+        if merged.sizes is not None:
+            return merged.sizes
+        modules, sizes = dict(merged.model.named_modules()), {}
+        for name, update in merged.updates.items():
+            weight = effective_weight(modules[name]).cpu()  # a quantized layer's: dequantised + residual
+            base = weight - (update.t() if weight_is_transposed(modules[name]) else update)
+            sizes[name] = (float(update.abs().max()), float(base.abs().max()))
+        return sizes
 
     def check_loss(self, loss: torch.Tensor, task_index: int, step: int) -> None:
         """Stop on a NaN/inf loss; with several processes, all of them stop (no one hangs in a collective)."""
@@ -339,7 +364,10 @@ class TaskLoop:
                             collate_fn=engine.loaded.family.collate)  # fmt: skip
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.optim.lr)
-        self.wrapped, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
+        if engine.shard != "none":  # the base is sharded already; the replicated adapter is synced by hand
+            self.wrapped, (self.optimizer, self.loader) = model, acc.prepare(optimizer, loader)
+        else:
+            self.wrapped, self.optimizer, self.loader = acc.prepare(model, optimizer, loader)
         self.total_steps = max(1, math.ceil(len(self.loader) / cfg.optim.grad_accum) * cfg.optim.epochs)
         warmup = round(cfg.optim.warmup_ratio * self.total_steps)
         self.scheduler = get_constant_schedule_with_warmup(self.optimizer, warmup)
@@ -423,6 +451,8 @@ class TaskLoop:
                 self._add_theta_gradient(penalty)
             engine.strategy.after_backward(self.ctx)
             if acc.sync_gradients:
+                if engine.shard != "none":  # what DDP does for the adapter: θ, A, B identical on every process
+                    average_gradients(self.params)
                 if engine.config.optim.max_grad_norm:
                     acc.clip_grad_norm_(self.params, engine.config.optim.max_grad_norm)
                 self.optimizer.step()

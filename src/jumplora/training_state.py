@@ -26,6 +26,8 @@ def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], sou
         raise ValueError(f"{source}: adapter tensors do not match the model (e.g. {different})")
     with torch.no_grad():
         for name, p in params.items():
+            if "jumplora_theta" in name and tensors[name].dim() == 0:  # saved before θ became 1-D
+                tensors = {**tensors, name: tensors[name].reshape(1)}
             if tensors[name].shape != p.shape:
                 raise ValueError(
                     f"{source}: tensor {name} has shape {tuple(tensors[name].shape)}, expected {tuple(p.shape)}"

@@ -161,7 +161,7 @@ class JumpLoraLayer(BaseTunerLayer):
 
     # -- the math --------------------------------------------------------------------------------
     def theta(self, adapter: str) -> torch.Tensor:
-        """θ as a float32 scalar tensor (differentiable in the raw parameter)."""
+        """θ as a one-element float32 tensor (differentiable in the raw parameter)."""
         raw = self.jumplora_theta[adapter]
         return raw.exp() if self.threshold_param[adapter] == "log" else raw
 
@@ -217,6 +217,13 @@ class Linear(nn.Module, JumpLoraLayer):
         JumpLoraLayer.__init__(self, base_layer, **kwargs)
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, config, theta, group, inference_mode=config.inference_mode)
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        """Adapters saved before θ became 1-D hold a 0-dim θ: read it as the one-element θ it is."""
+        for key in [k for k in state_dict if k.startswith(prefix + "jumplora_theta.")]:
+            if state_dict[key].dim() == 0:
+                state_dict[key] = state_dict[key].reshape(1)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _base_weight_out_in(self) -> torch.Tensor:
         weight = self.get_base_layer().weight

@@ -81,7 +81,8 @@ class JumpLoraModel(BaseTuner):
         thresholds = self._thresholds(adapter_name)
         if group not in thresholds:
             weight = target.weight
-            raw = torch.tensor(config.init_threshold, dtype=torch.float32, device=weight.device)
+            # One element, 1-D: FSDP2 and DeepSpeed shard and broadcast along dim 0 and refuse a 0-dim tensor.
+            raw = torch.tensor([config.init_threshold], dtype=torch.float32, device=weight.device)
             if config.threshold_param == "log":
                 raw = raw.log()
             thresholds[group] = nn.Parameter(raw)

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
+from . import sharded
 from .config import JumpLoraConfig
 from .layer import JumpLoraLayer
 from .sparsity import _layers_with, init_thresholds_to_budget, set_gamma, sparsity_stats
@@ -71,6 +73,7 @@ class _Group:
     density: float | None = None  # measured at the current step (for the penalty and the dual update)
     band_per_eps: float = 0.0
     scale: float | None = None  # mean |ΔW| when θ was last set or tracked
+    process_group: Any = None  # the group the base weights are sharded over (None: not sharded)
 
 
 def theta_learning_rate(model: nn.Module, adapter: str = "default") -> float | None:
@@ -114,11 +117,13 @@ class Sparsifier:
         self.gamma = 0.0
         self.penalty: float | None = None
         self.groups: dict[str, _Group] = {}
+        sharded.reshard(model)
         for _, layer in _layers_with(model, adapter):
             if layer.sparse[adapter]:
                 group = self.groups.setdefault(layer.threshold_group[adapter], _Group([], 0, 0.0))
                 group.layers.append(layer)
         for group in self.groups.values():
+            group.process_group = sharded.group_of(group.layers)
             group.entries = sum(m.in_features * m.out_features for m in group.layers)
             budget = sum(m.r[adapter] * (m.in_features + m.out_features) for m in group.layers)
             group.target = cfg.target_density if cfg.target_density is not None else budget / group.entries
@@ -138,6 +143,7 @@ class Sparsifier:
         return self.mode != "none" and self.initialised_at is not None and not self.finished and bool(self.groups)
 
     def before_step(self, step: int) -> float:
+        sharded.reshard(self.model)
         if self.initialised_at is None and step >= self.init_step:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
             self.initialised_at = step
@@ -165,6 +171,7 @@ class Sparsifier:
                 weight = group.multiplier + self.config.dual_gain * self._error(group)
             term = weight * smooth
             total = term if total is None else total + term
+        total = total.sum()  # θ is 1-D (one element): the term is a scalar loss
         self.penalty = float(total.detach())
         return total
 
@@ -181,11 +188,12 @@ class Sparsifier:
         eps = layer0.bandwidth[self.adapter]
         kept = band = 0
         total = 0.0
-        for layer in group.layers:
-            magnitude = layer.delta_weight(self.adapter).abs().float()
+        for layer in group.layers:  # a sharded base: this process's rows of ΔW, then summed over processes
+            magnitude = sharded.local_delta(layer, self.adapter).abs().float()
             kept += int((magnitude > theta).sum())
             band += int(((magnitude - theta).abs() < eps / 2).sum())
             total += float(magnitude.sum())
+        kept, band, total = sharded.sum_over_processes([kept, band, total], group.process_group, theta.device)
         # At least one entry in the kernel: under Adam the sign of θ's gradient is what counts, and a θ that
         # has left every entry behind (an empty kernel) would otherwise never come back.
         group.density, group.band_per_eps = kept / group.entries, max(band, 1) / group.entries / eps
@@ -218,6 +226,7 @@ class Sparsifier:
 
     def finish(self) -> None:
         """End of task: make sure θ was initialised and the adapter is fully gated (γ = 1)."""
+        sharded.reshard(self.model)
         if self.initialised_at is None:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
             self.initialised_at = self.schedule.total_steps

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import sharded
 from .layer import JumpLoraLayer
+from .model import check_fully_gated
 
 _WRAPPER_PREFIXES = ("module.", "base_model.model.", "_orig_mod.")
 
@@ -94,18 +96,24 @@ def init_thresholds_to_budget(
     per group. For the log parametrisation a θ of 0 (keep everything) is stored as the smallest
     positive float32, which keeps every non-zero entry.
     """
+    sharded.reshard(model)
     groups: dict[str, list[JumpLoraLayer]] = {}
     for _, layer in _layers_with(model, adapter):
         if layer.sparse[adapter]:
             groups.setdefault(layer.threshold_group[adapter], []).append(layer)
     new_values: dict[str, float] = {}
     for group, layers in groups.items():
-        magnitudes = torch.cat([layer.delta_weight(adapter).abs().float().flatten() for layer in layers])
+        total = sum(layer.in_features * layer.out_features for layer in layers)
         if target_density is None:
             keep = sum(layer.r[adapter] * (layer.in_features + layer.out_features) for layer in layers)
         else:
-            keep = round(target_density * magnitudes.numel())
-        theta = _threshold_keeping(magnitudes, keep)
+            keep = round(target_density * total)
+        if sharded.is_sharded(layers[0]):  # each process its rows of ΔW; a global select, nothing gathered
+            chunks = [sharded.local_delta(layer, adapter).abs() for layer in layers]
+            theta = sharded.threshold_keeping(chunks, keep, total, sharded.group_of(layers))
+        else:
+            magnitudes = torch.cat([layer.delta_weight(adapter).abs().float().flatten() for layer in layers])
+            theta = _threshold_keeping(magnitudes, keep)
         layer = layers[0]
         raw = layer.jumplora_theta[adapter]
         if layer.threshold_param[adapter] == "log":
@@ -141,6 +149,8 @@ class MergeResult:
     model: nn.Module
     supports: dict[str, torch.Tensor]
     updates: dict[str, torch.Tensor]
+    #: Sharded merges only: module → (max |merged update|, max |W| before it), over all processes.
+    sizes: dict[str, tuple[float, float]] | None = None
 
 
 @torch.no_grad()
@@ -153,6 +163,7 @@ def merge_and_discard(
     strategies such as ELLA accumulate. A sparse adapter must be fully gated (γ = 1, θ initialised, as
     ``Sparsifier.finish()`` leaves it) unless ``force``.
     """
+    sharded.reshard(peft_model)
     layers = _layers_with(peft_model, adapter)
     masks = {name: layer.support(adapter).cpu() for name, layer in layers}
     updates = {}
@@ -162,5 +173,9 @@ def merge_and_discard(
             updates[name] = update.t() if layer._fan_in_fan_out else update
     if not hasattr(peft_model, "merge_and_unload"):
         raise TypeError("merge_and_discard needs a PeftModel (or PEFT tuner) with merge_and_unload()")
+    if sharded.is_sharded(layers[0][1]):  # each process merges into its own rows of W
+        check_fully_gated(peft_model, [adapter], force)
+        sizes = sharded.merge_in_place(layers, adapter)
+        return MergeResult(model=peft_model.unload(), supports=masks, updates=updates, sizes=sizes)
     base = peft_model.merge_and_unload(adapter_names=[adapter], force=force)
     return MergeResult(model=base, supports=masks, updates=updates)

@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .residual import add_to_residual, is_quantized
+from .sharded import add_to_weight
 from .targets import weight_is_transposed
 
 
@@ -63,4 +64,4 @@ def apply_update(model: nn.Module, tensors: dict[str, torch.Tensor], sign: float
             raise ValueError(
                 f"the update of {name!r} has shape {tuple(update.shape)}, the weight {tuple(weight.shape)}"
             )
-        weight.add_(update.to(device=weight.device, dtype=weight.dtype), alpha=sign)
+        add_to_weight(weight, update, alpha=sign)

@@ -1,0 +1,96 @@
+"""Sharded training: which backend a run asked for, and sharding the base model with FSDP2.
+
+A run shards when ``--shard fsdp2`` is given, or when it is started by ``accelerate launch`` with an
+FSDP config of ``fsdp_version: 2`` (the ecosystem's way; Accelerate passes it on through environment
+variables). Either way jumplora shards the base model itself with ``fully_shard`` — one unit per
+transformer block (the model's ``_no_split_modules``, as Accelerate's auto-wrap picks them) plus the
+root — because Accelerate's FSDP plugin only shards on an accelerator and would silently run DDP on a
+CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the engine.
+
+Whatever jumplora cannot run as asked is refused with one error (exit 2), never run as something else:
+FSDP1, DeepSpeed (any ZeRO stage), the independent runner or Accelerate's mixed precision under sharding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+#: Environment variables through which ``accelerate launch`` asks for FSDP / DeepSpeed.
+_LAUNCHER_KEYS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
+
+
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
+def launcher_request() -> str | None:
+    """The sharding ``accelerate launch`` was configured for: fsdp1, fsdp2, zero0–3, or None."""
+    if _env_true("ACCELERATE_USE_FSDP"):
+        return "fsdp2" if os.environ.get("FSDP_VERSION", "1").strip() == "2" else "fsdp1"
+    if _env_true("ACCELERATE_USE_DEEPSPEED"):
+        return f"zero{os.environ.get('ACCELERATE_DEEPSPEED_ZERO_STAGE', '?').strip()}"
+    return None
+
+
+def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
+    """The backend this run shards with ("none" or "fsdp2"); ValueError for anything that would not run as asked."""
+    launched = launcher_request()
+    if launched is not None and launched != "fsdp2":
+        raise ValueError(
+            f"accelerate launch asks for {launched}: jumplora shards with FSDP2 only (an FSDP config with "
+            "fsdp_version: 2, or --shard fsdp2); refusing rather than running another backend"
+        )
+    if launched == "fsdp2" and shard not in ("none", "fsdp2"):
+        raise ValueError(f"--shard {shard} conflicts with accelerate launch's FSDP2 config")
+    chosen = "fsdp2" if launched == "fsdp2" else shard
+    if chosen != "none" and runner == "independent":
+        raise ValueError("--runner independent cannot shard (it copies the whole base model per task)")
+    if chosen != "none" and mixed_precision != "no":  # Accelerate's autocast comes with prepare(model), unused here
+        raise ValueError(f"--mixed-precision {mixed_precision} is not applied under --shard {chosen}; use 'no'")
+    return chosen
+
+
+@contextlib.contextmanager
+def launcher_sharding_hidden() -> Iterator[None]:
+    """Hide accelerate launch's FSDP request while the Accelerator is built: the engine shards by itself,
+    and Accelerate must neither wrap the model again nor downgrade to DDP on a CPU."""
+    saved = {key: os.environ.pop(key) for key in _LAUNCHER_KEYS if key in os.environ}
+    try:
+        yield
+    finally:
+        os.environ.update(saved)
+
+
+def _ensure_process_group(device: torch.device) -> None:
+    """fully_shard needs a process group; a single process (no launcher) gets a world of one."""
+    if dist.is_initialized():
+        return
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+
+
+def shard_base_model(model: nn.Module, device: torch.device) -> nn.Module:
+    """Freeze the base model and shard it with FSDP2: one unit per transformer block, then the root.
+
+    Weights end up as DTensors split by rows; outside a forward pass a process holds only its rows.
+    """
+    from torch.distributed.fsdp import fully_shard
+
+    _ensure_process_group(device)
+    model.requires_grad_(False)
+    block_types = set(getattr(model, "_no_split_modules", None) or ())
+    blocks = [m for m in model.modules() if type(m).__name__ in block_types and m is not model]
+    if not blocks:
+        raise ValueError(
+            f"--shard fsdp2: cannot tell the transformer blocks of {type(model).__name__} (no _no_split_modules)"
+        )
+    for block in blocks:
+        fully_shard(block)
+    fully_shard(model)
+    return model

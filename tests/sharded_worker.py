@@ -1,0 +1,52 @@
+"""One process of a run for tests/test_sharding.py: runs ``ContinualTrainer`` and dumps what it holds.
+
+``python sharded_worker.py OUT MODEL DATA_DIR SHARD BATCH GRAD_ACCUM [cpu|cuda]`` (under ``accelerate launch`` for
+several processes). Each process writes ``OUT/rank<r>.safetensors``: its block of every base weight
+(``<name>`` with ``<name>::first_row``, the row where the block starts) — read without any collective,
+so a sharded model's merged weights are checked as they are held — and ``OUT/rank<r>.json``: θ of each
+threshold group as this process saw it at each task's end.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from jumplora import ContinualTrainer, RunConfig
+from jumplora.adapters.sharded import local_weight, reshard, row_block
+from jumplora.engine import Engine
+
+
+def main(out: str, model: str, data_dir: str, shard: str, batch: int, accum: int, device: str = "cpu") -> None:
+    config = RunConfig.from_flat(
+        out=out, tasks=["cb", "rte"], model=model, data_dir=data_dir, max_train=16, max_eval=8, max_length=64,
+        lr=0.01, strategy="inclora", jumplora=True, cpu=device == "cpu", log_every=1, plots=False, batch_size=batch,
+        grad_accum=accum, shard=shard,
+    )  # fmt: skip
+    seen: list[dict[str, float]] = []
+    original = Engine.thresholds
+
+    def recording(engine: Engine, peft_model: torch.nn.Module) -> dict[str, float]:
+        values = original(engine, peft_model)
+        seen.append(values)
+        return values
+
+    Engine.thresholds = recording  # type: ignore[method-assign]
+    trainer = ContinualTrainer(config, quiet=True)
+    rank = trainer.engine.accelerator.process_index
+    trainer.run()
+    reshard(trainer.engine.base_model)  # the root unit stays unsharded after the last evaluation
+    tensors = {}
+    for name, param in trainer.engine.base_model.named_parameters():
+        tensors[name] = local_weight(param.detach()).cpu().contiguous()
+        tensors[f"{name}::first_row"] = torch.tensor(row_block(param)[0])
+    save_file(tensors, str(Path(out) / f"rank{rank}.safetensors"))
+    (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5], int(sys.argv[5]), int(sys.argv[6]), *sys.argv[7:8])
