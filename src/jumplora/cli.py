@@ -242,10 +242,14 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
     libraries = logging.ERROR if quiet else logging.WARNING  # -q: jumplora's own warnings only
     logging.basicConfig(format="%(asctime)s %(message)s", datefmt="%Y-%m-%d %H:%M:%S", level=libraries,
                         stream=sys.stderr, force=True)  # fmt: skip
-    if quiet:  # torch's loggers have their own handler, and importing torch sets their levels
+    if quiet or not verbose:  # torch's loggers have their own handler, and importing torch sets their levels
         import torch  # noqa: F401
 
-        logging.getLogger("torch").setLevel(logging.ERROR)
+        logging.getLogger("torch").setLevel(logging.ERROR if quiet else logging.WARNING)
+        # CUDA-only kernels torchao cannot load on a CPU, and a torch deprecation torchao triggers at import
+        # (peft imports torchao when installed): noise in every run unless -v
+        logging.getLogger("torchao").setLevel(logging.ERROR)
+        logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
     logging.getLogger("jumplora").setLevel(level if main_process else logging.ERROR)
     if not main_process:  # the same library warnings would print once per process
         warnings.filterwarnings("ignore")
