@@ -169,7 +169,11 @@ class RunConfig:
         "upper bound) | independent (each task from scratch).", choices=RUNNERS,
     )  # fmt: skip
     seed: int = opt(0, "Seed for data caps, initialisation and shuffling.")
-    mixed_precision: str = opt("no", "no | fp16 | bf16 (through Accelerate).", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = opt(
+        "auto", "auto (bf16 autocast on a CPU with native bf16, e.g. AVX512-BF16, else fp32) | no (fp32) | fp16 | "
+        "bf16 (through Accelerate; base weights, LoRA factors, θ and optimizer state stay fp32).",
+        choices=("auto", "no", "fp16", "bf16"),
+    )  # fmt: skip
     cpu: bool = opt(False, "Force the CPU even when a GPU is present.")
     log_every: int = opt(10, "Log every N optimizer steps to train_log.jsonl.")
     checkpoint_every: int = opt(0, "Also checkpoint every N optimizer steps within a task (0 = task ends only).")
