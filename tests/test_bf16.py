@@ -89,7 +89,8 @@ def test_fused_layer_under_autocast_keeps_float32_state_and_fp32_direction():
 
 @pytest.mark.parametrize(
     ("requested", "force_cpu", "native", "expected"),
-    [("auto", True, True, "bf16"), ("auto", True, False, "no"), ("no", True, True, "no"), ("bf16", True, False, "bf16")],
+    [("auto", True, True, "bf16"), ("auto", True, False, "no"), ("no", True, True, "no"),
+     ("bf16", True, False, "bf16")],
 )
 def test_auto_precision_is_bf16_only_on_a_cpu_with_native_bf16(monkeypatch, requested, force_cpu, native, expected):
     monkeypatch.setattr("jumplora.precision.cpu_has_native_bf16", lambda: native)

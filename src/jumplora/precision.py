@@ -16,9 +16,6 @@ from dataclasses import dataclass
 import torch
 
 
-
-
-
 @dataclass(frozen=True)
 class Precision:
     """The resolved choice: what Accelerate is given (``no`` | ``fp16`` | ``bf16``) and why."""
