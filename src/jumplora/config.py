@@ -170,9 +170,9 @@ class RunConfig:
     )  # fmt: skip
     seed: int = opt(0, "Seed for data caps, initialisation and shuffling.")
     mixed_precision: str = opt(
-        "auto", "auto (bf16 autocast on a CPU with native bf16, e.g. AVX512-BF16, else fp32) | no (fp32) | fp16 | "
-        "bf16 (through Accelerate; base weights, LoRA factors, θ and optimizer state stay fp32).",
-        choices=("auto", "no", "fp16", "bf16"),
+        "no", "no (fp32) | bf16 | fp16 (through Accelerate; on CPU bf16 autocast keeps base weights, LoRA factors, "
+        "θ and optimizer state fp32) | auto (bf16 on a CPU with native bf16, e.g. AVX512-BF16, else fp32).",
+        choices=("no", "auto", "fp16", "bf16"),
     )  # fmt: skip
     cpu: bool = opt(False, "Force the CPU even when a GPU is present.")
     log_every: int = opt(10, "Log every N optimizer steps to train_log.jsonl.")

@@ -1,12 +1,11 @@
-"""Which compute precision a run uses: ``--mixed-precision auto`` picks bf16 autocast on CPUs that multiply
-bf16 natively, fp32 everywhere else.
+"""Which compute precision a run uses. ``--mixed-precision bf16`` on CPU is Accelerate's bf16 autocast;
+``auto`` picks it on CPUs that multiply bf16 natively and fp32 everywhere else.
 
-Why bf16 on such CPUs: a bf16 matmul runs ≈ 7× faster than fp32 on one AVX512-BF16 core (a SmolLM2 training
-step ≈ 2.5×, an evaluation pass ≈ 2×; docs/PERFORMANCE.md), and the SmolLM2 and MiniLM order-1 runs answer
-the same at both precisions. What stays float32: the base weights (so every end-of-task merge is exact to
-float32 rounding), the LoRA factors, θ, ΔW = B·A and its gate, and the optimizer state; autocast only runs
-the activation matmuls in bf16. Without native bf16 (AVX2-only CPUs) autocast emulates it and is slower, so
-``auto`` stays fp32 there; on a GPU ``auto`` is fp32 as before (ask for ``bf16`` explicitly).
+What stays float32 under bf16 autocast: the base weights (so every end-of-task merge is exact to float32
+rounding), the LoRA factors, θ, ΔW = B·A and its gate, and the optimizer state; only the activation
+matmuls run in bf16. Without native bf16 (AVX2-only CPUs) autocast emulates it and gains little, so
+``auto`` stays fp32 there; on a GPU ``auto`` is fp32 as before (ask for ``bf16`` explicitly). The default
+is ``no`` (fp32): docs/PERFORMANCE.md ("bf16 on CPU") has the measurements and why it is not ``auto`` yet.
 """
 
 from __future__ import annotations
