@@ -1,6 +1,12 @@
 """How exact the end-of-task merges stay under each way of holding the base weights for bf16 compute.
 
     python bench/merge_precision.py RUN_DIR/checkpoint    # a SmolLM2 run's merged updates, replayed in order
+    python bench/merge_precision.py --like bench/runs_smollm2/o1-inclora-jl-s0   # updates shaped like that run's
+
+``--like RUN`` draws, for each of the run's tasks and each q/v module, a rank-8 ΔW = B·A (A as PEFT
+initialises it, B Gaussian) scaled so that the task's recorded density is kept at its recorded θ, and
+merges s·ΔW⊙1[|ΔW|>θ] (s = α/r = 4): updates with the run's sizes and sparsity, for runs whose
+checkpoints were not kept.
 
 JumpLoRA adds each task's sparse update U_t = s·ΔW_t⊙1[|ΔW_t|>θ] into the base after the task. The exact
 result after task t is W + Σ_{k≤t} U_k (float64 here). Options for the weights a bf16 run keeps:
@@ -39,6 +45,23 @@ def load_updates(checkpoint: Path) -> list[dict[str, torch.Tensor]]:
     if not files:
         raise SystemExit(f"error: {checkpoint}: no update_*.safetensors (a run's checkpoint folder)")
     return [unpack_update(load_file(str(f))) for f in files]
+
+
+def updates_like(run: Path, weights: dict[str, torch.Tensor], rank: int = 8, scale: float = 4.0) -> list[dict]:
+    """Per task: rank-r updates keeping the run's density at its θ (global threshold), seeded."""
+    results = json.loads((run / "results.json").read_text())
+    gen = torch.Generator().manual_seed(0)
+    tasks = []
+    for task in results["per_task"]:
+        theta, density = task["thresholds"]["global"], task["density"]
+        update = {}
+        for name, w in weights.items():
+            a = (torch.rand(rank, w.shape[1], generator=gen) * 2 - 1) / w.shape[1] ** 0.5
+            delta = torch.randn(w.shape[0], rank, generator=gen) @ a
+            delta *= theta / torch.quantile(delta.abs().flatten(), 1 - density)
+            update[name] = scale * delta * (delta.abs() > theta)
+        tasks.append(update)
+    return tasks
 
 
 def errors(got: torch.Tensor, exact: torch.Tensor, added: torch.Tensor) -> tuple[float, float]:
@@ -84,14 +107,20 @@ def replay(weights: dict[str, torch.Tensor], updates: list[dict[str, torch.Tenso
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("checkpoint", type=Path, help="a run's checkpoint/ folder (update_NNN.safetensors)")
+    parser.add_argument("checkpoint", type=Path, nargs="?", help="a run's checkpoint/ folder (update_NNN.safetensors)")
+    parser.add_argument("--like", type=Path, default=None, help="draw updates shaped like this run's (see above)")
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    updates = load_updates(args.checkpoint)
-    model = load_model(args.model).model
-    modules = dict(model.named_modules())
-    weights = {n: modules[n].weight.detach().float() for u in updates for n in u}
+    if (args.checkpoint is None) == (args.like is None):
+        raise SystemExit("error: give a checkpoint folder or --like RUN, one of them")
+    modules = dict(load_model(args.model).model.named_modules())
+    if args.like is not None:
+        weights = {n: m.weight.detach().float() for n, m in modules.items() if n.endswith(("q_proj", "v_proj"))}
+        updates = updates_like(args.like, weights)
+    else:
+        updates = load_updates(args.checkpoint)
+        weights = {n: modules[n].weight.detach().float() for u in updates for n in u}
     rows = replay(weights, updates)
     print("| after task | option | max abs error of Σ U | ‖E‖ / ‖Σ U‖ | this task's kept entries lost |")
     print("|---|---|---|---|---|")
