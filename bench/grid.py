@@ -13,8 +13,9 @@
     python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
 
 Every run is a `jumplora run` subprocess with ``THREADS_PER_RUN`` torch threads (``--threads-per-run``;
-1, as every committed study ran: the 1- vs 2-thread measurement of issue 24 did not finish, see
-docs/PERFORMANCE.md "bf16 on CPU"); ``--workers`` run side by side (cores ÷ threads per run: 2 here).
+1: measured in bench/speed.py --precision, one 2-thread process ran 0.2-0.4x as fast as a 1-thread one on
+this shared 2-core machine, so two 1-thread runs side by side give more runs per hour; docs/PERFORMANCE.md
+"bf16 on CPU"); ``--workers`` run side by side (cores ÷ threads per run: 2 here).
 ``--mixed-precision`` is passed to every run: ``no`` (fp32, the default here) is what every committed
 study ran and what their checkpoints resume with; ``bf16`` runs a new study faster on a CPU with native
 bf16 (docs/PERFORMANCE.md, "bf16 on CPU"). A run whose ``results.json`` says ``"complete": true`` is
@@ -349,7 +350,7 @@ def to_args(opts: dict) -> list[str]:
     return args
 
 
-#: Torch threads per grid run: 1, so two runs share this 2-core machine side by side, as the studies ran.
+#: Torch threads per grid run: two 1-thread runs beat one 2-thread run here (docs/PERFORMANCE.md, bf16 on CPU).
 THREADS_PER_RUN = 1
 #: What the committed studies ran; their checkpoints resume only with it (a changed setting is refused).
 GRID_MIXED_PRECISION = "no"
