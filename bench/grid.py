@@ -12,10 +12,16 @@
     python bench/grid.py smollm2-long    # SmolLM2-135M: long order 4 (≈ 3-4 h a run on CPU; bench/gpu.sh generative)
     python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
 
-Every run is a `jumplora run` subprocess with one torch thread; ``--workers`` run side by side (2 on
-this 2-core machine). A run whose ``results.json`` says ``"complete": true`` is skipped, so the grid
-can be stopped and continued; a run stopped mid-way resumes from its checkpoint. Run directories keep
-only results.json and train_log.jsonl once done (checkpoints are deleted) so they can be committed.
+Every run is a `jumplora run` subprocess with ``THREADS_PER_RUN`` torch threads (``--threads-per-run``;
+1: measured in bench/speed.py --precision, one 2-thread process ran 0.2-0.4x as fast as a 1-thread one on
+this shared 2-core machine, so two 1-thread runs side by side give more runs per hour; docs/PERFORMANCE.md
+"bf16 on CPU"); ``--workers`` run side by side (cores ÷ threads per run: 2 here).
+``--mixed-precision`` is passed to every run: ``no`` (fp32, the default here) is what every committed
+study ran and what their checkpoints resume with; ``bf16`` runs a new study faster on a CPU with native
+bf16 (docs/PERFORMANCE.md, "bf16 on CPU"). A run whose ``results.json`` says ``"complete": true`` is
+skipped, so the grid can be stopped and continued; a run stopped mid-way resumes from its checkpoint.
+Run directories keep only results.json and train_log.jsonl once done (checkpoints are deleted) so they
+can be committed.
 """
 
 from __future__ import annotations
@@ -344,7 +350,16 @@ def to_args(opts: dict) -> list[str]:
     return args
 
 
-def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
+#: Torch threads per grid run: two 1-thread runs beat one 2-thread run here (docs/PERFORMANCE.md, bf16 on CPU).
+THREADS_PER_RUN = 1
+#: What the committed studies ran; their checkpoints resume only with it (a changed setting is refused).
+GRID_MIXED_PRECISION = "no"
+
+
+def run_one(
+    name: str, opts: dict, root: Path = RUNS, threads: int = THREADS_PER_RUN,
+    mixed_precision: str = GRID_MIXED_PRECISION,
+) -> tuple[str, float, int]:  # fmt: skip
     out = root / name
     if is_complete(out):
         return name, 0.0, 0
@@ -360,7 +375,9 @@ def run_one(name: str, opts: dict, root: Path = RUNS) -> tuple[str, float, int]:
         restart,
         "--quiet",
         "--threads",
-        "1",
+        str(threads),
+        "--mixed-precision",
+        mixed_precision,
         *to_args(opts),
     ]
     start = time.perf_counter()
@@ -397,7 +414,9 @@ PHASES = {
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("phase", choices=list(PHASES))
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 2) // THREADS_PER_RUN))
+    parser.add_argument("--threads-per-run", type=int, default=THREADS_PER_RUN)
+    parser.add_argument("--mixed-precision", default=GRID_MIXED_PRECISION, choices=("no", "bf16", "auto"))
     parser.add_argument("--only", default="", help="run only names containing this string")
     args = parser.parse_args()
     make_runs, root = PHASES[args.phase]
@@ -407,7 +426,8 @@ def main() -> None:
     print(f"{len(runs)} runs, {sum(is_complete(root / n) for n in runs)} already complete", flush=True)
     failed = []
     with ThreadPoolExecutor(args.workers) as pool:
-        for name, secs, code in pool.map(lambda item: run_one(*item, root=root), runs.items()):
+        one = functools.partial(run_one, root=root, threads=args.threads_per_run, mixed_precision=args.mixed_precision)
+        for name, secs, code in pool.map(lambda item: one(*item), runs.items()):
             status = "skip" if secs == 0 else ("ok" if code == 0 else f"FAILED ({code}, see {name}.log)")
             print(f"{name:40s} {status:10s} {secs:7.1f}s  total {time.perf_counter() - start:7.1f}s", flush=True)
             failed += [name] if code else []

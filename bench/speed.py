@@ -7,6 +7,7 @@ Run from the repository root::
     python bench/speed.py --device cuda --dtype bf16 --models t5-large,llama-1b   # what bench/gpu.sh runs
     python bench/speed.py --models smollm2-135m --targets qv --batch 8 --seq 128 --no-memory  # real SmolLM2
     python bench/speed.py --generation --threads 2      # SmolLM2 evaluation: our generation vs model.generate
+    python bench/speed.py --precision                   # SmolLM2 step and evaluation: fp32 vs bf16, 1 and 2 threads
 
 The ``--generation`` mode loads SmolLM2-135M-Instruct (``jumplora models pull smollm2-135m``) and the first
 ``--gen-examples`` test items of each order-1 task, length-sorted as the engine does, and times per batch
@@ -17,6 +18,14 @@ batches with the same ``max_new_tokens``, and against the same loop with the fam
 match + ranking over the stream's options) with packed ranking (the default) against ranking each option
 on its own copy of the prompt's cache, checking both rank alike, and times one training step of the causal
 family's loss (LM head on answer positions only) against the full-logits loss, with a JumpLoRA adapter.
+
+The ``--precision`` mode loads SmolLM2-135M-Instruct and times, in one process and round-robin over the
+cells, a training step as the engine takes it (the family's loss under autocast, backward, AdamW; JumpLoRA
+on q,v at γ = 1, the fused path) and a whole evaluation (generation + ranking over the stream's options,
+``predict_both``, on the first ``--gen-examples`` test items of each order-1 task), in fp32 and under
+``torch.autocast("cpu", bfloat16)`` with fp32 weights (what ``--mixed-precision bf16`` runs), at each of
+``--thread-counts``. It prints bf16/fp32 speed-ups per thread count, 2-thread/1-thread speed-ups, and the
+share of items on which bf16 and fp32 give the same answer.
 
 Variants, all on deep copies of one model, one batch and one target list:
 
@@ -62,6 +71,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import peft
 import torch
@@ -588,6 +598,98 @@ def bench_generation(args: argparse.Namespace) -> dict:
     return result
 
 
+# -- fp32 vs bf16 autocast (SmolLM2, CPU) -----------------------------------------------------------------
+
+
+def _precision_inputs(args: argparse.Namespace) -> tuple[Any, Any, dict, list[dict]]:
+    """SmolLM2 with a γ = 1 JumpLoRA adapter on q,v, one training batch and the evaluation batches."""
+    from jumplora.data import load_benchmark_stream, resolve_data_dir
+    from jumplora.models import PromptExample, load_model
+
+    loaded = load_model("smollm2-135m", max_length=args.gen_max_length)
+    fam = loaded.family
+    stream = load_benchmark_stream(1, resolve_data_dir(None), max_train=args.batch, max_eval=args.gen_examples)
+    batches = []
+    for task in stream.tasks:
+        examples = [PromptExample(task.prompt(e.text), e.label, stream.option_space) for e in task.split("test")]
+        feats = fam.encode(examples)
+        feats.sort(key=lambda f: len(f["input_ids"]))
+        batches += [fam.collate(feats[i : i + args.gen_batch]) for i in range(0, len(feats), args.gen_batch)]
+    first = stream.tasks[0]
+    train = fam.collate(fam.encode([PromptExample(first.prompt(e.text), e.label, first.options)
+                                    for e in first.split("train")][: args.batch]))  # fmt: skip
+    adapter = JumpLoraConfig(r=R, lora_alpha=ALPHA, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(loaded.model, adapter)
+    randomise_b(model)
+    init_thresholds_to_budget(model)
+    set_gamma(model, 1.0)
+    return model, fam, train, batches
+
+
+def bench_precision(args: argparse.Namespace) -> dict:
+    """Training-step time and evaluation items/s, fp32 vs bf16 autocast, per thread count (one process)."""
+    model, fam, train, batches = _precision_inputs(args)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    n_items = sum(len(b["answers"]) for b in batches)
+
+    def train_step(bf16: bool) -> None:
+        model.train()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = fam.loss(model, train)
+        loss.backward()  # outside autocast, as Accelerate's wrapped forward leaves it
+        optimizer.step()
+
+    def evaluate(bf16: bool) -> list[dict]:
+        model.eval()  # after a task the adapter is merged: the evaluated model is the plain base
+        with model.disable_adapter(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            return [fam.predict_both(model, b) for b in batches]
+
+    threads = [int(t) for t in args.thread_counts.split(",")]
+    cells = [(t, bf16) for t in threads for bf16 in (False, True)]
+    answers = {bf16: evaluate(bf16) for bf16 in (False, True)}  # warm-up, and the answers to compare
+    for bf16 in (False, True):
+        train_step(bf16)
+    step_s: dict[tuple, list[float]] = {c: [] for c in cells}
+    eval_s: dict[tuple, list[float]] = {c: [] for c in cells}
+    for _ in range(args.repeats):  # round-robin: load drift on a shared machine hits every cell alike
+        for cell in cells:
+            torch.set_num_threads(cell[0])
+            step_s[cell].append(_median_time(lambda bf16=cell[1]: train_step(bf16), 1))
+            eval_s[cell].append(_median_time(lambda bf16=cell[1]: evaluate(bf16), 1))
+    same = [a == b for x, y in zip(answers[False], answers[True], strict=True) for k in ("generate", "rank")
+            for a, b in zip(x[k], y[k], strict=True)]  # fmt: skip
+    name = {False: "fp32", True: "bf16"}
+    return {
+        "train_batch": args.batch, "eval_items": n_items, "eval_batch": args.gen_batch, "repeats": args.repeats,
+        "step_s": {f"{name[b]}@{t}": statistics.median(v) for (t, b), v in step_s.items()},
+        "eval_items_per_s": {f"{name[b]}@{t}": n_items / statistics.median(v) for (t, b), v in eval_s.items()},
+        "same_answers_bf16_fp32": sum(same) / len(same),
+        "load_avg_1min": os.getloadavg()[0],
+    }  # fmt: skip
+
+
+def print_precision(res: dict, args: argparse.Namespace) -> None:
+    threads = [int(t) for t in args.thread_counts.split(",")]
+    step, items = res["step_s"], res["eval_items_per_s"]
+    print(f"\n## SmolLM2-135M, fp32 vs bf16 autocast: training step (batch {res['train_batch']}, JumpLoRA q,v γ=1) "
+          f"and evaluation ({res['eval_items']} items, batch {res['eval_batch']}), median of {res['repeats']}\n")
+    print("| threads | step fp32 s | step bf16 s | step fp32÷bf16 | eval fp32 items/s | eval bf16 items/s "
+          "| eval bf16÷fp32 |")
+    print("|---|---|---|---|---|---|---|")
+    for t in threads:
+        f, b = f"fp32@{t}", f"bf16@{t}"
+        print(f"| {t} | {step[f]:.2f} | {step[b]:.2f} | {step[f] / step[b]:.2f} | {items[f]:.2f} | {items[b]:.2f} "
+              f"| {items[b] / items[f]:.2f} |")  # fmt: skip
+    if len(threads) > 1:
+        lo, hi = threads[0], threads[-1]
+        for p in ("fp32", "bf16"):
+            print(f"{p}: {hi} threads ÷ {lo}: step {step[f'{p}@{lo}'] / step[f'{p}@{hi}']:.2f}×, "
+                  f"eval {items[f'{p}@{hi}'] / items[f'{p}@{lo}']:.2f}×")
+    print(f"same answers bf16 vs fp32 (generation and ranking): {100 * res['same_answers_bf16_fp32']:.1f} %; "
+          f"1-min load average at the end: {res['load_avg_1min']:.1f}")
+
+
 def print_generation(res: dict, args: argparse.Namespace) -> None:
     eps = res["examples_per_s"]
     print(f"\n## SmolLM2-135M evaluation, order-1 test items ({res['examples']}), batch {res['batch']}, "
@@ -631,10 +733,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gen-examples", type=int, default=32, help="test items per order-1 task")
     p.add_argument("--gen-batch", type=int, default=16)
     p.add_argument("--gen-max-length", type=int, default=128)
+    p.add_argument("--precision", action="store_true", help="SmolLM2 fp32 vs bf16 autocast instead (see above)")
+    p.add_argument("--thread-counts", default="1,2", help="--precision: thread counts to time")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.memory_child:
         memory_child(args)
+        return
+    if args.precision:
+        res = bench_precision(args)
+        print_precision(res, args)
+        if args.json:
+            args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "precision": res}))
         return
     if args.generation:
         res = bench_generation(args)

@@ -183,7 +183,11 @@ class RunConfig:
         "upper bound) | independent (each task from scratch).", choices=RUNNERS,
     )  # fmt: skip
     seed: int = opt(0, "Seed for data caps, initialisation and shuffling.")
-    mixed_precision: str = opt("no", "no | fp16 | bf16 (through Accelerate).", choices=("no", "fp16", "bf16"))
+    mixed_precision: str = opt(
+        "no", "no (fp32) | bf16 | fp16 (through Accelerate; on CPU bf16 autocast keeps base weights, LoRA factors, "
+        "θ and optimizer state fp32) | auto (bf16 on a CPU with native bf16, e.g. AVX512-BF16, else fp32).",
+        choices=("no", "auto", "fp16", "bf16"),
+    )  # fmt: skip
     cpu: bool = opt(False, "Force the CPU even when a GPU is present.")
     shard: str = opt(
         "none", "Shard the base model over the processes: none | fsdp2 (FSDP2 fully_shard per block; also "

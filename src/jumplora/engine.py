@@ -46,6 +46,7 @@ from jumplora.data import Task, TaskStream, load_stream, resolve_stream_source
 from jumplora.metrics import density, density_per_module, jaccard
 from jumplora.models import LoadedModel, PromptExample, load_model, wrap_model
 from jumplora.models._utils import to_device
+from jumplora.precision import Precision, resolve_precision
 
 log = logging.getLogger("jumplora")
 #: A merged update larger than this many times the base weight's largest entry is a divergence.
@@ -92,19 +93,26 @@ class Engine:
         self._given = (model, tokenizer)
         if model is not None and tokenizer is None:
             raise ValueError("pass the model's tokenizer with the model object")
+        self.precision = resolve_precision(config.mixed_precision, config.cpu)
+        if accelerator is not None:  # the caller's Accelerator decides
+            self.precision = Precision(config.mixed_precision, accelerator.mixed_precision, "the given Accelerator's")
+        if accelerator is None:
+            _allow_precision_change(self.precision.mixed_precision)
         #: "none" or "fsdp2": the engine shards the base model itself (jumplora.sharding).
-        self.shard = sharding.resolve_shard(config.shard, config.runner, config.mixed_precision)
+        self.shard = sharding.resolve_shard(config.shard, config.runner, self.precision.mixed_precision)
         config.shard = self.shard  # config.json says what ran, also when accelerate launch chose it
         with sharding.launcher_sharding_hidden() if self.shard != "none" else contextlib.nullcontext():
             self.accelerator = accelerator or Accelerator(
                 cpu=config.cpu,
-                mixed_precision=config.mixed_precision,
+                mixed_precision=self.precision.mixed_precision,
                 gradient_accumulation_steps=config.optim.grad_accum,
                 kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
                 log_with=config.report_to,
                 project_dir=str(_tracking_dir(config)) if config.report_to else None,
             )
         self.is_main = self.accelerator.is_main_process
+        if self.is_main:
+            log.info("compute precision: %s (%s)", self.precision.mixed_precision, self.precision.reason)
         self.strategy: Strategy = make_strategy(config.strategy.name, config.strategy.args)
         self.stream: TaskStream | None = None
         self.loaded: LoadedModel | None = None
@@ -194,7 +202,8 @@ class Engine:
         # Batches of similar lengths pad less (~10 % fewer tokens on the default stream); counts only.
         indices.sort(key=lambda i: len(data.eval_features[i]["input_ids"]))
         correct, bs = dict.fromkeys(modes, 0), self.config.optim.eval_batch_size
-        with family.eval_cache(model):
+        # The training forward is autocast by Accelerate's wrapper; evaluation calls the bare model.
+        with family.eval_cache(model), self.accelerator.autocast():
             for start in range(0, len(indices), bs):
                 chunk = indices[start : start + bs]
                 batch = to_device(family.collate([data.eval_features[i] for i in chunk]), self.accelerator.device)
@@ -516,6 +525,16 @@ class TaskLoop:
         )  # fmt: skip
         tensors.update({f"strategy.{k}": v for k, v in self.engine.strategy.state_dict().items()})
         return meta, tensors
+
+
+def _allow_precision_change(mixed_precision: str) -> None:
+    """Accelerate keeps one precision per process: a run in a process whose earlier run chose another one
+    (tests, notebooks, a Python loop over configs) resets the single-process state instead of failing."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    state = AcceleratorState._shared_state
+    if state.get("_mixed_precision", mixed_precision) != mixed_precision and PartialState().num_processes == 1:
+        AcceleratorState._reset_state()
 
 
 def _tracking_dir(config: RunConfig) -> Any:

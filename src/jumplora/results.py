@@ -37,6 +37,7 @@ class RunResults(TypedDict):
     per_task: list[TaskAnalytics]
     overlap_matrix: list[list[float]]
     wall_time_s: float
+    precision: dict[str, str]  # requested / mixed_precision (what ran: no | fp16 | bf16) / reason; newer runs
     dropped_eval_items: dict[str, int]
     plots: list[str]
     independent: list[float] | None  # the independent runner's row (FWT against training from scratch)

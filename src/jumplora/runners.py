@@ -160,6 +160,7 @@ class Runner:
             "per_task": progress.per_task,
             "overlap_matrix": engine.overlap,
             "wall_time_s": progress.wall_time_s,
+            "precision": engine.precision.as_dict(),
             "dropped_eval_items": {d.task.name: d.task.dropped for d in engine.tasks if d.task.dropped},
             "rank_accuracy_matrix": progress.rank_rows or None,
             "rank_zero_shot": progress.rank_zero_shot,

@@ -285,9 +285,15 @@ def update_grad(
     return _run(_update_grad_triton, _update_grad_torch, args)
 
 
+def full_precision(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``t``'s device: ΔW = B·A, its gate and the θ-gradient stay in the adapter's float32
+    under mixed precision (a bf16 ΔW would move entries across θ and round what the merge adds)."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _run(with_triton, with_torch, args: tuple):
     """The backend for ``args[0]``'s device; a kernel failing on this machine falls back (see below)."""
-    with torch.no_grad():
+    with torch.no_grad(), full_precision(args[0]):
         if _backend_for(args[0]) == "triton":
             try:
                 return with_triton(*args)

@@ -38,12 +38,17 @@ class _FusedJumpLoraLinear(torch.autograd.Function):
     and W_eff only when it is no larger than x (at least as many tokens as output features): then keeping
     it costs less memory than PEFT's float32 copy of x, and saves rebuilding it for ∂L/∂x. With fewer
     tokens it is recomputed, so nothing weight-sized outlives the forward.
+
+    Under autocast (``--mixed-precision bf16``) the two activation-sized matmuls of the forward and the
+    backward run in the autocast dtype; W_eff is built, and ΔW gated, in float32 (:func:`kernels.full_precision`).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, theta_raw, log_theta, scaling, gamma, bandwidth, reduction):
         w_eff = kernels.effective_weight(weight, lora_A, lora_B, theta_raw, log_theta, scaling, gamma)
         out = F.linear(x.to(weight.dtype), w_eff, bias)
+        device = x.device.type
+        ctx.compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
         keep_w_eff = ctx.needs_input_grad[0] and x.numel() >= w_eff.numel()
         ctx.save_for_backward(x, weight, lora_A, lora_B, theta_raw, w_eff if keep_w_eff else None)
         ctx.log_theta, ctx.scaling, ctx.gamma, ctx.bandwidth, ctx.reduction = (
@@ -63,11 +68,11 @@ class _FusedJumpLoraLinear(torch.autograd.Function):
                 w_eff = kernels.effective_weight(
                     weight, lora_A, lora_B, theta_raw, ctx.log_theta, ctx.scaling, ctx.gamma
                 )
-            grad_x = (grad_out @ w_eff).to(x.dtype)
+            grad_x = _matmul(grad_out, w_eff, ctx.compute_dtype).to(x.dtype)
             del w_eff
         if needs_A or needs_B or needs_theta or needs_w:
             x2 = x.reshape(-1, x.shape[-1]).to(g2.dtype)
-            grad_w_eff = g2.t() @ x2  # the one weight-sized matmul the sparse update cannot avoid
+            grad_w_eff = _matmul(g2.t(), x2, ctx.compute_dtype)  # the weight-sized matmul sparsity cannot avoid
             if needs_w:
                 grad_w = grad_w_eff.to(weight.dtype)
             if needs_A or needs_B or needs_theta:
@@ -87,6 +92,13 @@ class _FusedJumpLoraLinear(torch.autograd.Function):
         if needs_b and ctx.has_bias:
             grad_b = g2.sum(0).to(weight.dtype)
         return grad_x, grad_w, grad_b, grad_A, grad_B, grad_theta, None, None, None, None, None
+
+
+def _matmul(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """a @ b in ``dtype`` (the forward's autocast dtype; None: as given, which must then agree)."""
+    if dtype is None:
+        return a @ b.to(a.dtype)
+    return a.to(dtype) @ b.to(dtype)
 
 
 class JumpLoraLayer(BaseTunerLayer):
@@ -166,8 +178,11 @@ class JumpLoraLayer(BaseTunerLayer):
         return raw.exp() if self.threshold_param[adapter] == "log" else raw
 
     def delta_weight(self, adapter: str) -> torch.Tensor:
-        """ΔW = B·A (unscaled, ungated), in the (out, in) layout of ``nn.Linear``."""
-        return self.jumplora_B[adapter] @ self.jumplora_A[adapter]
+        """ΔW = B·A (unscaled, ungated), in the (out, in) layout of ``nn.Linear``; in the factors' float32
+        under autocast, so the gate, the θ-gradient and the merged update never see a bf16 ΔW."""
+        lora_B = self.jumplora_B[adapter]
+        with kernels.full_precision(lora_B):
+            return lora_B @ self.jumplora_A[adapter]
 
     def support(self, adapter: str) -> torch.Tensor:
         """Boolean mask of the entries the merge keeps: |ΔW| > θ (all True for a dense adapter)."""
