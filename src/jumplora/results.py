@@ -44,3 +44,10 @@ class RunResults(TypedDict):
     rank_accuracy_matrix: list[list[float]] | None
     rank_zero_shot: list[float] | None
     rank_metrics: dict[str, float | None] | None
+    # L: mean gold-answer NLL on task j after task i (lower is better), its standard errors over items,
+    # and the metrics on it (jumplora.metrics.cl.nll_metrics). Absent in runs made before L was recorded.
+    nll_matrix: list[list[float | None]] | None
+    nll_se_matrix: list[list[float | None]] | None
+    nll_zero_shot: list[float | None] | None
+    nll_se_zero_shot: list[float | None] | None
+    nll_metrics: dict[str, float | None] | None

@@ -14,6 +14,7 @@ from jumplora.metrics.cl import (
     fwt,
     fwt_vs_independent,
     learning_accuracy,
+    nll_metrics,
 )
 from jumplora.metrics.overlap import density, density_per_module, jaccard, overlap_matrix, support_size
 from jumplora.metrics.report import (
@@ -42,6 +43,7 @@ __all__ = [
     "fwt_vs_independent",
     "jaccard",
     "learning_accuracy",
+    "nll_metrics",
     "load_results",
     "load_runs",
     "overlap_matrix",
