@@ -32,7 +32,11 @@ from jumplora.adapters import (
     MergeResult,
     Sparsifier,
     merge_and_discard,
+    merge_controlled,
+    norm_match_scales,
+    random_masks,
     theta_learning_rate,
+    topk_masks,
     threshold_parameters,
     threshold_values,
 )
@@ -257,7 +261,10 @@ class Engine:
 
     def merge(self, peft_model: nn.Module, task_index: int) -> MergeResult:
         """Merge the task's gated update into the base weights; a diverged update is a numerical fault."""
-        merged = merge_and_discard(peft_model, keep_updates=True)
+        if self.config.adapter.control:
+            merged = self._controlled_merge(peft_model, task_index)
+        else:
+            merged = merge_and_discard(peft_model, keep_updates=True)
         modules = dict(merged.model.named_modules())
         for name, update in merged.updates.items():
             weight = modules[name].weight.detach().float().cpu()
@@ -269,6 +276,16 @@ class Engine:
                     f"has max |ΔW| = {largest:.3g} against max |W| = {scale:.3g} (diverged; lower --lr)"
                 )
         return merged
+
+    def _controlled_merge(self, peft_model: nn.Module, task_index: int) -> MergeResult:
+        """A control's merge of the densely trained update (random / top-k support, or norm-matched)."""
+        a = self.config.adapter
+        if a.merge_mask == "random":
+            generator = torch.Generator().manual_seed(self.config.seed * 1000 + task_index)
+            return merge_controlled(peft_model, random_masks(peft_model, a.target_density, generator))
+        masks = topk_masks(peft_model, a.target_density)
+        scales = norm_match_scales(peft_model, masks) if a.norm_match else None
+        return merge_controlled(peft_model, masks, scales)
 
     def check_loss(self, loss: torch.Tensor, task_index: int, step: int) -> None:
         """Stop on a NaN/inf loss; with several processes, all of them stop (no one hangs in a collective)."""

@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
 from .config import JumpLoraConfig
+from .controls import MERGE_MASKS, merge_controlled, norm_match_scales, random_masks, topk_masks
 from .jumprelu import jumprelu, rectangle, threshold_grad
 from .layer import JumpLoraLayer, Linear
 from .model import JumpLoraModel, block_name
@@ -31,6 +32,11 @@ if JUMPLORA not in PEFT_TYPE_TO_CONFIG_MAPPING:
     )
 
 __all__ = [
+    "MERGE_MASKS",
+    "merge_controlled",
+    "norm_match_scales",
+    "random_masks",
+    "topk_masks",
     "JUMPLORA",
     "JumpLoraConfig",
     "JumpLoraLayer",

@@ -83,6 +83,13 @@ class JumpLoraConfig(PeftConfig):
             "to target_density)."
         },
     )
+    target_path: Literal["flat", "falling"] = field(
+        default="flat",
+        metadata={
+            "help": "'flat': control towards target_density from θ's init on; 'falling': the target falls "
+            "geometrically over the ramp from the LoRA budget to target_density (as 'l0' lowers the density)."
+        },
+    )
     l0_lambda: float = field(default=1e-4, metadata={"help": "Weight of the 'l0' density penalty."})
     dual_lr: float = field(
         default=0.1, metadata={"help": "'dual': multiplier += dual_lr·log(density/target) per step."}
@@ -139,6 +146,8 @@ class JumpLoraConfig(PeftConfig):
             problems.append(f"target_density must be in (0, 1], got {self.target_density}")
         if self.density_control not in ("none", "l0", "dual"):
             problems.append(f"density_control must be 'none', 'l0' or 'dual', got {self.density_control!r}")
+        if self.target_path not in ("flat", "falling"):
+            problems.append(f"target_path must be 'flat' or 'falling', got {self.target_path!r}")
         if self.l0_lambda < 0 or self.dual_lr < 0 or self.dual_gain < 0:
             problems.append("l0_lambda, dual_lr and dual_gain must be >= 0")
         if self.controller_theta_lr is not None and self.controller_theta_lr <= 0:
