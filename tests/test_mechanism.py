@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 
@@ -105,7 +106,7 @@ def test_falling_target_path_goes_from_the_budget_to_the_target():
     assert targets[0] == pytest.approx(budget) and targets[20] == pytest.approx(budget)  # ramp starts at 20 %
     assert targets[50] == pytest.approx(math.sqrt(budget * 0.01))  # geometric half-way
     assert targets[80] == pytest.approx(0.01) and targets[-1] == pytest.approx(0.01)
-    assert all(a >= b for a, b in zip(targets, targets[1:], strict=False))
+    assert all(a >= b for a, b in itertools.pairwise(targets))
     flat = Sparsifier(trained_like(sparse=True, target_density=0.01, density_control="dual"), 100)
     flat.before_step(30)
     assert next(iter(flat.groups.values())).target == 0.01

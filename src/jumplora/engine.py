@@ -36,9 +36,9 @@ from jumplora.adapters import (
     norm_match_scales,
     random_masks,
     theta_learning_rate,
-    topk_masks,
     threshold_parameters,
     threshold_values,
+    topk_masks,
 )
 from jumplora.adapters.targets import check_target_modules, weight_is_transposed
 from jumplora.cl import Strategy, StrategyContext, make_strategy

@@ -32,12 +32,8 @@ if JUMPLORA not in PEFT_TYPE_TO_CONFIG_MAPPING:
     )
 
 __all__ = [
-    "MERGE_MASKS",
-    "merge_controlled",
-    "norm_match_scales",
-    "random_masks",
-    "topk_masks",
     "JUMPLORA",
+    "MERGE_MASKS",
     "JumpLoraConfig",
     "JumpLoraLayer",
     "JumpLoraModel",
@@ -50,6 +46,9 @@ __all__ = [
     "jumplora_layers",
     "jumprelu",
     "merge_and_discard",
+    "merge_controlled",
+    "norm_match_scales",
+    "random_masks",
     "rectangle",
     "set_gamma",
     "sparsity_stats",
@@ -58,4 +57,5 @@ __all__ = [
     "threshold_grad",
     "threshold_parameters",
     "threshold_values",
+    "topk_masks",
 ]
