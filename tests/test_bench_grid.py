@@ -1,6 +1,7 @@
 """The benchmark grid's runs are valid `jumplora run` commands: a renamed option must fail here, in
 seconds, rather than hours into a grid."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -48,3 +49,36 @@ def test_long_order_runs_are_the_study_at_order_4():
     for name, opts in long.items():
         twin = study[name.replace("o4-", "o1-")]
         assert {k: v for k, v in opts.items() if k != "order"} == {k: v for k, v in twin.items() if k != "order"}
+
+
+def test_mechanism_runs_parse_and_match_the_l0_density(monkeypatch, tmp_path):
+    import mechanism
+
+    seen = []
+
+    def capture(config, **kwargs):
+        seen.append(config)
+        raise typer.Exit(0)
+
+    monkeypatch.setattr(cli, "execute", capture)
+    names = mechanism.names()
+    assert names[:3] == ["dense-s0", "dual-s0", "l0-s0"] and len(names) == len(set(names)) == 8 * 3 + 6 * 3
+    assert mechanism.options("random-s0", tmp_path) is None  # waits for l0-s0
+    for seed in mechanism.SEEDS:
+        (tmp_path / f"l0-s{seed}").mkdir()
+        per_task = [{"density": d} for d in (0.011, 0.007, 0.007, 0.0071)]
+        (tmp_path / f"l0-s{seed}" / "results.json").write_text(json.dumps({"complete": True, "per_task": per_task}))
+    for name in names:
+        opts = mechanism.options(name, tmp_path)
+        result = CliRunner().invoke(app, ["run", "--out", str(tmp_path / "x" / name), "--quiet", *grid.to_args(opts)])
+        assert result.exit_code == 0, f"{name}: {result.output}"
+        config = seen[-1]
+        assert config.mixed_precision == "no" and config.save_predictions and config.stream.eval_split == "dev"
+        setting = name.rpartition("-s")[0]
+        if setting in mechanism.MATCHED:
+            assert config.adapter.target_density == pytest.approx(0.008025, rel=1e-3), name
+    config = seen[names.index("posthoc-s1")]
+    assert config.adapter.merge_mask == "posthoc-topk" and not config.adapter.sparse and config.seed == 1
+    assert seen[names.index("thetapath-s0")].adapter.target_path == "falling"
+    assert seen[names.index("normmatch-s2")].adapter.norm_match
+    assert seen[-1].adapter.target_density == 0.25
