@@ -24,6 +24,7 @@ __all__ = [
     "plot_bars",
     "plot_comparison",
     "plot_density",
+    "plot_nll_heatmap",
     "plot_overlap",
     "plot_run_figures",
     "plot_training_curves",
@@ -115,6 +116,18 @@ def plot_accuracy_heatmap(
         ".1f",
         text_scale=100.0,
     )
+    return _save(fig, path)
+
+
+def plot_nll_heatmap(
+    L: Any, task_names: Sequence[str], path: str | Path, title: str = "Gold-answer NLL (nats) after each task"
+) -> Path:
+    """Annotated heat map of L (row i = after task i); colours run from 0 to the matrix's largest value."""
+    m = _square(L, task_names, "NLL matrix")
+    top = float(np.nanmax(m)) if np.isfinite(m).any() else 1.0
+    top = top if top > 0 else 1.0
+    rows = [f"after {n}" for n in task_names]
+    fig = _annotated_matrix(m / top, task_names, title, "task j", "after task i", rows, "viridis_r", ".2f", top)
     return _save(fig, path)
 
 
@@ -327,6 +340,9 @@ def write_run_plots(out: str | Path, results: Mapping[str, Any]) -> list[str]:
     if matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1] == len(names):
         written.append(plot_accuracy_heatmap(matrix, names, plots / "accuracy_heatmap.png", title=results["label"]))
         written.append(plot_accuracy_curves(matrix, names, plots / "accuracy_curves.png"))
+    nll = np.array(results.get("nll_matrix") or [], dtype=float)
+    if nll.shape == (len(names), len(names)):
+        written.append(plot_nll_heatmap(nll, names, plots / "nll_heatmap.png", title=f"{results['label']}: NLL"))
     per_task = results.get("per_task") or []
     if per_task and len(per_task) == len(names):
         written.append(plot_density([t["density"] for t in per_task], names, plots / "density.png"))
@@ -365,14 +381,18 @@ def plot_run_figures(
     name: str,
     *,
     title: str | None = None,
-    kinds: Sequence[str] = ("heatmap", "overlap", "training"),
+    kinds: Sequence[str] = ("heatmap", "nll", "overlap", "training"),
 ) -> list[Path]:
-    """A run's accuracy heat map, support overlap and training curves (``<kind>_<name>.png``), where defined."""
+    """A run's accuracy and NLL heat maps, support overlap and training curves (``<kind>_<name>.png``), where
+    defined (runs made before L have no NLL map)."""
     out, tasks = Path(out_dir), list(results["tasks"])
     matrix = np.array(results["accuracy_matrix"], dtype=float)
     made = []
     if "heatmap" in kinds and matrix.shape == (len(tasks), len(tasks)):
         made.append(plot_accuracy_heatmap(matrix, tasks, out / f"heatmap_{name}.png", title=title or name))
+    nll = np.array(results.get("nll_matrix") or [], dtype=float)
+    if "nll" in kinds and nll.shape == (len(tasks), len(tasks)):
+        made.append(plot_nll_heatmap(nll, tasks, out / f"nll_{name}.png", title=f"{title or name}: NLL (nats)"))
     overlap = results.get("overlap_matrix")
     if "overlap" in kinds and overlap and len(overlap) == len(tasks):
         made.append(plot_overlap(np.array(overlap), tasks, out / f"overlap_{name}.png"))
