@@ -17,6 +17,7 @@ resumes from its checkpoint (bench/grid.py's ``run_one``).
     python bench/mechanism.py run                      # what is missing, in order
     python bench/mechanism.py list                     # every run, its status and options
     python bench/mechanism.py collect --source DIR --commit   # copy DIR's finished runs here, commit them
+    python bench/mechanism.py doc                      # docs/MECHANISM.md tables + the frontier figure
 """
 
 from __future__ import annotations
@@ -54,6 +55,20 @@ MATCHED = ("random", "posthoc", "normmatch", "thetapath", "dualflat")
 FRONTIER = (0.0025, 0.005, 0.01, 0.02, 0.10, 0.25)
 #: What a collected run keeps: no checkpoints, no plots.
 KEPT = ("results.json", "config.json", "train_log.jsonl", "predictions")
+DOC = ROOT / "docs" / "MECHANISM.md"
+FIGURE = ROOT / "docs" / "results" / "mechanism_frontier_minilm.png"
+# (A, B, the question B − A answers), most central first.
+COMPARISONS = (
+    ("dense", "dual", "does the default sparse update forget less than dense?"),
+    ("dense", "l0", "does l0 forget less than dense?"),
+    ("dual", "l0", "l0 against the default"),
+    ("dualflat", "l0", "l0 against dual held at l0's final density: is it the density alone?"),
+    ("dualflat", "thetapath", "the path of θ: a target falling over the ramp against a flat one"),
+    ("posthoc", "l0", "learned θ and ramp against post-hoc top-k at the same density"),
+    ("random", "posthoc", "which entries: magnitude top-k against random, same density"),
+    ("normmatch", "posthoc", "sparse against dense at the same norm"),
+    ("dense", "normmatch", "only a smaller update? dense scaled down to the top-k norm"),
+)
 
 
 def frontier_setting(density: float) -> str:
@@ -145,9 +160,96 @@ def collect(source: Path, commit: bool) -> list[str]:
     return copied
 
 
+def _complete(root: Path) -> dict[str, dict]:
+    from jumplora.metrics.report import load_results
+
+    return {name: load_results(root / name) for name in names() if grid.is_complete(root / name)}
+
+
+def _setting(name: str) -> tuple[str, int]:
+    setting, _, seed = name.rpartition("-s")
+    return setting, int(seed)
+
+
+def comparison_lines(done: dict[str, dict]) -> list[str]:
+    """One markdown table per comparison, over the seeds where both settings are complete."""
+    from jumplora.metrics.compare import compare, format_comparison
+
+    lines = []
+    for a, b, question in COMPARISONS:
+        seeds = [s for s in SEEDS if f"{a}-s{s}" in done and f"{b}-s{s}" in done]
+        lines += [f"### {b} − {a}: {question}", ""]
+        if not seeds:
+            lines += ["Not run yet.", ""]
+            continue
+        result = compare([done[f"{a}-s{s}"] for s in seeds], [done[f"{b}-s{s}"] for s in seeds])
+        lines += [line.replace(str(RUNS) + "/", "") for line in format_comparison(result, "markdown").splitlines()]
+        lines.append("")
+    return lines
+
+
+def frontier_points(done: dict[str, dict]) -> list[dict]:
+    """One point per complete run: its mean final density and the frontier's measures."""
+    from jumplora.metrics.compare import measures_from_matrices, run_matrices
+
+    points = []
+    for name, res in done.items():
+        setting, seed = _setting(name)
+        series = "dual (target swept)" if setting.startswith("dual-d") or setting == "dual" else setting
+        densities = [t["density"] for t in res["per_task"]]
+        measures = {k: float(v) for k, v in measures_from_matrices(*run_matrices(res)).items()}
+        points.append({"series": series, "seed": seed, "density": sum(densities) / len(densities), **measures})
+    return points
+
+
+def summary_lines(done: dict[str, dict]) -> list[str]:
+    lines = ["| setting | seeds | OP | BWT | L final | L BWT | final density (mean over tasks) | wall s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|"]  # fmt: skip
+    by_setting: dict[str, list[dict]] = {}
+    for point, name in zip(frontier_points(done), done, strict=True):
+        by_setting.setdefault(_setting(name)[0], []).append(point | {"wall": done[name]["wall_time_s"]})
+    for setting, points in by_setting.items():
+        keys = ("op", "bwt", "nll_final", "nll_bwt", "density", "wall")
+        mean = {k: sum(p[k] for p in points) / len(points) for k in keys}
+        seeds = ",".join(str(p["seed"]) for p in points)
+        lines.append(f"| {setting} | {seeds} | {100 * mean['op']:.1f} | {100 * mean['bwt']:.1f} | "
+                     f"{mean['nll_final']:.3f} | {mean['nll_bwt']:+.3f} | {100 * mean['density']:.2f} % | "
+                     f"{mean['wall']:.0f} |")  # fmt: skip
+    return lines
+
+
+def write_doc(root: Path) -> None:
+    """docs/MECHANISM.md's generated part and the frontier figure; the hand-written notes below survive."""
+    from jumplora.metrics.plots import plot_frontier
+
+    done = _complete(root)
+    lines = [
+        "# Why and when a sparse update forgets less (issue 25): MiniLM",
+        "",
+        "Generated by `python bench/mechanism.py doc` from bench/runs_mechanism/ (bench/mechanism.py says what",
+        "each setting is). IncLoRA, order 1, 100 optimizer steps per task, 100 dev items per task, fp32, one",
+        f"thread. {len(done)} of {len(names())} runs complete. Means over the complete seeds; L is the mean",
+        "gold-answer NLL (nats); L BWT > 0 means the old tasks' gold answers became less likely.",
+        "",
+        *summary_lines(done),
+        "",
+        "## Paired differences (B − A, same seeds and items)",
+        "",
+        "OP/BWT/FWT in points, L in nats. CI items: the eval items resampled (the same for A and B); CI seeds:",
+        "the pairs resampled; CI both: both (the one to quote). 'within noise': the widest interval holds 0.",
+        "",
+        *comparison_lines(done),
+    ]
+    if done:
+        plot_frontier(frontier_points(done), FIGURE, "MiniLM, order 1, 100 steps/task (dev)")
+        lines += ["## Density frontier", "", f"![frontier]({FIGURE.relative_to(DOC.parent).as_posix()})", ""]
+    notes = DOC.read_text().partition("\n## Notes")[1:] if DOC.exists() else ("", "")
+    DOC.write_text("\n".join(lines) + "".join(notes))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("run", "list", "collect"))
+    parser.add_argument("action", choices=("run", "list", "collect", "doc"))
     parser.add_argument("--only", default="", help="run only names containing this string")
     parser.add_argument("--source", type=Path, help="collect: the grid checkout whose bench/runs_mechanism to copy")
     parser.add_argument("--commit", action="store_true", help="collect: commit the copied runs")
@@ -156,6 +258,8 @@ def main() -> None:
         run_all(RUNS, args.only)
     elif args.action == "list":
         list_runs(RUNS)
+    elif args.action == "doc":
+        write_doc(RUNS)
     else:
         if args.source is None:
             parser.error("collect needs --source")

@@ -82,3 +82,26 @@ def test_mechanism_runs_parse_and_match_the_l0_density(monkeypatch, tmp_path):
     assert seen[names.index("thetapath-s0")].adapter.target_path == "falling"
     assert seen[names.index("normmatch-s2")].adapter.norm_match
     assert seen[-1].adapter.target_density == 0.25
+
+
+def test_mechanism_doc_from_finished_runs(monkeypatch, tmp_path):
+    import mechanism
+
+    monkeypatch.setattr(mechanism, "DOC", tmp_path / "docs" / "MECHANISM.md")
+    monkeypatch.setattr(mechanism, "FIGURE", tmp_path / "docs" / "results" / "frontier.png")
+    for name, final in (("dense-s0", [0.4, 0.8]), ("dual-s0", [0.6, 0.8])):  # dual: +10 OP, +20 BWT
+        results = {
+            "complete": True, "tasks": ["a", "b"], "config": {"seed": 0, "stream": {"max_eval": 10}},
+            "zero_shot": [0.5, 0.5], "accuracy_matrix": [[0.9, 0.5], final], "nll_zero_shot": [1.0, 1.0],
+            "nll_matrix": [[0.2, 1.0], [0.7, 0.3]], "per_task": [{"density": 0.04}, {"density": 0.05}],
+            "wall_time_s": 10.0,
+        }  # fmt: skip
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "results.json").write_text(json.dumps(results))
+    mechanism.DOC.parent.mkdir()
+    mechanism.DOC.write_text("old\n\n## Notes\n\nkept by hand\n")
+    mechanism.write_doc(tmp_path)
+    doc = mechanism.DOC.read_text()
+    assert "2 of 42 runs complete" in doc and "| OP (points) | +10.00 | +10.00 |" in doc
+    assert "| BWT (points) | +20.00 |" in doc and "### l0 − dense" in doc and "Not run yet." in doc
+    assert doc.endswith("## Notes\n\nkept by hand\n") and mechanism.FIGURE.exists()

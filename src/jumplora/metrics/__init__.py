@@ -52,6 +52,7 @@ __all__ = [
     "plot_bars",
     "plot_comparison",
     "plot_density",
+    "plot_frontier",
     "plot_nll_heatmap",
     "plot_overlap",
     "plot_run_figures",

@@ -59,7 +59,7 @@ def measures_from_matrices(R: np.ndarray, L: np.ndarray) -> dict[str, np.ndarray
     }
 
 
-def _matrices(results: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+def run_matrices(results: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """R and L with the zero-shot row first, from results.json (NaN where L was not recorded)."""
     T = len(results["tasks"])
     R = np.array([results.get("zero_shot") or [math.nan] * T, *results["accuracy_matrix"]], dtype=float)
@@ -158,7 +158,7 @@ def compare(
     rng = np.random.default_rng(seed)
     per_pair = {key: [] for key, _, _ in MEASURES}
     for ra, rb in pairs:
-        ma, mb = measures_from_matrices(*_matrices(ra)), measures_from_matrices(*_matrices(rb))
+        ma, mb = measures_from_matrices(*run_matrices(ra)), measures_from_matrices(*run_matrices(rb))
         for key in per_pair:
             per_pair[key].append(float(mb[key] - ma[key]))
     items = _item_differences(pairs, draws, rng)

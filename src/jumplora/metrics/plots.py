@@ -24,6 +24,7 @@ __all__ = [
     "plot_bars",
     "plot_comparison",
     "plot_density",
+    "plot_frontier",
     "plot_nll_heatmap",
     "plot_overlap",
     "plot_run_figures",
@@ -399,3 +400,31 @@ def plot_run_figures(
     if "training" in kinds and log_records:
         made.append(plot_training_curves(log_records, out / f"training_{name}.png"))
     return made
+
+
+#: The density frontier's panels: (key, axis label, scale).
+FRONTIER_PANELS = (("op", "OP (%)", 100.0), ("bwt", "BWT (%)", 100.0), ("nll_forgetting", "L forgetting (nats)", 1.0))
+
+
+def plot_frontier(points: Sequence[Mapping[str, Any]], path: str | Path, title: str = "Density frontier") -> Path:
+    """OP, BWT and L-forgetting against the final density (log scale): one dot per run, a line through the
+    means per ``series`` (e.g. dual's target sweep); ``points`` carry ``density``, ``series`` and the panel keys."""
+    fig, axes = _pyplot().subplots(1, len(FRONTIER_PANELS), figsize=(4.2 * len(FRONTIER_PANELS), 3.8))
+    series = sorted({str(p["series"]) for p in points})
+    for ax, (key, label, scale) in zip(axes, FRONTIER_PANELS, strict=True):
+        for name in series:
+            own = [p for p in points if str(p["series"]) == name and p.get(key) is not None]
+            if not own:
+                continue
+            xs = np.array([100 * float(p["density"]) for p in own])
+            ys = np.array([scale * float(p[key]) for p in own])
+            dots = ax.scatter(xs, ys, s=14, alpha=0.6, label=name)
+            means = sorted((x, float(ys[xs == x].mean())) for x in set(xs.tolist()))
+            ax.plot(*zip(*means, strict=True), color=dots.get_facecolor()[0], alpha=0.9)
+        ax.set_xscale("log")
+        ax.set_xlabel("final density (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)
