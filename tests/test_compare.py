@@ -129,3 +129,12 @@ def test_cli_compare_globs_and_one_error_line(tmp_path):
     assert nll.exit_code == 0 and "Gold-answer NLL" in nll.output
     first = load_results(tmp_path / "a-s0")["nll_matrix"][0][0]
     assert f"| after first | {first:.3f} |" in nll.output
+
+
+def test_run_plots_carry_the_nll_heatmap(tmp_path):
+    from jumplora.metrics.plots import write_run_plots
+
+    correct, nll = base_scores(0)
+    run = write_run(tmp_path / "run", 0, correct, nll)
+    written = write_run_plots(run, load_results(run))
+    assert "plots/nll_heatmap.png" in written and (run / "plots" / "nll_heatmap.png").stat().st_size > 0
