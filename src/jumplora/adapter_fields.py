@@ -11,6 +11,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+#: How a task's end picks the merged entries: the learned gate, or a control of the mechanism study.
+MERGE_MASKS = ("gate", "random", "posthoc-topk")
+
 
 @dataclass
 class AdapterDefaults:
@@ -54,6 +57,13 @@ class AdapterDefaults:
             "help": "How θ keeps the density after its init: 'none' (task loss alone, the paper), 'l0' "
             "(+ l0_lambda·density through the STE) or 'dual' (a Lagrange multiplier drives the density "
             "to target_density)."
+        },
+    )
+    target_path: str = field(
+        default="flat",
+        metadata={
+            "help": "'flat': control towards target_density from θ's init on; 'falling': the target falls "
+            "geometrically over the ramp from the LoRA budget to target_density (as 'l0' lowers the density)."
         },
     )
     l0_lambda: float = field(default=1e-4, metadata={"help": "Weight of the 'l0' density penalty."})

@@ -63,6 +63,11 @@ class Progress:
     # The second metric of generative runs (option ranking beside exact match); empty otherwise.
     rank_zero_shot: list[float] | None = None
     rank_rows: list[list[float]] = field(default_factory=list)
+    # The gold-answer NLL (L) and its standard error, rows like R's; empty in checkpoints made before L.
+    nll_zero_shot: list[float] | None = None
+    nll_se_zero_shot: list[float] | None = None
+    nll_rows: list[list[float]] = field(default_factory=list)
+    nll_se_rows: list[list[float]] = field(default_factory=list)
 
 
 @dataclass
@@ -120,7 +125,7 @@ class RunDirectory:
         state = self._read_state(steps_per_task)
         check_same_config(self.out, state["config"], self.config, self.free_keys)
         tensors = {name: self._load_checked(name, state["hashes"]) for name in state["hashes"]}
-        progress = Progress(**{k: state[k] for k in asdict(Progress())})
+        progress = Progress(**{k: state[k] for k in asdict(Progress()) if k in state})
         partial = None
         if state["partial"] is not None and state["partial"]["task"] == progress.next_task:
             partial = (state["partial"], tensors[state["partial"]["file"]])

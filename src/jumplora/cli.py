@@ -360,21 +360,27 @@ def report(
     plot: Annotated[
         Path | None, typer.Option(help="Also draw comparison bars and each run's heat map, overlap, curves here.")
     ] = None,
+    nll: Annotated[
+        bool, typer.Option(help="With --matrix: the gold-answer NLL matrix L (± standard error) instead of R.")
+    ] = False,
+    compare: Annotated[
+        bool,
+        typer.Option(
+            help="Two settings A B (run folders or quoted globs, paired by seed): B − A with "
+            "bootstrap intervals over items and seeds."
+        ),
+    ] = False,
 ) -> None:
     """Compare finished runs: mean ± std over seeds of each setting (or each run's R with --matrix)."""
-    from jumplora.metrics.report import FORMATS, aggregate, find_runs, format_matrices, format_rows, load_runs
+    from jumplora.metrics.report import FORMATS, aggregate, format_matrices, format_rows, load_runs
 
     fmt = "markdown" if markdown else fmt
     if fmt not in FORMATS:
         _fail(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
-    dirs: list[Path] = []
-    for path in runs:
-        if (path / "results.json").exists():
-            dirs.append(path)
-        elif path.is_dir():
-            dirs.extend(find_runs(path))
-        else:
-            _fail(f"{path}: not a run directory (no results.json)")
+    if compare:
+        _print_comparison(runs, fmt)
+        return
+    dirs = _run_dirs(runs)
     try:  # the loader --resume and export use: a damaged or edited run is one error line
         results, skipped = load_runs(dirs)
     except ValueError as err:
@@ -391,7 +397,15 @@ def report(
     rows = aggregate(results)
     _note_environment_differences(rows, show_std_note=not matrix and fmt in ("table", "markdown", "latex"))
     out = Console(width=None if sys.stdout.isatty() else 200)
-    shown = format_matrices(results, fmt, width=out.width) if matrix else format_rows(rows, fmt)
+    if matrix and nll:
+        from jumplora.metrics.report import format_nll_matrices
+
+        try:
+            shown = format_nll_matrices(results, fmt)
+        except ValueError as err:
+            _fail(str(err))
+    else:
+        shown = format_matrices(results, fmt, width=out.width) if matrix else format_rows(rows, fmt)
     if isinstance(shown, str):
         sys.stdout.write(shown)
     else:
@@ -411,6 +425,39 @@ def _note_environment_differences(rows: list[dict], show_std_note: bool) -> None
     if show_std_note:
         console.print("± is the sample standard deviation over the n runs of a setting (none shown for n = 1)",
                       highlight=False, soft_wrap=True)  # fmt: skip
+
+
+def _run_dirs(paths: list[Path]) -> list[Path]:
+    """Run directories from arguments: a run, a folder holding runs, or a (quoted) glob pattern."""
+    import glob
+
+    from jumplora.metrics.report import find_runs
+
+    dirs: list[Path] = []
+    for path in paths:
+        if (path / "results.json").exists():
+            dirs.append(path)
+        elif path.is_dir():
+            dirs.extend(find_runs(path))
+        elif glob.has_magic(str(path)) and (matches := sorted(glob.glob(str(path)))):
+            dirs.extend(_run_dirs([Path(m) for m in matches]))
+        else:
+            _fail(f"{path}: not a run directory (no results.json)")
+    return dirs
+
+
+def _print_comparison(groups: list[Path], fmt: str) -> None:
+    """``report A B --compare``: B − A paired by seed, one error line when the runs do not pair."""
+    from jumplora.metrics.compare import PairingError, compare, format_comparison
+    from jumplora.metrics.report import load_results
+
+    if len(groups) != 2:
+        _fail(f"--compare takes two settings A and B (run folders or quoted globs), got {len(groups)} arguments")
+    try:
+        a, b = ([load_results(d) for d in _run_dirs([group])] for group in groups)
+        sys.stdout.write(format_comparison(compare(a, b), fmt))
+    except (PairingError, ValueError) as err:
+        _fail(str(err))
 
 
 def _print_drift(results: list[dict], fmt: str) -> None:

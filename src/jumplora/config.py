@@ -16,7 +16,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from jumplora.adapter_fields import adapter_defaults
+from jumplora.adapter_fields import MERGE_MASKS, adapter_defaults
 
 if TYPE_CHECKING:
     from jumplora.adapters.config import JumpLoraConfig
@@ -114,24 +114,50 @@ class AdapterConfig:
     sparsify_end: float = from_jumplora("sparsify_end")
     target_density: float | None = from_jumplora("target_density")
     density_control: str = from_jumplora("density_control", choices=("none", "l0", "dual"))
+    target_path: str = from_jumplora("target_path", choices=("flat", "falling"))
     l0_lambda: float = from_jumplora("l0_lambda")
     dual_lr: float = from_jumplora("dual_lr")
     dual_gain: float = from_jumplora("dual_gain")
     controller_theta_lr: float | None = from_jumplora("controller_theta_lr")
+    # Controls of the mechanism study (jumplora.adapters.controls): train densely, change only the merge.
+    merge_mask: str = opt(
+        "gate", "What a task's end merges: 'gate' (|ΔW| > θ; dense with --dense), or a control trained densely "
+        "and masked at the end to --target-density (default: the LoRA budget): 'random' entries or "
+        "'posthoc-topk' (largest |ΔW|).", flag="--mask", choices=MERGE_MASKS,
+    )  # fmt: skip
+    norm_match: bool = opt(
+        False, "Control: train densely, merge the whole update scaled per module to the Frobenius norm of its "
+        "top-k part at --target-density (default: the LoRA budget).",
+    )  # fmt: skip
+
+    @property
+    def control(self) -> bool:
+        """A post-hoc control: the update trains densely and the task's end decides what is merged."""
+        return self.merge_mask != "gate" or self.norm_match
 
     def problems(self) -> list[str]:
+        out = []
+        if self.control and self.sparse:
+            out.append("--mask random|posthoc-topk and --norm-match train a dense update; drop --jumplora")
+        if self.merge_mask != "gate" and self.norm_match:
+            out.append("--norm-match merges the whole update; it does not combine with --mask")
         try:
             self.to_peft(["x"])
         except ValueError as err:
-            return [str(err).removeprefix("JumpLoraConfig: ")]
-        return []
+            out.append(str(err).removeprefix("JumpLoraConfig: "))
+        return out
 
     def to_peft(self, target_modules: list[str] | str) -> JumpLoraConfig:
         """The PEFT config of this adapter (JumpLoraConfig validates the values)."""
         from jumplora.adapters.config import JumpLoraConfig
 
         targets = target_modules if target_modules == "all-linear" else list(target_modules)
-        return JumpLoraConfig(**dataclasses.asdict(self), target_modules=targets)
+        values = {k: v for k, v in dataclasses.asdict(self).items() if k not in CONTROL_FIELDS}
+        return JumpLoraConfig(**values, target_modules=targets)
+
+
+#: AdapterConfig fields that are not JumpLoraConfig's: the run's merge, not the adapter's math.
+CONTROL_FIELDS = ("merge_mask", "norm_match")
 
 
 @dataclass
@@ -287,7 +313,9 @@ class RunConfig:
     def label(self) -> str:
         if self.runner != "continual":
             return self.runner
-        return f"{self.strategy.name}{'+jumplora' if self.adapter.sparse else ''}"
+        a = self.adapter
+        control = f"+mask-{a.merge_mask}" if a.merge_mask != "gate" else ("+norm-match" if a.norm_match else "")
+        return f"{self.strategy.name}{'+jumplora' if a.sparse else ''}{control}"
 
 
 PART_TYPES: dict[str, type] = {

@@ -33,9 +33,13 @@ from jumplora.adapters import (
     MergeResult,
     Sparsifier,
     merge_and_discard,
+    merge_controlled,
+    norm_match_scales,
+    random_masks,
     theta_learning_rate,
     threshold_parameters,
     threshold_values,
+    topk_masks,
 )
 from jumplora.adapters.residual import effective_weight
 from jumplora.adapters.sharded import average_gradients
@@ -183,11 +187,13 @@ class Engine:
     # -- evaluation -----------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, model: nn.Module, data: TaskData, predictions: list[dict] | None = None) -> dict[str, float]:
-        """Accuracy on the task's eval split (sharded over processes, counts summed).
+        """Accuracy and gold-answer NLL on the task's eval split (sharded over processes, sums reduced).
 
         Generative families answer by greedy generation scored by exact match (``accuracy``); the option
-        ranking by likelihood is measured beside it as ``rank_accuracy``. A ``predictions`` list receives
-        one record per item (every process's, in eval-split order) for error analysis.
+        ranking by likelihood is measured beside it as ``rank_accuracy``. ``gold_nll`` is the mean
+        negative log-likelihood of the gold answer (the continuous forgetting measure L) and
+        ``gold_nll_se`` its standard error over items. A ``predictions`` list receives one record per
+        item (every process's, in eval-split order) for error analysis.
         """
         faults.point("eval")
         family, modes = self.loaded.family, self._predict_modes()
@@ -202,13 +208,15 @@ class Engine:
         # Batches of similar lengths pad less (~10 % fewer tokens on the default stream); counts only.
         indices.sort(key=lambda i: len(data.eval_features[i]["input_ids"]))
         correct, bs = dict.fromkeys(modes, 0), self.config.optim.eval_batch_size
+        nll = NllSums()
         # The training forward is autocast by Accelerate's wrapper; evaluation calls the bare model.
         with family.eval_cache(model), self.accelerator.autocast():
             for start in range(0, len(indices), bs):
                 chunk = indices[start : start + bs]
                 batch = to_device(family.collate([data.eval_features[i] for i in chunk]), self.accelerator.device)
                 answers = [data.eval_examples[i].answer for i in chunk]
-                answered = self._predictions(model, batch, modes)
+                answered, gold_nll = family.answers_and_gold_nll(model, batch, modes)
+                nll.add(gold_nll)
                 hits = {
                     key: [family.is_correct(p, a) for p, a in zip(preds, answers, strict=True)]
                     for key, preds in answered.items()
@@ -216,25 +224,17 @@ class Engine:
                 for key, row in hits.items():
                     correct[key] += sum(row)
                 if predictions is not None:
-                    predictions += _prediction_records(chunk, answers, answered, hits)
+                    predictions += _prediction_records(chunk, answers, answered, hits, gold_nll)
         model.train(was_training)
         if predictions is not None and world > 1:  # every process's share, in order
             predictions[:] = sorted(gather_object(predictions), key=lambda record: record["index"])
-        totals = torch.tensor([*correct.values(), len(indices)], dtype=torch.float64, device=self.accelerator.device)
+        totals = torch.tensor([*correct.values(), len(indices), *nll.sums()], dtype=torch.float64,
+                              device=self.accelerator.device)  # fmt: skip
         if world > 1:
             totals = self.accelerator.reduce(totals, reduction="sum")
-        return {key: float(totals[k] / max(totals[-1], 1)) for k, key in enumerate(modes)}
-
-    def _predictions(self, model: nn.Module, batch: dict, modes: dict[str, str | None]) -> dict[str, list[str]]:
-        """Metric name → answers; generation and ranking together share one prefill of the prompts."""
-        family = self.loaded.family
-        if len(modes) > 1:
-            both = family.predict_both(model, batch)
-            return {key: both[mode] for key, mode in modes.items()}
-        return {
-            key: family.predict(model, batch, mode) if mode else family.predict(model, batch)
-            for key, mode in modes.items()
-        }
+        totals = totals.tolist()
+        scores = {key: totals[k] / max(totals[len(modes)], 1) for k, key in enumerate(modes)}
+        return scores | NllSums.summary(*totals[len(modes) + 1 :])
 
     def _predict_modes(self) -> dict[str, str | None]:
         """Metric name → predict mode; a generative family that generates also ranks, as a second metric."""
@@ -284,7 +284,10 @@ class Engine:
 
     def merge(self, peft_model: nn.Module, task_index: int) -> MergeResult:
         """Merge the task's gated update into the base weights; a diverged update is a numerical fault."""
-        merged = merge_and_discard(peft_model, keep_updates=True)
+        if self.config.adapter.control:
+            merged = self._controlled_merge(peft_model, task_index)
+        else:
+            merged = merge_and_discard(peft_model, keep_updates=True)
         if self.shard != "none" and self.config.adapter.sparse and density(merged.supports) == 0.0:
             raise NumericalError(  # θ above every |ΔW|: a run that merges nothing must not exit 0
                 f"task {self.tasks[task_index].task.name!r} (index {task_index}): the sharded merge kept no "
@@ -309,6 +312,16 @@ class Engine:
             base = weight - (update.t() if weight_is_transposed(modules[name]) else update)
             sizes[name] = (float(update.abs().max()), float(base.abs().max()))
         return sizes
+
+    def _controlled_merge(self, peft_model: nn.Module, task_index: int) -> MergeResult:
+        """A control's merge of the densely trained update (random / top-k support, or norm-matched)."""
+        a = self.config.adapter
+        if a.merge_mask == "random":
+            generator = torch.Generator().manual_seed(self.config.seed * 1000 + task_index)
+            return merge_controlled(peft_model, random_masks(peft_model, a.target_density, generator))
+        masks = topk_masks(peft_model, a.target_density)
+        scales = norm_match_scales(peft_model, masks) if a.norm_match else None
+        return merge_controlled(peft_model, masks, scales)
 
     def check_loss(self, loss: torch.Tensor, task_index: int, step: int) -> None:
         """Stop on a NaN/inf loss; with several processes, all of them stop (no one hangs in a collective)."""
@@ -548,13 +561,42 @@ def scores_by_metric(scores: list[dict[str, float]]) -> dict[str, list[float]]:
     return {key: [task[key] for task in scores] for key in scores[0]}
 
 
+class NllSums:
+    """Running count, sum and sum of squares of the items' gold-answer NLL (NaN items left out)."""
+
+    def __init__(self) -> None:
+        self.count = self.total = self.squares = 0.0
+
+    def add(self, values: list[float]) -> None:
+        for value in values:
+            if math.isfinite(value):
+                self.count, self.total, self.squares = self.count + 1, self.total + value, self.squares + value * value
+
+    def sums(self) -> list[float]:
+        return [self.count, self.total, self.squares]
+
+    @staticmethod
+    def summary(count: float, total: float, squares: float) -> dict[str, float]:
+        """``gold_nll`` (mean) and ``gold_nll_se`` (standard error of the mean); NaN with no items."""
+        if count == 0:
+            return {"gold_nll": math.nan, "gold_nll_se": math.nan}
+        mean = total / count
+        variance = max(squares / count - mean * mean, 0.0) * count / max(count - 1, 1)  # unbiased
+        return {"gold_nll": mean, "gold_nll_se": math.sqrt(variance / count)}
+
+
 def _prediction_records(
-    indices: list[int], answers: list[str], answered: dict[str, list[str]], hits: dict[str, list[bool]]
+    indices: list[int],
+    answers: list[str],
+    answered: dict[str, list[str]],
+    hits: dict[str, list[bool]],
+    gold_nll: list[float],
 ) -> list[dict[str, Any]]:
-    """``accuracy`` → prediction/correct, ``rank_accuracy`` → rank_prediction/rank_correct."""
+    """``accuracy`` → prediction/correct, ``rank_accuracy`` → rank_prediction/rank_correct; gold_nll beside."""
     records = []
     for row, (index, answer) in enumerate(zip(indices, answers, strict=True)):
-        record: dict[str, Any] = {"index": index, "answer": answer}
+        nll = gold_nll[row]
+        record: dict[str, Any] = {"index": index, "answer": answer, "gold_nll": nll if math.isfinite(nll) else None}
         for key, preds in answered.items():
             prefix = key.removesuffix("accuracy")
             record[f"{prefix}prediction"] = preds[row]

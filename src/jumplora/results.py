@@ -48,3 +48,10 @@ class RunResults(TypedDict):
     # What the run ran on: versions, git commit, device, dtype, threads, world size, effective batch
     # (jumplora.environment.run_environment; absent in runs made before it was recorded).
     environment: dict[str, Any]
+    # L: mean gold-answer NLL on task j after task i (lower is better), its standard errors over items,
+    # and the metrics on it (jumplora.metrics.cl.nll_metrics). Absent in runs made before L was recorded.
+    nll_matrix: list[list[float | None]] | None
+    nll_se_matrix: list[list[float | None]] | None
+    nll_zero_shot: list[float | None] | None
+    nll_se_zero_shot: list[float | None] | None
+    nll_metrics: dict[str, float | None] | None

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -35,7 +36,7 @@ from jumplora.engine import Engine, scores_by_metric
 from jumplora.environment import run_environment
 from jumplora.io import append_jsonl
 from jumplora.lock import RunLock
-from jumplora.metrics import cl_metrics
+from jumplora.metrics import cl_metrics, nll_metrics
 from jumplora.results import RunResults
 from jumplora.training_state import adapter_tensors, load_adapter_tensors
 
@@ -130,11 +131,15 @@ class Runner:
     def _record(self, scores: dict[str, list[float]], zero_shot: bool = False) -> None:
         """One evaluation of every task: a row of R (and of the ranking metric when there is one)."""
         p = self.progress
+        nll, nll_se = _finite_or_none(scores["gold_nll"]), _finite_or_none(scores["gold_nll_se"])
         self._track_evaluation(scores["accuracy"])
         if zero_shot:
             p.zero_shot, p.rank_zero_shot = scores["accuracy"], scores.get("rank_accuracy")
+            p.nll_zero_shot, p.nll_se_zero_shot = nll, nll_se
         else:
             p.rows.append(scores["accuracy"])
+            p.nll_rows.append(nll)
+            p.nll_se_rows.append(nll_se)
             if "rank_accuracy" in scores:
                 p.rank_rows.append(scores["rank_accuracy"])
 
@@ -169,9 +174,24 @@ class Runner:
             else None,
             "plots": [],
             "environment": self.environment(),
+            **self._nll_results(len(names)),
         }
         results.update(override)
         return results  # type: ignore[return-value]
+
+    def _nll_results(self, num_tasks: int) -> dict[str, Any]:
+        """L (gold-answer NLL after each task), its standard errors and the metrics computed on it."""
+        p = self.progress
+        complete = bool(p.nll_rows) and len(p.nll_rows) == num_tasks
+        return {
+            "nll_matrix": p.nll_rows or None,
+            "nll_se_matrix": p.nll_se_rows or None,
+            "nll_zero_shot": p.nll_zero_shot,
+            "nll_se_zero_shot": p.nll_se_zero_shot,
+            "nll_metrics": _nan_to_none(nll_metrics(np.array(p.nll_rows, dtype=float), p.nll_zero_shot))
+            if complete
+            else None,
+        }
 
     def finish(self, results: RunResults) -> RunResults:
         self._track_evaluation([], results.get("metrics"))
@@ -299,6 +319,12 @@ class _ReferenceRunner(Runner):
         override: dict[str, Any] = {"accuracy_matrix": [row], "metrics": {"op": float(np.mean(row))}}
         if rank is not None:  # generative families: the option-ranking score beside exact match
             override |= {"rank_accuracy_matrix": [rank], "rank_metrics": {"op": float(np.mean(rank))}}
+        nll = np.array(scores["gold_nll"], dtype=float)
+        override |= {
+            "nll_matrix": [_finite_or_none(scores["gold_nll"])],
+            "nll_se_matrix": [_finite_or_none(scores["gold_nll_se"])],
+            "nll_metrics": _nan_to_none({"final": float(nll.mean())}),
+        }
         return self.finish(self.results(True, **override, **self.extra(row)))
 
     def train_and_evaluate(self) -> dict[str, list[float]]:
@@ -338,6 +364,15 @@ class IndependentRunner(_ReferenceRunner):
 
     def extra(self, row: list[float]) -> dict[str, Any]:
         return {"independent": row}
+
+
+def _finite_or_none(values: list[float]) -> list[float | None]:
+    """JSON has no NaN: a cell without a scorable item is null."""
+    return [value if math.isfinite(value) else None for value in values]
+
+
+def _nan_to_none(metrics: dict[str, float | None]) -> dict[str, float | None]:
+    return {key: None if value is None or not math.isfinite(value) else value for key, value in metrics.items()}
 
 
 RUNNERS: dict[str, type[Runner]] = {r.name: r for r in (ContinualRunner, MultitaskRunner, IndependentRunner)}

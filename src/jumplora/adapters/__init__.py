@@ -8,6 +8,7 @@ from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
 from .config import JumpLoraConfig
+from .controls import MERGE_MASKS, merge_controlled, norm_match_scales, random_masks, topk_masks
 from .jumprelu import jumprelu, rectangle, threshold_grad
 from .layer import JumpLoraLayer, Linear
 from .model import JumpLoraModel, block_name
@@ -33,6 +34,7 @@ if JUMPLORA not in PEFT_TYPE_TO_CONFIG_MAPPING:
 
 __all__ = [
     "JUMPLORA",
+    "MERGE_MASKS",
     "JumpLoraConfig",
     "JumpLoraLayer",
     "JumpLoraModel",
@@ -45,7 +47,10 @@ __all__ = [
     "jumplora_layers",
     "jumprelu",
     "merge_and_discard",
+    "merge_controlled",
+    "norm_match_scales",
     "param_groups",
+    "random_masks",
     "rectangle",
     "set_gamma",
     "sparsity_stats",
@@ -54,4 +59,5 @@ __all__ = [
     "threshold_grad",
     "threshold_parameters",
     "threshold_values",
+    "topk_masks",
 ]

@@ -52,6 +52,7 @@ class JumpLoraConfig(PeftConfig):
     sparsify_end: float = adapter_field("sparsify_end")
     target_density: float | None = adapter_field("target_density")
     density_control: DensityControl = adapter_field("density_control")
+    target_path: Literal["flat", "falling"] = adapter_field("target_path")
     l0_lambda: float = adapter_field("l0_lambda")
     dual_lr: float = adapter_field("dual_lr")
     dual_gain: float = adapter_field("dual_gain")
@@ -102,6 +103,8 @@ class JumpLoraConfig(PeftConfig):
             problems.append(f"target_density must be in (0, 1], got {self.target_density}")
         if self.density_control not in ("none", "l0", "dual"):
             problems.append(f"density_control must be 'none', 'l0' or 'dual', got {self.density_control!r}")
+        if self.target_path not in ("flat", "falling"):
+            problems.append(f"target_path must be 'flat' or 'falling', got {self.target_path!r}")
         if self.l0_lambda < 0 or self.dual_lr < 0 or self.dual_gain < 0:
             problems.append("l0_lambda, dual_lr and dual_gain must be >= 0")
         if self.controller_theta_lr is not None and self.controller_theta_lr <= 0:

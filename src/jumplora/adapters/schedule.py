@@ -68,8 +68,10 @@ class _DensitySTE(torch.autograd.Function):
 class _Group:
     layers: list[JumpLoraLayer]
     entries: int
-    target: float
+    target: float  # the target now: final_target, or on a falling path a point between start and final
     multiplier: float = 0.0
+    start_target: float = 0.0
+    final_target: float = 0.0
     density: float | None = None  # measured at the current step (for the penalty and the dual update)
     band_per_eps: float = 0.0
     scale: float | None = None  # mean |ΔW| when θ was last set or tracked
@@ -126,7 +128,24 @@ class Sparsifier:
             group.process_group = sharded.group_of(group.layers)
             group.entries = sum(m.in_features * m.out_features for m in group.layers)
             budget = sum(m.r[adapter] * (m.in_features + m.out_features) for m in group.layers)
-            group.target = cfg.target_density if cfg.target_density is not None else budget / group.entries
+            group.final_target = cfg.target_density if cfg.target_density is not None else budget / group.entries
+            group.start_target = budget / group.entries if self.falling else group.final_target
+            group.target = group.start_target
+        # θ starts at the first target: the LoRA budget on a falling path (init_thresholds_to_budget's None)
+        self.init_density = None if self.falling else self.target_density
+
+    @property
+    def falling(self) -> bool:
+        return self.config.target_path == "falling"
+
+    def _set_targets(self, step: int) -> None:
+        """A falling path's target: geometric from the start target at the ramp start to the final at its end."""
+        if not self.falling:
+            return  # a flat target is never recomputed (the shipped path, bit for bit)
+        s = self.schedule
+        t = min(max((step - s.start_step) / max(s.end_step - s.start_step, 1), 0.0), 1.0)
+        for group in self.groups.values():
+            group.target = group.start_target ** (1 - t) * group.final_target**t
 
     @property
     def init_step(self) -> int:
@@ -144,8 +163,9 @@ class Sparsifier:
 
     def before_step(self, step: int) -> float:
         sharded.reshard(self.model)
+        self._set_targets(step)
         if self.initialised_at is None and step >= self.init_step:
-            init_thresholds_to_budget(self.model, self.adapter, self.target_density)
+            init_thresholds_to_budget(self.model, self.adapter, self.init_density)
             self.initialised_at = step
             for group in self.groups.values():
                 self._measure(group)
@@ -227,6 +247,7 @@ class Sparsifier:
     def finish(self) -> None:
         """End of task: make sure θ was initialised and the adapter is fully gated (γ = 1)."""
         sharded.reshard(self.model)
+        self._set_targets(self.schedule.total_steps)
         if self.initialised_at is None:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
             self.initialised_at = self.schedule.total_steps

@@ -14,6 +14,7 @@ from jumplora.metrics.cl import (
     fwt,
     fwt_vs_independent,
     learning_accuracy,
+    nll_metrics,
 )
 from jumplora.metrics.overlap import density, density_per_module, jaccard, overlap_matrix, support_size
 from jumplora.metrics.report import (
@@ -44,12 +45,15 @@ __all__ = [
     "learning_accuracy",
     "load_results",
     "load_runs",
+    "nll_metrics",
     "overlap_matrix",
     "plot_accuracy_curves",
     "plot_accuracy_heatmap",
     "plot_bars",
     "plot_comparison",
     "plot_density",
+    "plot_frontier",
+    "plot_nll_heatmap",
     "plot_overlap",
     "plot_run_figures",
     "plot_training_curves",

@@ -22,6 +22,7 @@ __all__ = [
     "fwt",
     "fwt_vs_independent",
     "learning_accuracy",
+    "nll_metrics",
 ]
 
 
@@ -121,4 +122,28 @@ def cl_metrics(
         "fwt_vs_independent": fwt_vs_independent(m, independent) if independent is not None else None,
         "forgetting": forgetting(m) if multi else None,
         "learning_accuracy": learning_accuracy(m),
+    }
+
+
+def nll_metrics(L: ArrayLike, zero_shot: VectorLike | None = None) -> dict[str, float | None]:
+    """The CL metrics on the gold-answer NLL matrix L (lower is better, so the signs differ from R's).
+
+    - ``final``: mean_j L[T-1, j], the NLL at the end (OP's twin);
+    - ``learned``: mean_j L[j, j], right after each task;
+    - ``bwt``: mean_{j<T-1} L[T-1, j] - L[j, j]; positive = forgetting (the answers became less likely);
+    - ``forgetting``: mean_{j<T-1} L[T-1, j] - min_{l in [j, T-2]} L[l, j];
+    - ``fwt``: mean_{j>=1} L[j-1, j] - zero_shot[j]; negative = earlier tasks helped.
+    NaN cells (no scorable item) propagate as NaN.
+    """
+    m = _as_matrix(L)
+    T = m.shape[0]
+    z = _as_vector(zero_shot, T, "zero_shot") if zero_shot is not None else None
+    multi = T >= 2
+    j = np.arange(T - 1)
+    return {
+        "final": float(m[-1].mean()),
+        "learned": float(np.diag(m).mean()),
+        "bwt": float((m[T - 1, j] - m[j, j]).mean()) if multi else None,
+        "forgetting": float(np.mean([m[T - 1, i] - m[i : T - 1, i].min() for i in j])) if multi else None,
+        "fwt": float((m[j, j + 1] - z[j + 1]).mean()) if multi and z is not None else None,
     }

@@ -24,6 +24,8 @@ __all__ = [
     "plot_bars",
     "plot_comparison",
     "plot_density",
+    "plot_frontier",
+    "plot_nll_heatmap",
     "plot_overlap",
     "plot_run_figures",
     "plot_training_curves",
@@ -115,6 +117,18 @@ def plot_accuracy_heatmap(
         ".1f",
         text_scale=100.0,
     )
+    return _save(fig, path)
+
+
+def plot_nll_heatmap(
+    L: Any, task_names: Sequence[str], path: str | Path, title: str = "Gold-answer NLL (nats) after each task"
+) -> Path:
+    """Annotated heat map of L (row i = after task i); colours run from 0 to the matrix's largest value."""
+    m = _square(L, task_names, "NLL matrix")
+    top = float(np.nanmax(m)) if np.isfinite(m).any() else 1.0
+    top = top if top > 0 else 1.0
+    rows = [f"after {n}" for n in task_names]
+    fig = _annotated_matrix(m / top, task_names, title, "task j", "after task i", rows, "viridis_r", ".2f", top)
     return _save(fig, path)
 
 
@@ -327,6 +341,9 @@ def write_run_plots(out: str | Path, results: Mapping[str, Any]) -> list[str]:
     if matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1] == len(names):
         written.append(plot_accuracy_heatmap(matrix, names, plots / "accuracy_heatmap.png", title=results["label"]))
         written.append(plot_accuracy_curves(matrix, names, plots / "accuracy_curves.png"))
+    nll = np.array(results.get("nll_matrix") or [], dtype=float)
+    if nll.shape == (len(names), len(names)):
+        written.append(plot_nll_heatmap(nll, names, plots / "nll_heatmap.png", title=f"{results['label']}: NLL"))
     per_task = results.get("per_task") or []
     if per_task and len(per_task) == len(names):
         written.append(plot_density([t["density"] for t in per_task], names, plots / "density.png"))
@@ -365,17 +382,49 @@ def plot_run_figures(
     name: str,
     *,
     title: str | None = None,
-    kinds: Sequence[str] = ("heatmap", "overlap", "training"),
+    kinds: Sequence[str] = ("heatmap", "nll", "overlap", "training"),
 ) -> list[Path]:
-    """A run's accuracy heat map, support overlap and training curves (``<kind>_<name>.png``), where defined."""
+    """A run's accuracy and NLL heat maps, support overlap and training curves (``<kind>_<name>.png``), where
+    defined (runs made before L have no NLL map)."""
     out, tasks = Path(out_dir), list(results["tasks"])
     matrix = np.array(results["accuracy_matrix"], dtype=float)
     made = []
     if "heatmap" in kinds and matrix.shape == (len(tasks), len(tasks)):
         made.append(plot_accuracy_heatmap(matrix, tasks, out / f"heatmap_{name}.png", title=title or name))
+    nll = np.array(results.get("nll_matrix") or [], dtype=float)
+    if "nll" in kinds and nll.shape == (len(tasks), len(tasks)):
+        made.append(plot_nll_heatmap(nll, tasks, out / f"nll_{name}.png", title=f"{title or name}: NLL (nats)"))
     overlap = results.get("overlap_matrix")
     if "overlap" in kinds and overlap and len(overlap) == len(tasks):
         made.append(plot_overlap(np.array(overlap), tasks, out / f"overlap_{name}.png"))
     if "training" in kinds and log_records:
         made.append(plot_training_curves(log_records, out / f"training_{name}.png"))
     return made
+
+
+#: The density frontier's panels: (key, axis label, scale).
+FRONTIER_PANELS = (("op", "OP (%)", 100.0), ("bwt", "BWT (%)", 100.0), ("nll_forgetting", "L forgetting (nats)", 1.0))
+
+
+def plot_frontier(points: Sequence[Mapping[str, Any]], path: str | Path, title: str = "Density frontier") -> Path:
+    """OP, BWT and L-forgetting against the final density (log scale): one dot per run, a line through the
+    means per ``series`` (e.g. dual's target sweep); ``points`` carry ``density``, ``series`` and the panel keys."""
+    fig, axes = _pyplot().subplots(1, len(FRONTIER_PANELS), figsize=(4.2 * len(FRONTIER_PANELS), 3.8))
+    series = sorted({str(p["series"]) for p in points})
+    for ax, (key, label, scale) in zip(axes, FRONTIER_PANELS, strict=True):
+        for name in series:
+            own = [p for p in points if str(p["series"]) == name and p.get(key) is not None]
+            if not own:
+                continue
+            xs = np.array([100 * float(p["density"]) for p in own])
+            ys = np.array([scale * float(p[key]) for p in own])
+            dots = ax.scatter(xs, ys, s=14, alpha=0.6, label=name)
+            means = sorted((x, float(ys[xs == x].mean())) for x in set(xs.tolist()))
+            ax.plot(*zip(*means, strict=True), color=dots.get_facecolor()[0], alpha=0.9)
+        ax.set_xscale("log")
+        ax.set_xlabel("final density (%)")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    return _save(fig, path)

@@ -182,6 +182,10 @@ def setting_label(config: Mapping[str, Any], stream: str | None = None) -> str:
         label = str(config["runner"])
     elif adapter.get("sparse") if isinstance(adapter, Mapping) else config.get("jumplora"):
         label += "+jumplora"
+    if isinstance(adapter, Mapping) and adapter.get("merge_mask", "gate") != "gate":  # a mechanism-study control
+        label += f"+mask-{adapter['merge_mask']}"
+    elif isinstance(adapter, Mapping) and adapter.get("norm_match"):
+        label += "+norm-match"
     return f"{label} / {stream or stream_label({'config': config})}"
 
 
@@ -539,3 +543,68 @@ def _matrix_latex(results: Mapping[str, Any]) -> str:
               for name, vals in matrix_rows(results)]  # fmt: skip
     lines += ["\\bottomrule", "\\end{tabular}"]
     return "\n".join(lines) + "\n"
+
+
+# -- per-run gold-answer NLL matrices (L) --------------------------------------------------------------
+def nll_matrix_rows(results: Mapping[str, Any]) -> list[tuple[str, list[float | None], list[float | None]]]:
+    """L with its standard errors and row labels (zero-shot, then "after <task>"); empty for runs without L."""
+    names = list(results.get("tasks") or [])
+    matrix, errors = list(results.get("nll_matrix") or []), list(results.get("nll_se_matrix") or [])
+    rows: list[tuple[str, list[float | None], list[float | None]]] = []
+    if not matrix:
+        return rows
+    if results.get("nll_zero_shot"):
+        rows.append(("zero-shot", list(results["nll_zero_shot"]), list(results.get("nll_se_zero_shot") or [])))
+    labels = [f"after {name}" for name in names] if len(matrix) == len(names) else [str(results.get("runner"))]
+    for label, row, se in zip(labels, matrix, errors or [[None] * len(names)] * len(matrix), strict=False):
+        rows.append((label, list(row), list(se)))
+    return rows
+
+
+def _nll(value: Any, se: Any = None) -> str:
+    v, e = _finite(value), _finite(se)
+    if v is None:
+        return "—"
+    return f"{v:.3f}" if e is None else f"{v:.3f} ± {e:.3f}"
+
+
+def format_nll_matrices(results: Sequence[Mapping[str, Any]], fmt: str) -> str | list[Table]:
+    """Each run's L (mean gold-answer NLL ± its standard error over items, nats) in ``fmt`` (not latex)."""
+    if fmt == "latex":
+        raise ValueError("--matrix --nll prints as table, markdown, csv or json")
+    if fmt == "json":
+        data = [
+            {"run_dir": r.get("run_dir"), "label": run_label(r), "tasks": r["tasks"],
+             "rows": [{"row": n, "nll": v, "se": e} for n, v, e in nll_matrix_rows(r)]}
+            for r in results
+        ]  # fmt: skip
+        return json.dumps(data, indent=2) + "\n"
+    if fmt == "csv":
+        buffer = io.StringIO()
+        writer = csv.writer(buffer, lineterminator="\n")
+        writer.writerow(["run_dir", "label", "row", "task", "nll", "se"])
+        for r in results:
+            for name, vals, errs in nll_matrix_rows(r):
+                for task, v, e in zip(r["tasks"], vals, errs or [None] * len(vals), strict=True):
+                    writer.writerow([r.get("run_dir"), run_label(r), name, task, v, e])
+        return buffer.getvalue()
+    tables, lines = [], []
+    for r in results:
+        rows = nll_matrix_rows(r)
+        title = f"Gold-answer NLL (nats, ± s.e.) — {run_label(r)} — {r.get('run_dir')}"
+        if not rows:
+            title += " — not recorded (run made before L)"
+        cells = [[name, *(_nll(v, e) for v, e in zip(vals, errs or [None] * len(vals), strict=True))]
+                 for name, vals, errs in rows]  # fmt: skip
+        if fmt == "markdown":
+            header = ["| after \\ on | " + " | ".join(map(str, r["tasks"])) + " |", "|---|" + "---:|" * len(r["tasks"])]
+            lines += [f"### {title}", "", *header, *("| " + " | ".join(c) + " |" for c in cells), ""]
+            continue
+        table = Table(title=escape(title))
+        table.add_column("after \\ on")
+        for task in r["tasks"]:
+            table.add_column(escape(str(task)), justify="right")
+        for row in cells:
+            table.add_row(*map(escape, row))
+        tables.append(table)
+    return "\n".join(lines) if fmt == "markdown" else tables

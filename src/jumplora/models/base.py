@@ -71,6 +71,17 @@ class ModelFamily(ABC):
     def predict(self, model: torch.nn.Module, batch: dict) -> list[str]:
         """Predicted answer strings (no gradients; putting the model in eval mode is the caller's job)."""
 
+    @abstractmethod
+    def answers_and_gold_nll(
+        self, model: torch.nn.Module, batch: dict, modes: dict[str, str | None]
+    ) -> tuple[dict[str, list[str]], list[float]]:
+        """Answers per metric (``modes``: metric name → predict mode) and each item's gold-answer NLL.
+
+        The NLL is the continuous twin of accuracy (the forgetting measure L): it moves when an answer
+        becomes less likely long before the answer flips. NaN for an item whose gold answer is not
+        among its options.
+        """
+
     def prepare_model(self, model: torch.nn.Module) -> None:
         """Make the model agree with the family's tokenizer (e.g. pad token); called once after loading."""
         del model  # encoders need nothing

@@ -145,14 +145,23 @@ class CausalFamily(GenerativeFamily):
 
     def predict_both(self, model: torch.nn.Module, batch: dict) -> dict[str, list[str]]:
         """Both metrics from one prefill: each prompt is encoded once, then ranked and continued."""
-        if not self._takes_positions(model):
-            return super().predict_both(model, batch)
+        scores, generated = self.scores_and_generation(model, batch, generate=True)
+        return {"generate": generated, "rank": self.best_options(batch["candidates"], scores)}
+
+    def scores_and_generation(
+        self, model: torch.nn.Module, batch: dict, generate: bool
+    ) -> tuple[list[torch.Tensor], list[str] | None]:
+        """Option scores and greedy answers from one prefill (each prompt encoded once)."""
+        if not generate or not self._takes_positions(model):
+            return super().scores_and_generation(model, batch, generate)
+        if "candidate_ids" not in batch:
+            raise ValueError("batch has no candidate_ids (features were not built by this family)")
         batch = to_device(batch, model_device(model))
         with torch.no_grad():
             prefill = self._prefill(model, batch)
             scores = self._score_from_prefill(model, prefill, batch["candidate_ids"])  # leaves the cache intact
             generated = self._greedy_from_prefill(model, prefill, self.max_new_tokens(batch))
-        return {"generate": generated, "rank": self.best_options(batch["candidates"], scores)}
+        return scores, generated
 
     @staticmethod
     def _takes_positions(model: torch.nn.Module) -> bool:

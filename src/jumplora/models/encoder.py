@@ -136,6 +136,19 @@ class EncoderRankingFamily(ModelFamily):
         texts: list[str] = batch["candidate_texts"]
         return [texts[i] for i in best]
 
+    def answers_and_gold_nll(
+        self, model: torch.nn.Module, batch: dict, modes: dict[str, str | None]
+    ) -> tuple[dict[str, list[str]], list[float]]:
+        """The best option, and the cross-entropy of the gold option over the item's options (one pass)."""
+        with torch.no_grad():
+            logits = self.scores(model, batch)
+            labels = batch["labels"].to(logits.device)
+            nll = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+            nll = nll.masked_fill(labels == -100, float("nan"))
+        texts: list[str] = batch["candidate_texts"]
+        best = [texts[i] for i in logits.argmax(-1).tolist()]
+        return dict.fromkeys(modes, best), nll.tolist()
+
     @contextlib.contextmanager
     def eval_cache(self, model: torch.nn.Module) -> Iterator[None]:
         """Embed each option once per evaluation: the options are shared by every batch."""

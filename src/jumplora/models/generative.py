@@ -74,6 +74,26 @@ class GenerativeFamily(ModelFamily):
         """Generated answers (exact match, the main metric) and ranked options (the second metric)."""
         return {mode: self.predict(model, batch, mode) for mode in PREDICT_MODES}
 
+    def answers_and_gold_nll(
+        self, model: torch.nn.Module, batch: dict, modes: dict[str, str | None]
+    ) -> tuple[dict[str, list[str]], list[float]]:
+        """Answers per metric and the gold option's summed token NLL (+eos), from the ranking's own scores."""
+        resolved = {key: mode or ("rank" if self.rank_options else "generate") for key, mode in modes.items()}
+        for mode in resolved.values():
+            if mode not in PREDICT_MODES:
+                raise ValueError(f"unknown predict mode {mode!r}; expected one of {PREDICT_MODES}")
+        scores, generated = self.scores_and_generation(model, batch, "generate" in resolved.values())
+        ranked = self.best_options(batch["candidates"], scores)
+        answers = {key: generated if mode == "generate" else ranked for key, mode in resolved.items()}
+        return answers, gold_nll(batch["candidates"], batch["answers"], scores)
+
+    def scores_and_generation(
+        self, model: torch.nn.Module, batch: dict, generate: bool
+    ) -> tuple[list[torch.Tensor], list[str] | None]:
+        """Every option's log-likelihood, and the greedy answers when ``generate`` (families may share work)."""
+        scores = self.candidate_log_likelihoods(model, batch)
+        return scores, (self.generate(model, batch) if generate else None)
+
     @staticmethod
     def best_options(candidates: list[tuple[str, ...]], scores: list[torch.Tensor]) -> list[str]:
         """Per example, the candidate with the highest score."""
@@ -140,3 +160,11 @@ class GenerativeFamily(ModelFamily):
                 row = row[: row.index(eos)]
             out.append(self.tokenizer.decode(row, skip_special_tokens=True).split("\n", 1)[0].strip())
         return out
+
+
+def gold_nll(candidates: list[tuple[str, ...]], answers: list[str], scores: list[torch.Tensor]) -> list[float]:
+    """−log p(gold option) per item (summed over its tokens); NaN when the gold answer is not an option."""
+    out = []
+    for cands, answer, row in zip(candidates, answers, scores, strict=True):
+        out.append(-float(row[cands.index(answer)]) if answer in cands else float("nan"))
+    return out
