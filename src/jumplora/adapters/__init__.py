@@ -7,8 +7,9 @@ Importing this package registers ``JUMPLORA`` with PEFT, so ``get_peft_model``,
 from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
 from peft.utils import register_peft_method
 
+from ..adapter_fields import MERGE_MASKS
 from .config import JumpLoraConfig
-from .controls import MERGE_MASKS, merge_controlled, norm_match_scales, random_masks, topk_masks
+from .controls import merge_controlled, norm_match_scales, random_masks, topk_masks
 from .jumprelu import jumprelu, rectangle, threshold_grad
 from .layer import JumpLoraLayer, Linear
 from .model import JumpLoraModel, block_name
