@@ -351,3 +351,16 @@ def test_export_quiet_prints_nothing_of_its_own_and_no_bars_when_redirected(tmp_
     assert "exported" in loud.stdout and quiet.stdout == ""
     assert "UserWarning" not in quiet.stderr and "peft" not in quiet.stderr, quiet.stderr[-2000:]
     assert "Writing" not in loud.stderr and "\r" not in loud.stderr  # redirected: no progress bars
+
+
+def test_model_card_escapes_a_pipe_in_task_names() -> None:
+    """Issue 29: a task named `b|c` split its row of the card's tables."""
+    from jumplora.export import model_card
+
+    results = {"config": {"strategy": {"name": "inclora", "args": {}}, "adapter": {"sparse": True}},
+               "tasks": ["a", "b|c"], "accuracy_matrix": [[0.5, 0.1], [0.4, 0.6]], "zero_shot": [0.1, 0.2],
+               "metrics": {"op": 0.5}, "stream": "s"}  # fmt: skip
+    card = model_card(results, [{"task_index": 1, "task": "b|c", "density": 0.04, "folder": None}], "base")
+    rows = [line for line in card.splitlines() if line.startswith("|") and "b\\|c" in line]
+    assert len(rows) == 3  # R's header, R's row after b|c, the per-task table
+    assert "b|c" not in card.replace("b\\|c", "")

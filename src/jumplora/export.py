@@ -341,13 +341,13 @@ def model_card(results: Mapping[str, Any], tasks: list[dict[str, Any]], base_id:
              f"- Strategy: {method}",
              *(f"- `{k}`: {_find(config, k)}" for k in _CARD_KEYS if _find(config, k) is not None),
              "", "## Accuracy matrix R (%): row = after task i, column = task j", "",
-             "| after \\ on | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]  # fmt: skip
-    lines += ["| " + " | ".join([label, *(_pct(v) for v in row)]) + " |" for label, row in matrix_rows(results)]
+             "| after \\ on | " + " | ".join(map(_cell, names)) + " |", "|---|" + "---:|" * len(names)]  # fmt: skip
+    lines += ["| " + " | ".join([_cell(label), *(_pct(v) for v in row)]) + " |" for label, row in matrix_rows(results)]
     metrics = results.get("metrics") or {}
     lines += ["", "| OP | BWT | FWT | forgetting |", "|---:|---:|---:|---:|",
               "| " + " | ".join(_pct(metrics.get(k)) for k in ("op", "bwt", "fwt", "forgetting")) + " |",
               "", "## Per-task updates", "", "| # | task | density (%) | folder |", "|---:|---|---:|---|"]  # fmt: skip
-    lines += [f"| {t['task_index']} | {t['task']} | {_pct(t.get('density'))} | {t.get('folder') or '—'} |"
+    lines += [f"| {t['task_index']} | {_cell(t['task'])} | {_pct(t.get('density'))} | {t.get('folder') or '—'} |"
               for t in tasks]  # fmt: skip
     lines += ["", "## Loading", "", "```python", "from transformers import AutoModel, AutoTokenizer", "",
               'model = AutoModel.from_pretrained("path/to/this/folder")',
@@ -355,8 +355,13 @@ def model_card(results: Mapping[str, Any], tasks: list[dict[str, Any]], base_id:
               "Each `task_updates/<NNN>_<task>/` holds one task's exact update: "
               "`jumplora.export.apply_task_update(model, folder, sign=-1)` removes it, `sign=+1` re-applies it; "
               "where `task_update.json` lists a `peft` entry, `peft.PeftModel.from_pretrained(base, folder)` "
-              "loads it onto the base model as a SHiRA adapter.", ""]  # fmt: skip
+              "loads it onto the base model (SHiRA if sparse, LoRA if dense).", ""]  # fmt: skip
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """A markdown table cell: a task named `b|c` must not split its row."""
+    return str(text).replace("|", "\\|")
 
 
 def _quantized_note(config: Mapping[str, Any]) -> list[str]:
