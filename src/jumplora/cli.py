@@ -372,7 +372,7 @@ def report(
     ] = False,
 ) -> None:
     """Compare finished runs: mean ± std over seeds of each setting (or each run's R with --matrix)."""
-    from jumplora.metrics.report import FORMATS, aggregate, format_matrices, format_rows, load_runs
+    from jumplora.metrics.report import FORMATS, aggregate, format_matrices, format_rows
 
     fmt = "markdown" if markdown else fmt
     if fmt not in FORMATS:
@@ -380,17 +380,9 @@ def report(
     if compare:
         _print_comparison(runs, fmt)
         return
-    dirs = _run_dirs(runs)
-    try:  # the loader --resume and export use: a damaged or edited run is one error line
-        results, skipped = load_runs(dirs)
-    except ValueError as err:
-        _fail(str(err))
     if plot is not None and plot.exists() and not plot.is_dir():
         _fail(f"--plot {plot}: exists and is not a folder")
-    for run_dir, reason in skipped:
-        console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(reason)}", highlight=False)
-    if not results:
-        _fail("no complete runs to report")
+    results = _complete_runs(runs)
     if drift:
         _print_drift(results, fmt)
         return
@@ -413,6 +405,22 @@ def report(
             out.print(table)
     if plot is not None:
         _report_plots(results, rows, plot)
+
+
+def _complete_runs(paths: list[Path]) -> list[dict]:
+    """Every complete run the arguments name, read as --resume reads it (a damaged run is one error line);
+    incomplete runs are skipped with a note."""
+    from jumplora.metrics.report import load_runs
+
+    try:
+        results, skipped = load_runs(_run_dirs(paths))
+    except ValueError as err:
+        _fail(str(err))
+    for run_dir, reason in skipped:
+        console.print(f"[yellow]skipped[/] {escape(str(run_dir))}: {escape(reason)}", highlight=False)
+    if not results:
+        _fail("no complete runs to report")
+    return results
 
 
 def _note_environment_differences(rows: list[dict], show_std_note: bool) -> None:
