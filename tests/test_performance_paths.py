@@ -43,8 +43,9 @@ def grads(layer, x, out, weight_too=False):
     params = [layer.jumplora_A["default"], layer.jumplora_B["default"], layer.jumplora_theta["default"]]
     if weight_too:
         params.append(layer.base_layer.weight)
-    g = torch.autograd.grad(out.sin().sum(), [x, *params], allow_unused=True)
-    return [torch.zeros((), dtype=torch.float64) if t is None else t.double() for t in g]
+    wrt = [x, *params]
+    g = torch.autograd.grad(out.sin().sum(), wrt, allow_unused=True)
+    return [torch.zeros_like(w, dtype=torch.float64) if t is None else t.double() for t, w in zip(g, wrt, strict=True)]
 
 
 def assert_grads_close(got, want):
