@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -157,19 +158,10 @@ class RunDirectory:
         return state
 
     def _load_checked(self, name: str, hashes: dict[str, str]) -> dict[str, torch.Tensor]:
-        """One read of the file: its hash is checked, then the same bytes are parsed."""
-        path = self.ckpt / name
-        try:
-            data = path.read_bytes()
-        except OSError as err:
-            state = self.ckpt / "state.json"
-            raise RunDirectoryError(f"{state}: names {name}, which is missing from {self.ckpt}") from err
-        if hashlib.sha256(data).hexdigest() != hashes[name]:
-            raise RunDirectoryError(f"{path}: content does not match the hash in state.json (edited or damaged)")
-        try:
-            return safetensors_load(data)
-        except Exception as err:  # safetensors raises its own error types
-            raise RunDirectoryError(f"{path}: not a readable safetensors file ({type(err).__name__})") from err
+        state = self.ckpt / "state.json"
+        return read_hashed_tensors(
+            self.ckpt / name, hashes[name], lambda err: f"{state}: names {name}, which is missing from {self.ckpt}"
+        )
 
     def trim_log(self, next_task: int, done_steps: int) -> None:
         """Drop the log lines written after the checkpoint (they will be written again)."""
@@ -236,7 +228,7 @@ class RunDirectory:
         if tensors is None:
             return None
         atomic_save_tensors(self.ckpt / name, tensors)
-        hashes[name] = _sha256(self.ckpt / name)
+        hashes[name] = file_sha256(self.ckpt / name)
         return name
 
     def _commit(self, state: dict[str, Any]) -> None:
@@ -404,7 +396,22 @@ def _checksum(state: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
 
 
-def _sha256(path: Path) -> str:
+def read_hashed_tensors(path: Path, expected: str, unreadable: Callable[[OSError], str]) -> dict[str, torch.Tensor]:
+    """One read of a tensor file: its sha256 checked against ``expected``, then the same bytes parsed.
+    ``unreadable(err)`` is the error line when the file cannot be read."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise RunDirectoryError(unreadable(err)) from err
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise RunDirectoryError(f"{path}: content does not match the hash in state.json (edited or damaged)")
+    try:
+        return safetensors_load(data)
+    except Exception as err:  # safetensors raises its own error types
+        raise RunDirectoryError(f"{path}: not a readable safetensors file ({type(err).__name__})") from err
+
+
+def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

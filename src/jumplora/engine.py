@@ -167,8 +167,12 @@ class Engine:
         return self.config.adapter.to_peft(self.target_modules)
 
     def new_adapter(self, base: nn.Module, task_index: int) -> nn.Module:
-        set_seed(self.config.seed * 1000 + task_index)
+        set_seed(self.task_seed(task_index))
         return peft.get_peft_model(base, self.peft_config())
+
+    def task_seed(self, task_index: int) -> int:
+        """The seed of everything drawn for one task (its adapter's init, a control's random support)."""
+        return self.config.seed * 1000 + task_index
 
     def steps_per_task(self) -> list[int]:
         """Optimizer steps each task takes (for checking a mid-task checkpoint's position)."""
@@ -317,7 +321,7 @@ class Engine:
         """A control's merge of the densely trained update (random / top-k support, or norm-matched)."""
         a = self.config.adapter
         if a.merge_mask == "random":
-            generator = torch.Generator().manual_seed(self.config.seed * 1000 + task_index)
+            generator = torch.Generator().manual_seed(self.task_seed(task_index))
             return merge_controlled(peft_model, random_masks(peft_model, a.target_density, generator))
         masks = topk_masks(peft_model, a.target_density)
         scales = norm_match_scales(peft_model, masks) if a.norm_match else None

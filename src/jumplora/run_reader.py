@@ -16,7 +16,6 @@ Errors are :class:`~jumplora.checkpoint.RunDirectoryError`, one line naming the 
 
 from __future__ import annotations
 
-import hashlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,10 +23,14 @@ from typing import Any
 
 from jumplora.checkpoint import (
     RunDirectoryError,
+    _brief,
+    _is_acc,
     _read_json,
     _validate_state,
     check_same_config,
+    file_sha256,
     first_difference,
+    read_hashed_tensors,
     read_state,
 )
 
@@ -90,33 +93,22 @@ def verify_checkpoint(run: Path, results: dict[str, Any]) -> dict[str, Any]:
 
 
 def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
     try:
-        with open(path, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 20), b""):
-                digest.update(chunk)
+        return file_sha256(path)
     except OSError as err:
-        raise RunDirectoryError(f"{path}: cannot read it ({err.strerror or err})") from err
-    return digest.hexdigest()
+        raise RunDirectoryError(_unreadable(path, err)) from err
+
+
+def _unreadable(path: Path, err: OSError) -> str:
+    return f"{path}: cannot read it ({err.strerror or err})"
 
 
 def load_checked_tensors(record: RunRecord, name: str) -> dict[str, Any]:
     """A tensor file the verified state names, read once: its sha256 checked, then the same bytes parsed."""
-    from safetensors.torch import load as safetensors_load
-
     if record.state is None or name not in record.state["hashes"]:
         raise RunDirectoryError(f"{record.path / 'checkpoint' / 'state.json'}: names no file {str(name)[:40]}")
     path = _confined(record.path / "checkpoint", name)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise RunDirectoryError(f"{path}: cannot read it ({err.strerror or err})") from err
-    if hashlib.sha256(data).hexdigest() != record.state["hashes"][name]:
-        raise RunDirectoryError(f"{path}: content does not match the hash in state.json (edited or damaged)")
-    try:
-        return safetensors_load(data)
-    except Exception as err:  # safetensors raises its own error types
-        raise RunDirectoryError(f"{path}: not a readable safetensors file ({type(err).__name__})") from err
+    return read_hashed_tensors(path, record.state["hashes"][name], lambda err: _unreadable(path, err))
 
 
 def _confined(folder: Path, name: str) -> Path:
@@ -211,10 +203,3 @@ def _is_number(value: Any, finite: bool = True) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and (not finite or math.isfinite(value))
 
 
-def _is_acc(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and 0.0 <= value <= 1.0
-
-
-def _brief(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:40] + "…"

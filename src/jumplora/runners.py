@@ -222,7 +222,7 @@ class ContinualRunner(Runner):
             if peft_model is None or engine.strategy.adapter_lifecycle != "shared":
                 peft_model = engine.new_adapter(model, i)
             else:  # a shared adapter: same per-task seeding, so a resumed run draws the same numbers
-                set_seed(self.config.seed * 1000 + i)
+                set_seed(self.engine.task_seed(i))
             checkpoint = self._commit_partial if engine.is_main else None
             peft_model, _ = engine.train_task(peft_model, i, engine.tasks[i].train_features,
                                               partial=partial if i == first else None,

@@ -134,6 +134,11 @@ class Sparsifier:
         # θ starts at the first target: the LoRA budget on a falling path (init_thresholds_to_budget's None)
         self.init_density = None if self.falling else self.target_density
 
+    def _reshard(self) -> None:
+        """FSDP2 units back to their shards before θ or ΔW is read; skipped (no module walk per step) unsharded."""
+        if any(group.process_group is not None for group in self.groups.values()):
+            sharded.reshard(self.model)
+
     @property
     def falling(self) -> bool:
         return self.config.target_path == "falling"
@@ -162,7 +167,7 @@ class Sparsifier:
         return self.mode != "none" and self.initialised_at is not None and not self.finished and bool(self.groups)
 
     def before_step(self, step: int) -> float:
-        sharded.reshard(self.model)
+        self._reshard()
         self._set_targets(step)
         if self.initialised_at is None and step >= self.init_step:
             init_thresholds_to_budget(self.model, self.adapter, self.init_density)
@@ -246,7 +251,7 @@ class Sparsifier:
 
     def finish(self) -> None:
         """End of task: make sure θ was initialised and the adapter is fully gated (γ = 1)."""
-        sharded.reshard(self.model)
+        self._reshard()
         self._set_targets(self.schedule.total_steps)
         if self.initialised_at is None:
             init_thresholds_to_budget(self.model, self.adapter, self.target_density)
