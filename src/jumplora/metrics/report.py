@@ -110,7 +110,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     when the run is not marked ``"complete": true``, so partial runs can never be averaged).
     The returned dict gets a ``"run_dir"`` entry for reporting.
     """
-    from jumplora.run_reader import read_run
+    from jumplora.run.directory import read_run
 
     record = read_run(run_dir, complete=False)
     if record.results.get("complete") is not True:
