@@ -13,7 +13,7 @@ import pytest
 
 from jumplora.lock import RunLock, RunLockedError
 
-LOCK_NAME = ".jumplora.lock"  # where the README and run/directory.py say the lock is
+LOCK_NAME = ".jumplora.lock"  # where docs/RELIABILITY.md and run/directory.py say the lock is
 
 HOLDER = textwrap.dedent(
     """

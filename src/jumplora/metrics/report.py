@@ -104,7 +104,7 @@ _REQUIRED = ("config", "tasks", "accuracy_matrix")
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     """Load ``run_dir/results.json`` (or a path to the file itself) of a *complete* run.
 
-    Read through ``jumplora.run_reader.read_run``, the loader ``--resume`` and ``export`` share: the
+    Read through ``jumplora.run.directory.read_run``, the loader ``--resume`` and ``export`` share: the
     schema is checked and, when the run has a checkpoint, results.json must agree with it and every
     file it names must match its hash. Raises ValueError naming the file (:class:`IncompleteRunError`
     when the run is not marked ``"complete": true``, so partial runs can never be averaged).
