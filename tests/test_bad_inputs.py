@@ -262,7 +262,7 @@ def edit_state(change) -> Callable[[Path], None]:
     """Edit checkpoint/state.json and recompute its checksum: only the schema and hash checks can catch it."""
 
     def edit(run: Path) -> None:
-        from jumplora.checkpoint import _checksum
+        from jumplora.run.validate import state_checksum as _checksum
 
         path = run / "checkpoint" / "state.json"
         state = json.loads(path.read_text())

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from jumplora.checkpoint import Progress, RunDirectory, RunDirectoryError
+from jumplora.run.directory import Progress, RunDirectory, RunDirectoryError
 
 CONFIG = {"out": "x", "seed": 0}
 FINGERPRINT = {"data/cb/train.json": "12:abc"}
@@ -58,7 +58,7 @@ def edit_state(rundir: RunDirectory, change) -> None:
 
 def recompute(change):
     """An edit that also recomputes the state's checksum, so only the schema check can catch it."""
-    from jumplora.checkpoint import _checksum
+    from jumplora.run.validate import state_checksum as _checksum
 
     def edit(state):
         change(state)

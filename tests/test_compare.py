@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from jumplora.checkpoint import predictions_file
 from jumplora.cli import app
 from jumplora.metrics.compare import PairingError, compare, measures_from_matrices, within_noise
 from jumplora.metrics.report import load_results
+from jumplora.run.directory import predictions_file
 
 TASKS = ("first", "second")
 ITEMS = 50

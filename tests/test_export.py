@@ -17,10 +17,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 from typer.testing import CliRunner
 
-from jumplora.checkpoint import Progress, RunDirectory
 from jumplora.cli import app
 from jumplora.config import RunConfig
 from jumplora.export import apply_task_update, export_run
+from jumplora.run.directory import Progress, RunDirectory
 from jumplora.runners import ContinualTrainer
 
 DATA = "/work/shared/cl_benchmark"

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jumplora.lock import LOCK_NAME, RunLock, RunLockedError
+from jumplora.lock import RunLock, RunLockedError
+
+LOCK_NAME = ".jumplora.lock"  # where docs/RELIABILITY.md and run/directory.py say the lock is
 
 HOLDER = textwrap.dedent(
     """

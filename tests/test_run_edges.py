@@ -15,8 +15,8 @@ runner = CliRunner()
 
 
 def test_disk_full_is_one_error_line_and_the_checkpoint_survives(tmp_path, tiny_model, monkeypatch) -> None:
-    import jumplora.checkpoint as checkpoint
-    from jumplora.checkpoint import read_state
+    import jumplora.run.directory as checkpoint
+    from jumplora.run.directory import read_state
 
     real, calls = checkpoint.atomic_save_tensors, []
 

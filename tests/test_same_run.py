@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from jumplora.checkpoint import RunDirectoryError
 from jumplora.config import RunConfig
 from jumplora.data import resolve_data_dir
+from jumplora.run.directory import RunDirectoryError
 
 
 def tiny(out: Path, model: str, **overrides) -> RunConfig:

@@ -272,8 +272,8 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
 
 def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """--out must be (or become) a writable directory, and not hold a run unless resumed/replaced."""
-    from jumplora.checkpoint import RunDirectoryError
-    from jumplora.checkpoint import check_out_dir as check
+    from jumplora.run.directory import RunDirectoryError
+    from jumplora.run.directory import check_out_dir as check
 
     try:
         check(out, resume=resume, overwrite=overwrite)
@@ -287,8 +287,8 @@ def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet
     A NaN/inf loss, threshold or diverged update exits with code 3; the last finished task's
     checkpoint stays.
     """
-    from jumplora.checkpoint import RunDirectoryError
     from jumplora.engine import NumericalError
+    from jumplora.run.directory import RunDirectoryError
     from jumplora.runners import ContinualTrainer
 
     out = Path(config.out)
@@ -439,11 +439,11 @@ def _run_dirs(paths: list[Path]) -> list[Path]:
     """Run directories from arguments: a run, a folder holding runs, or a (quoted) glob pattern."""
     import glob
 
-    from jumplora.metrics.report import find_runs
+    from jumplora.run.directory import find_runs, holds_results
 
     dirs: list[Path] = []
     for path in paths:
-        if (path / "results.json").exists():
+        if holds_results(path):
             dirs.append(path)
         elif path.is_dir():
             dirs.extend(find_runs(path))
@@ -529,15 +529,15 @@ def _print_cells(title: str, header: list[str], cells: list[list[str]], fmt: str
 
 
 def _report_plots(results: list[dict], rows: list[dict], out_dir: Path) -> None:
-    from jumplora.io import read_jsonl
     from jumplora.metrics.plots import plot_comparison, plot_run_figures
     from jumplora.metrics.report import run_label
+    from jumplora.run.directory import read_train_log
 
     made = plot_comparison(rows, out_dir, metrics=("op", "bwt", "fwt", "forgetting"))
     names = [Path(r["run_dir"]).name for r in results]
     for i, (res, name) in enumerate(zip(results, names, strict=True)):
         unique = name if names.count(name) == 1 else f"{i:03d}_{name}"
-        log = read_jsonl(Path(res["run_dir"]) / "train_log.jsonl")
+        log = read_train_log(res["run_dir"])
         made += plot_run_figures(res, log, out_dir, unique, title=run_label(res))
     console.print(f"wrote {len(made)} plots to {escape(str(out_dir))}", highlight=False)
 

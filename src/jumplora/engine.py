@@ -555,9 +555,9 @@ def _allow_precision_change(mixed_precision: str) -> None:
 
 
 def _tracking_dir(config: RunConfig) -> Any:
-    from pathlib import Path
+    from jumplora.run.directory import tracking_dir
 
-    return Path(config.out) / "tracking"
+    return tracking_dir(config.out)
 
 
 def scores_by_metric(scores: list[dict[str, float]]) -> dict[str, list[float]]:

@@ -32,7 +32,7 @@ import re
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -40,6 +40,9 @@ from torch import nn
 from jumplora.adapters.updates import apply_update, unpack_update
 from jumplora.cards import export_card_metadata, fix_adapter_card
 from jumplora.export_lora import is_dense_update, write_lora_adapter
+
+if TYPE_CHECKING:
+    from jumplora.run.directory import RunRecord
 
 __all__ = ["ExportError", "apply_task_update", "apply_update", "export_run", "load_run_model", "model_name"]
 
@@ -142,11 +145,12 @@ def _check_update_fits(model: nn.Module, tensors: dict[str, torch.Tensor], path:
 
 
 # -- the run ----------------------------------------------------------------------------------------
-def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any], list[str | None]]:
-    """(config, results, update file names) of a *complete* run, validated as ``--resume`` validates it
-    (``jumplora.run_reader``: checksum, schema, config.json, R against the checkpoint); ExportError otherwise."""
-    from jumplora.checkpoint import RunDirectoryError
-    from jumplora.run_reader import read_run as read_validated
+def read_run(run_dir: str | Path) -> RunRecord:
+    """A *complete* run with its checkpoint, validated as ``--resume`` validates it
+    (``jumplora.run.directory.read_run``: checksum, schema, config.json, R, every file's hash); ExportError
+    otherwise, with the error line ``--resume`` gives."""
+    from jumplora.run.directory import RunDirectoryError
+    from jumplora.run.directory import read_run as read_validated
 
     run = Path(run_dir)
     try:
@@ -158,17 +162,16 @@ def read_run(run_dir: str | Path) -> tuple[dict[str, Any], dict[str, Any], list[
     except RunDirectoryError as err:
         raise ExportError(str(err)) from err
     if len(record.updates) != len(record.results["tasks"]):
-        raise ExportError(f"{run / 'checkpoint' / 'state.json'}: does not list one update per task")
-    return record.results["config"], record.results, record.updates
+        raise ExportError(f"{record.state_path}: does not list one update per task")
+    return record
 
 
-def checked_update(run_dir: str | Path, name: str) -> dict[str, torch.Tensor]:
-    """One update file of the run, read only if its sha256 is the one state.json (checksum verified) records."""
-    from jumplora.checkpoint import RunDirectoryError, read_state
-    from jumplora.run_reader import RunRecord, load_checked_tensors
+def checked_update(record: RunRecord, name: str) -> dict[str, torch.Tensor]:
+    """One update file of the verified run, read only if its sha256 is the one state.json records."""
+    from jumplora.run.directory import RunDirectoryError, load_checked_tensors
 
     try:
-        return load_checked_tensors(RunRecord(Path(run_dir), {}, read_state(Path(run_dir))), name)
+        return load_checked_tensors(record, name)
     except RunDirectoryError as err:
         raise ExportError(str(err)) from err
 
@@ -199,11 +202,11 @@ def quantization(config: Mapping[str, Any]) -> str:
 
 def load_run_model(run_dir: str | Path) -> nn.Module:
     """The final merged model of a finished run: the base model plus every task's update, in order."""
-    config, _, updates = read_run(run_dir)
-    model, _, _ = load_base(config)
-    for name in updates:
+    record = read_run(run_dir)
+    model, _, _ = load_base(record.results["config"])
+    for name in record.updates:
         if name is not None:
-            apply_update(model, checked_update(run_dir, name))
+            apply_update(model, checked_update(record, name))
     return model
 
 
@@ -387,11 +390,13 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-") or "task"
 
 
-def _write_export(run: Path, out: Path, config: dict, results: dict, updates: list[str | None]) -> None:
+def _write_export(record: RunRecord, out: Path) -> None:
     from transformers import AutoTokenizer
 
     from jumplora.metrics.report import stream_label
 
+    results, updates = record.results, record.updates
+    config = results["config"]
     model, _, folder = load_base(config)
     pristine = copy.deepcopy(model)
     base_id = base_model_id(config)
@@ -401,7 +406,7 @@ def _write_export(run: Path, out: Path, config: dict, results: dict, updates: li
         density = per_task[index].get("density") if index < len(per_task) else None
         entry: dict[str, Any] = {"task_index": index, "task": task, "folder": None, "density": density}
         if name is not None:
-            tensors = checked_update(run, name)
+            tensors = checked_update(record, name)
             apply_update(model, tensors)
             sub = Path("task_updates") / f"{index:03d}_{_slug(task)}"
             meta = {"base_model": base_id, "task": task, "task_index": index, "stream": stream_label(results),
@@ -441,12 +446,12 @@ def export_run(run_dir: str | Path, out: str | Path, *, overwrite: bool = False)
     Never writes inside the run or over it, and removes only what it created: ``--overwrite`` replaces
     an earlier export only, and an existing ``out.partial`` is refused, not deleted."""
     run, out = Path(run_dir), Path(out)
-    config, results, updates = read_run(run)
+    record = read_run(run)
     tmp = out.with_name(out.name + ".partial")
     check_export_target(run, out, tmp, overwrite=overwrite)
     tmp.mkdir(parents=True)
     try:
-        _write_export(run, tmp, config, results, updates)
+        _write_export(record, tmp)
         (tmp / EXPORT_MARKER).write_text(json.dumps({"run": str(run.absolute())}) + "\n")
         if (out / EXPORT_MARKER).is_file():
             shutil.rmtree(out)  # an earlier export (checked above), replaced only once the new one is whole

@@ -18,7 +18,7 @@ import stat
 from pathlib import Path
 from types import TracebackType
 
-LOCK_NAME = ".jumplora.lock"
+from jumplora.run.directory import lock_file
 
 
 class RunLockedError(ValueError):
@@ -34,7 +34,7 @@ class RunLock:
 
     def __init__(self, out: Path) -> None:
         self.out = Path(out)
-        self.path = self.out / LOCK_NAME
+        self.path = lock_file(self.out)
         self._fd: int | None = None
 
     def acquire(self) -> RunLock:

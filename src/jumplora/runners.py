@@ -28,16 +28,23 @@ from torch import nn
 
 from jumplora.adapters import supports
 from jumplora.adapters.updates import apply_update, pack_update
-from jumplora.checkpoint import Progress, Restored, RunDirectory, check_out_dir, check_same_config, read_state
 from jumplora.cl import make_strategy
 from jumplora.config import RESUME_FREE_KEYS, RunConfig
 from jumplora.data import stream_fingerprint
 from jumplora.engine import Engine, scores_by_metric
 from jumplora.environment import run_environment
-from jumplora.io import append_jsonl
 from jumplora.lock import RunLock
 from jumplora.metrics import cl_metrics, nll_metrics
 from jumplora.results import RunResults
+from jumplora.run.directory import (
+    Progress,
+    Restored,
+    RunDirectory,
+    check_out_dir,
+    check_same_config,
+    has_checkpoint,
+    read_state,
+)
 from jumplora.training_state import adapter_tensors, load_adapter_tensors
 
 log = logging.getLogger("jumplora")
@@ -90,7 +97,7 @@ class Runner:
         engine.on_log = self._log
 
     def _log(self, record: dict[str, Any]) -> None:
-        append_jsonl(self.out / "train_log.jsonl", record)
+        self.rundir.append_log(record)
         if not sys.stderr.isatty():  # no progress bar to watch: a line per logged step instead
             log.info("%s", training_line(record))
         if self.config.report_to:
@@ -410,7 +417,7 @@ class ContinualTrainer:
     def check_resumable(self) -> None:
         """Refuse a resume whose configuration differs from the one the checkpoint recorded (config.json)."""
         out = Path(self.config.out)
-        if (out / "checkpoint" / "state.json").is_file():
+        if has_checkpoint(out):
             state = read_state(out)
             check_same_config(out, state.get("config"), self.config.to_dict(), RESUME_FREE_KEYS)
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from jumplora.checkpoint import predictions_file
+from jumplora.run.directory import predictions_file
 
 #: (key, label, unit scale): accuracy measures in points, NLL measures in nats.
 MEASURES: tuple[tuple[str, str, float], ...] = (

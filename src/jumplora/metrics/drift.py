@@ -19,8 +19,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from jumplora.checkpoint import predictions_file
 from jumplora.models.base import normalize_answer
+from jumplora.run.directory import predictions_file
 
 KINDS: tuple[str, ...] = ("correct", "own_option", "newest_task", "other_task", "no_option")
 
@@ -52,15 +52,15 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
 
     Raises NoPredictions naming the file when the run has no saved predictions or no task options.
     """
-    from jumplora.run_reader import read_run
+    from jumplora.run.directory import read_run
 
-    run = Path(run_dir)
-    results = read_run(run, complete=False).results  # the loader --resume and export use
+    record = read_run(run_dir, complete=False)  # the loader --resume and export use
+    run, results = record.path, record.results
     if results.get("runner", "continual") != "continual":
-        raise NoPredictions(f"{run / 'results.json'}: a {results['runner']} run has no earlier tasks to drift from")
+        raise NoPredictions(f"{record.results_path}: a {results['runner']} run has no earlier tasks to drift from")
     options = results.get("task_options")
     if not options:
-        raise NoPredictions(f"{run / 'results.json'}: no task_options (a run made before they were recorded)")
+        raise NoPredictions(f"{record.results_path}: no task_options (a run made before they were recorded)")
     tasks = results["tasks"]
     normal = {task: {normalize_answer(o) for o in options[task]} for task in tasks}
     stream = set().union(*normal.values())
@@ -82,8 +82,8 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
 def read_predictions(path: Path, key: str) -> list[dict[str, Any]]:
     """Every line of a predictions file, checked: a damaged line is an error, never skipped (the files are
     written whole, atomically, so a bad line means damage, and skipping it would change the shares)."""
-    from jumplora.checkpoint import RunDirectoryError
     from jumplora.data.safe import DataError, decode_utf8, read_bytes
+    from jumplora.run.directory import RunDirectoryError
 
     try:
         lines = decode_utf8(read_bytes(path, "saved predictions"), path, "saved predictions").splitlines()

@@ -331,11 +331,11 @@ def plot_bars(rows: Sequence[Mapping[str, Any]], metric: str, path: str | Path, 
 
 
 def write_run_plots(out: str | Path, results: Mapping[str, Any]) -> list[str]:
-    """Every plot of one run into ``out/plots/``; returns their paths relative to ``out``."""
-    from jumplora.io import read_jsonl
+    """Every plot of one run into its plots folder; returns their paths relative to ``out``."""
+    from jumplora.run.directory import plots_dir, read_train_log
 
     out = Path(out)
-    plots, names = out / "plots", results["tasks"]
+    plots, names = plots_dir(out), results["tasks"]
     written = []
     matrix = np.array(results["accuracy_matrix"])
     if matrix.ndim == 2 and matrix.shape[0] == matrix.shape[1] == len(names):
@@ -349,7 +349,7 @@ def write_run_plots(out: str | Path, results: Mapping[str, Any]) -> list[str]:
         written.append(plot_density([t["density"] for t in per_task], names, plots / "density.png"))
     if results.get("overlap_matrix") and len(results["overlap_matrix"]) == len(names):
         written.append(plot_overlap(np.array(results["overlap_matrix"]), names, plots / "overlap.png"))
-    log = read_jsonl(out / "train_log.jsonl")
+    log = read_train_log(out)
     if log:
         written.append(plot_training_curves(log, plots / "training_curves.png"))
     return [str(Path(p).relative_to(out)) for p in written]

@@ -104,13 +104,13 @@ _REQUIRED = ("config", "tasks", "accuracy_matrix")
 def load_results(run_dir: str | Path) -> dict[str, Any]:
     """Load ``run_dir/results.json`` (or a path to the file itself) of a *complete* run.
 
-    Read through ``jumplora.run_reader.read_run``, the loader ``--resume`` and ``export`` share: the
+    Read through ``jumplora.run.directory.read_run``, the loader ``--resume`` and ``export`` share: the
     schema is checked and, when the run has a checkpoint, results.json must agree with it and every
     file it names must match its hash. Raises ValueError naming the file (:class:`IncompleteRunError`
     when the run is not marked ``"complete": true``, so partial runs can never be averaged).
     The returned dict gets a ``"run_dir"`` entry for reporting.
     """
-    from jumplora.run_reader import read_run
+    from jumplora.run.directory import read_run
 
     record = read_run(run_dir, complete=False)
     if record.results.get("complete") is not True:

@@ -19,6 +19,7 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_MASKED_LM_MAPPING_NAMES,
 )
+from transformers.utils import CONFIG_NAME  # a model folder's config file (not a run's config.json)
 
 from jumplora.adapters.residual import disable_cpu_repack
 
@@ -211,7 +212,7 @@ def load_model(
         _check_family(family)
     quantized = {"quantization_config": quantization_config(quantize, dtype)} if quantize != "none" else {}
     folder = resolve_model(path, revision)
-    if not (folder / "config.json").is_file():
+    if not (folder / CONFIG_NAME).is_file():
         raise ModelLoadError(f"model path {str(folder)!r} is not a model folder (no config.json)")
     _check_weights(folder)
     common = {"local_files_only": True, "trust_remote_code": trust_remote_code}

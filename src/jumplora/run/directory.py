@@ -1,11 +1,15 @@
-"""The run directory: outputs, and the checkpoints that make a run resumable.
+"""The run directory: the one module that knows where a run's files are, and reads and writes them.
 
-Layout of ``out/``::
+Layout of ``out/`` (every name below is written in this module only; tests/test_architecture.py
+checks that no other module outside ``jumplora/run/`` builds a path inside a run directory)::
 
     config.json            the configuration (a resumed run must match it)
     results.json           R so far, metrics, analytics; ``"complete": true`` only at the very end
     train_log.jsonl        one line per logged optimizer step
     plots/*.png            heatmap, curves, density, overlap, training curves (at the end)
+    predictions/NN-after-TASK.jsonl   each evaluation's answers (``--save-predictions``)
+    tracking/              the trackers' files (``--report-to``)
+    .jumplora.lock         the run lock (``jumplora.lock``)
     checkpoint/state.json  the commit point: progress (task pointer, rows of R, analytics, step
                            counter), the data fingerprint, the files below with their sha256, and
                            a checksum of its own content
@@ -20,7 +24,14 @@ the updates in order, which reproduces the merged weights bit for bit. Every fil
 temporary name and renamed; files whose content changes from task to task carry the task count in
 their name, and ``state.json`` (written last) names the ones that belong together with their hashes, so
 a crash at any moment leaves the previous consistent checkpoint, and an edited file is refused.
-Nothing here is ever unpickled, and this module holds values only: the engine decides what they mean.
+
+Writers (the runners) go through :class:`RunDirectory`. Readers of a run (export, report, drift, plots)
+go through :func:`read_run`, which applies the checks of a resume with the same code and the same error
+lines: results.json's schema; state.json's checksum and schema; config.json equal to the config the
+checkpoint recorded; results.json agreeing with the checkpoint; every file the checkpoint names a
+plain file inside ``checkpoint/`` whose sha256 matches. A reader that trusted results.json could be made
+to print, export or plot something the run never computed. Nothing here is ever unpickled, and this
+module holds values only: the runners decide what they mean.
 """
 
 from __future__ import annotations
@@ -37,18 +48,77 @@ import torch
 from safetensors.torch import load as safetensors_load
 
 from jumplora import faults
-from jumplora.io import atomic_save_tensors, atomic_write_json, atomic_write_text, read_jsonl
+from jumplora.io import append_jsonl, atomic_save_tensors, atomic_write_json, atomic_write_text, read_jsonl
 from jumplora.io import remove_temporaries as _remove_temporaries
+from jumplora.run.validate import (
+    FORMAT_VERSION,
+    first_difference,
+    results_problem,
+    state_checksum,
+    validate_state,
+)
 
-PREDICTIONS = "predictions"  # folder of per-evaluation answers (``save_predictions``)
-
-FORMAT_VERSION = 4  # 4: state.json records the run's config (config.json must match it)
+# -- the layout: every name inside a run directory -------------------------------------------------------
+_CONFIG = "config.json"
+_RESULTS = "results.json"
+_TRAIN_LOG = "train_log.jsonl"
+_CHECKPOINT = "checkpoint"
+_STATE = "state.json"
+_PLOTS = "plots"
+_TRACKING = "tracking"
+_PREDICTIONS = "predictions"
+_LOCK = ".jumplora.lock"
+_RUN_FOLDERS = (_CHECKPOINT, _PLOTS, _TRACKING, _PREDICTIONS)  # folders a run writes into
 # Files in checkpoint/ that a newer commit replaces (deleted once no state.json names them).
 _VERSIONED_PREFIXES = ("strategy_", "adapter_", "partial_")
 
 
 class RunDirectoryError(ValueError):
     """The output directory cannot be used as asked (exists, does not match on resume, or was edited)."""
+
+
+def holds_results(path: str | Path) -> bool:
+    """Whether ``path`` is a run directory with a results.json (finished or not)."""
+    return (Path(path) / _RESULTS).exists()
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """All directories under ``root`` (inclusive) that contain a results.json, sorted."""
+    return sorted({f.parent for f in Path(root).rglob(_RESULTS)})
+
+
+def has_checkpoint(out: str | Path) -> bool:
+    """Whether the run in ``out`` has committed a checkpoint (``--resume`` has something to continue)."""
+    return _state_path(out).is_file()
+
+
+def predictions_file(out: str | Path, number: int, after: str) -> Path:
+    """``out/predictions/NN-after-TASK.jsonl``: evaluation ``number`` of the run (0 is zero-shot)."""
+    return Path(out) / _PREDICTIONS / f"{number:02d}-{after.replace(' ', '-')}.jsonl"
+
+
+def tracking_dir(out: str | Path) -> Path:
+    """The folder the trackers (``--report-to``) write into."""
+    return Path(out) / _TRACKING
+
+
+def plots_dir(out: str | Path) -> Path:
+    """The folder of the run's figures (``metrics.plots.write_run_plots``)."""
+    return Path(out) / _PLOTS
+
+
+def lock_file(out: str | Path) -> Path:
+    """The run lock's file (held by ``jumplora.lock.RunLock``)."""
+    return Path(out) / _LOCK
+
+
+def read_train_log(out: str | Path) -> list[dict[str, Any]]:
+    """train_log.jsonl's records (empty when the run logged nothing)."""
+    return read_jsonl(Path(out) / _TRAIN_LOG)
+
+
+def _state_path(out: str | Path) -> Path:
+    return Path(out) / _CHECKPOINT / _STATE
 
 
 @dataclass
@@ -96,24 +166,24 @@ class RunDirectory:
         self.free_keys = free_keys  # top-level config keys a resumed run may change (output-only options)
         self.num_tasks = num_tasks
         self.fingerprint = fingerprint
-        self.ckpt = self.out / "checkpoint"
+        self.ckpt = self.out / _CHECKPOINT
         self._state: dict[str, Any] | None = None  # the committed state.json
 
     # -- lifecycle ------------------------------------------------------------------------------------
     def start(self) -> None:
         """A fresh run: clear what an earlier run left (results first: never a stale 'complete')."""
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "results.json").unlink(missing_ok=True)
-        for folder in (self.ckpt, self.out / "plots", self.out / "tracking", self.out / PREDICTIONS):
+        (self.out / _RESULTS).unlink(missing_ok=True)
+        for folder in (self.out / name for name in _RUN_FOLDERS):
             if folder.is_dir():
                 shutil.rmtree(folder)
-        (self.out / "train_log.jsonl").unlink(missing_ok=True)
+        (self.out / _TRAIN_LOG).unlink(missing_ok=True)
         _remove_temporaries(self.out)
-        atomic_write_json(self.out / "config.json", self.config)
+        atomic_write_json(self.out / _CONFIG, self.config)
         self._state = None
 
     def has_checkpoint(self) -> bool:
-        return (self.ckpt / "state.json").is_file()
+        return has_checkpoint(self.out)
 
     # -- reading --------------------------------------------------------------------------------------
     def load(self, steps_per_task: list[int]) -> Restored | None:
@@ -123,9 +193,10 @@ class RunDirectory:
         """
         if not self.has_checkpoint():
             return None
-        state = self._read_state(steps_per_task)
+        state = _checked_state(self.out, self.num_tasks, steps_per_task)
+        self._check_fingerprint(state)
         check_same_config(self.out, state["config"], self.config, self.free_keys)
-        tensors = {name: self._load_checked(name, state["hashes"]) for name in state["hashes"]}
+        tensors = {name: _checked_tensors(self.out, state, name) for name in state["hashes"]}
         progress = Progress(**{k: state[k] for k in asdict(Progress()) if k in state})
         partial = None
         if state["partial"] is not None and state["partial"]["task"] == progress.next_task:
@@ -141,31 +212,23 @@ class RunDirectory:
         self._state = state
         return restored
 
-    def _read_state(self, steps_per_task: list[int]) -> dict[str, Any]:
-        path = self.ckpt / "state.json"
-        state = read_state(self.out)
-        try:
-            _validate_state(state, self.num_tasks, steps_per_task)
-        except (KeyError, TypeError, ValueError) as err:
-            raise RunDirectoryError(f"{path}: {err}") from err
+    def _check_fingerprint(self, state: dict[str, Any]) -> None:
         if state["fingerprint"] != self.fingerprint:
             changed = sorted(k for k in set(state["fingerprint"]) | set(self.fingerprint)
                              if state["fingerprint"].get(k) != self.fingerprint.get(k))  # fmt: skip
             raise RunDirectoryError(
-                f"{path}: the data changed since the checkpoint ({len(changed)} file(s), e.g. {changed[0][-80:]}); "
-                "start a new run (--overwrite) instead of resuming"
+                f"{_state_path(self.out)}: the data changed since the checkpoint ({len(changed)} file(s), e.g. "
+                f"{changed[0][-80:]}); start a new run (--overwrite) instead of resuming"
             )
-        return state
 
-    def _load_checked(self, name: str, hashes: dict[str, str]) -> dict[str, torch.Tensor]:
-        state = self.ckpt / "state.json"
-        return read_hashed_tensors(
-            self.ckpt / name, hashes[name], lambda err: f"{state}: names {name}, which is missing from {self.ckpt}"
-        )
+    # -- writing ----------------------------------------------------------------------------------------
+    def append_log(self, record: dict[str, Any]) -> None:
+        """One logged optimizer step, appended to train_log.jsonl."""
+        append_jsonl(self.out / _TRAIN_LOG, record)
 
     def trim_log(self, next_task: int, done_steps: int) -> None:
         """Drop the log lines written after the checkpoint (they will be written again)."""
-        log = self.out / "train_log.jsonl"
+        log = self.out / _TRAIN_LOG
         kept = [
             r
             for r in read_jsonl(log)
@@ -176,7 +239,6 @@ class RunDirectory:
         _remove_temporaries(self.out)
         _remove_temporaries(self.ckpt)
 
-    # -- writing ----------------------------------------------------------------------------------------
     def commit(
         self,
         progress: Progress,
@@ -232,8 +294,8 @@ class RunDirectory:
         return name
 
     def _commit(self, state: dict[str, Any]) -> None:
-        state = {**state, "checksum": _checksum(state)}
-        atomic_write_json(self.ckpt / "state.json", state)  # the commit point
+        state = {**state, "checksum": state_checksum(state)}
+        atomic_write_json(self.ckpt / _STATE, state)  # the commit point
         self._state = state
         keep = {state["strategy"], state["adapter"], (state["partial"] or {}).get("file")}
         for path in self.ckpt.iterdir():
@@ -251,7 +313,7 @@ class RunDirectory:
         return path
 
     def write_results(self, results: dict[str, Any]) -> None:
-        atomic_write_json(self.out / "results.json", results)
+        atomic_write_json(self.out / _RESULTS, results)
 
     def finish(self, results: dict[str, Any]) -> None:
         faults.point("finish")
@@ -268,8 +330,6 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
     """
     import tempfile
 
-    from jumplora.lock import LOCK_NAME
-
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise RunDirectoryError(f"--out {out}: exists and is not a directory")
@@ -281,7 +341,7 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
             pass
     except OSError as err:
         raise RunDirectoryError(f"--out {out}: cannot write in {existing} ({err.strerror or err})") from err
-    if not (out.is_dir() and any(p.name != LOCK_NAME for p in out.iterdir())):
+    if not (out.is_dir() and any(p.name != _LOCK for p in out.iterdir())):
         return
     if not (resume or overwrite):
         raise RunDirectoryError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
@@ -290,12 +350,11 @@ def check_out_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
         flag = "--resume" if resume else "--overwrite"
         raise RunDirectoryError(f"{out}: holds files but not a jumplora run ({why_not}); {flag} acts on runs only, "
                                 "so nothing was touched: choose another --out")  # fmt: skip
-    for name in ("checkpoint", "plots", "tracking", PREDICTIONS):  # folders a run writes into
-        sub = out / name
+    for sub in (out / name for name in _RUN_FOLDERS):
         if sub.is_symlink() or (sub.exists() and not sub.is_dir()):
             raise RunDirectoryError(f"{sub}: the run writes a folder here, but this is a file or a symlink; "
                                     "nothing was touched: move it away")  # fmt: skip
-    if resume and not (out / "checkpoint" / "state.json").is_file() and (out / "results.json").exists():
+    if resume and not has_checkpoint(out) and (out / _RESULTS).exists():
         raise RunDirectoryError(f"{out} has results but no checkpoint to resume from")
 
 
@@ -303,7 +362,7 @@ def not_a_run(out: Path) -> str:
     """Why the non-empty folder ``out`` is not a jumplora run directory ('' when it is one)."""
     from jumplora.config import PART_TYPES, ConfigError, check_types
 
-    path = Path(out) / "config.json"
+    path = Path(out) / _CONFIG
     if not path.is_file() or path.is_symlink():
         return "no config.json"
     try:
@@ -315,12 +374,7 @@ def not_a_run(out: Path) -> str:
     return f"config.json has no {missing[0]!r} section" if missing else ""
 
 
-# -- helpers ----------------------------------------------------------------------------------------------
-def predictions_file(out: Path, number: int, after: str) -> Path:
-    """``out/predictions/NN-after-TASK.jsonl``: evaluation ``number`` of the run (0 is zero-shot)."""
-    return Path(out) / PREDICTIONS / f"{number:02d}-{after.replace(' ', '-')}.jsonl"
-
-
+# -- the checkpoint, read as --resume reads it ----------------------------------------------------------
 def _read_json(path: Path, what: str) -> Any:
     """A JSON file of the run, size-capped, depth-limited and strict; RunDirectoryError naming it."""
     from jumplora.data.safe import DataError, decode_utf8, loads_json, read_bytes
@@ -331,11 +385,11 @@ def _read_json(path: Path, what: str) -> Any:
         raise RunDirectoryError(f"{path}: cannot read {what} ({str(err).removeprefix(f'{path}: ')[:160]})") from err
 
 
-def read_state(out: Path) -> dict[str, Any]:
+def read_state(out: str | Path) -> dict[str, Any]:
     """``out/checkpoint/state.json`` with its checksum verified (the schema is the caller's to check)."""
-    path = Path(out) / "checkpoint" / "state.json"
+    path = _state_path(out)
     state = _read_json(path, "the checkpoint")
-    if not isinstance(state, dict) or state.get("checksum") != _checksum(state):
+    if not isinstance(state, dict) or state.get("checksum") != state_checksum(state):
         raise RunDirectoryError(f"{path}: its checksum does not match its content (edited or damaged)")
     if state.get("format") != FORMAT_VERSION:
         raise RunDirectoryError(
@@ -345,12 +399,22 @@ def read_state(out: Path) -> dict[str, Any]:
     return state
 
 
+def _checked_state(out: Path, num_tasks: int, steps_per_task: list[int]) -> dict[str, Any]:
+    """state.json: checksum and format (:func:`read_state`), then every key, type and range."""
+    state = read_state(out)
+    try:
+        validate_state(state, num_tasks, steps_per_task)
+    except (KeyError, TypeError, ValueError) as err:
+        raise RunDirectoryError(f"{_state_path(out)}: {err}") from err
+    return state
+
+
 def check_same_config(out: Path, recorded: Any, config: dict[str, Any] | None, free_keys: frozenset[str]) -> None:
     """One definition of "the same run": config.json equals the config the checkpoint recorded, and
     ``config`` (the run asked for now; None to check the files only) equals it but for ``free_keys``."""
-    path = Path(out) / "config.json"
+    path = Path(out) / _CONFIG
     if not isinstance(recorded, dict):
-        raise RunDirectoryError(f"{out / 'checkpoint' / 'state.json'}: field config must be an object")
+        raise RunDirectoryError(f"{_state_path(out)}: field config must be an object")
     edited = first_difference(recorded, _read_json(path, "the run's configuration"))
     if edited:
         raise RunDirectoryError(f"{path}: edited since the checkpoint was written ({edited}); it no longer "
@@ -362,38 +426,42 @@ def check_same_config(out: Path, recorded: Any, config: dict[str, Any] | None, f
                                     f"{changed}); use another --out or --overwrite")  # fmt: skip
 
 
-def first_difference(saved: Any, now: Any, path: str = "", skip: frozenset[str] = frozenset()) -> str | None:
-    """``field: saved → now`` for the first (dotted) field where two configs differ; None when equal.
-
-    Top-level keys in ``skip`` are ignored; 1 equals 1.0 (a float field may be written either way)."""
-    if isinstance(saved, dict) and isinstance(now, dict):
-        for key in [*saved, *(k for k in now if k not in saved)]:
-            if not path and key in skip:
-                continue
-            where = f"{path}.{key}" if path else str(key)
-            if key not in saved or key not in now:
-                return f"{where}: {'absent' if key not in saved else 'set'} → {'absent' if key not in now else 'set'}"
-            found = first_difference(saved[key], now[key], where)
-            if found:
-                return found
-        return None
-    if isinstance(saved, list | tuple) and isinstance(now, list | tuple) and len(saved) == len(now):
-        found = (first_difference(a, b, f"{path}[{i}]") for i, (a, b) in enumerate(zip(saved, now, strict=True)))
-        return next((f for f in found if f), None)
-    if saved == now and isinstance(saved, bool) == isinstance(now, bool) and type(saved) is not list:
-        return None
-    return f"{path}: {_brief(saved)} → {_brief(now)}"
+def _checked_file(out: Path, name: Any) -> Path:
+    """``checkpoint/name`` when it is a plain file name of a regular, non-symlinked file there."""
+    folder = Path(out) / _CHECKPOINT
+    path = folder / str(name)
+    plain = isinstance(name, str) and name == Path(name).name and not name.startswith(".")
+    if not plain or path.is_symlink() or (path.exists() and not path.is_file()):
+        raise RunDirectoryError(f"{folder / _STATE}: file {str(name)[:60]!r} is not a plain file of {folder}")
+    if not path.exists():
+        raise RunDirectoryError(f"{folder / _STATE}: names {name}, which is missing from {folder}")
+    return path
 
 
-def _brief(value: Any, limit: int = 40) -> str:
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "…"
+def _checked_tensors(out: Path, state: dict[str, Any], name: str) -> dict[str, torch.Tensor]:
+    """A tensor file state.json names, read once: its sha256 checked, then the same bytes parsed."""
+    path = _checked_file(out, name)
+    return read_hashed_tensors(path, state["hashes"][name], lambda err: _unreadable(path, err))
 
 
-def _checksum(state: dict[str, Any]) -> str:
-    """sha256 of the state's content (all but the checksum itself), in canonical JSON."""
-    body = {k: v for k, v in state.items() if k != "checksum"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+def _check_hashes(out: Path, state: dict[str, Any]) -> None:
+    """Every file state.json names, in the order ``--resume`` reads them, against its sha256."""
+    for name, expected in state["hashes"].items():
+        path = _checked_file(out, name)
+        try:
+            digest = file_sha256(path)
+        except OSError as err:
+            raise RunDirectoryError(_unreadable(path, err)) from err
+        if digest != expected:
+            raise RunDirectoryError(_hash_mismatch(path))
+
+
+def _unreadable(path: Path, err: OSError) -> str:
+    return f"{path}: cannot read it ({err.strerror or err})"
+
+
+def _hash_mismatch(path: Path) -> str:
+    return f"{path}: content does not match the hash in state.json (edited or damaged)"
 
 
 def read_hashed_tensors(path: Path, expected: str, unreadable: Callable[[OSError], str]) -> dict[str, torch.Tensor]:
@@ -404,7 +472,7 @@ def read_hashed_tensors(path: Path, expected: str, unreadable: Callable[[OSError
     except OSError as err:
         raise RunDirectoryError(unreadable(err)) from err
     if hashlib.sha256(data).hexdigest() != expected:
-        raise RunDirectoryError(f"{path}: content does not match the hash in state.json (edited or damaged)")
+        raise RunDirectoryError(_hash_mismatch(path))
     try:
         return safetensors_load(data)
     except Exception as err:  # safetensors raises its own error types
@@ -419,55 +487,71 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _expect(cond: bool, message: str) -> None:
-    if not cond:
-        raise ValueError(message)
+# -- a finished (or running) run, read for export, report, drift and plots ---------------------------------
+@dataclass
+class RunRecord:
+    """A validated run: its folder, results, and (when it has one) the verified checkpoint state."""
+
+    path: Path
+    results: dict[str, Any]
+    state: dict[str, Any] | None
+
+    @property
+    def results_path(self) -> Path:
+        """The run's results.json (for messages naming it)."""
+        return self.path / _RESULTS
+
+    @property
+    def state_path(self) -> Path:
+        """The run's checkpoint/state.json (for messages naming it)."""
+        return _state_path(self.path)
+
+    @property
+    def updates(self) -> list[str | None]:
+        """Each task's update file name (None where a shared adapter's update is folded into a later one)."""
+        return list(self.state["updates"]) if self.state else []
 
 
-def _validate_state(state: Any, num_tasks: int, steps_per_task: list[int]) -> None:
-    """Every key, type and range of state.json; raises ValueError naming the field."""
-    _expect(isinstance(state, dict), "the checkpoint is not a JSON object")
-    _expect(state.get("format") == FORMAT_VERSION, f"unknown checkpoint format {str(state.get('format'))[:20]}")
-    n = state["next_task"]
-    _expect(type(n) is int and 0 <= n <= num_tasks, f"field next_task must be in [0, {num_tasks}], got {str(n)[:20]}")
-    rows, zero_shot = state["rows"], state["zero_shot"]
-    _expect(isinstance(zero_shot, list) and len(zero_shot) == num_tasks and all(map(_is_acc, zero_shot)),
-            f"field zero_shot must hold {num_tasks} accuracies")  # fmt: skip
-    _expect(isinstance(rows, list) and len(rows) == n, f"field rows must hold next_task={n} rows")
-    for i, row in enumerate(rows):
-        _expect(isinstance(row, list) and len(row) == num_tasks and all(map(_is_acc, row)),
-                f"field rows[{i}] must hold {num_tasks} accuracies in [0, 1]")  # fmt: skip
-    if state["rank_rows"]:
-        _expect(len(state["rank_rows"]) == n and all(isinstance(r, list) and len(r) == num_tasks and
-                                                      all(map(_is_acc, r)) for r in state["rank_rows"]),
-                f"field rank_rows must hold next_task={n} rows of {num_tasks} accuracies")  # fmt: skip
-    for key in ("per_task", "updates", "supports"):
-        _expect(isinstance(state[key], list) and len(state[key]) == n, f"field {key} must have next_task={n} entries")
-    _expect(type(state["global_step"]) is int and state["global_step"] >= 0, "field global_step must be an int >= 0")
-    _expect(isinstance(state["wall_time_s"], (int, float)), "field wall_time_s must be a number")
-    _expect(isinstance(state["fingerprint"], dict), "field fingerprint must be an object")
-    _expect(isinstance(state["config"], dict), "field config must be an object")
-    hashes = state["hashes"]
-    _expect(isinstance(hashes, dict), "field hashes must be an object")
-    named = [*state["updates"], *state["supports"], state["strategy"], state["adapter"]]
-    if state["partial"] is not None:
-        named.append(_validate_partial(state["partial"], n, steps_per_task))
-    for name in named:
-        _expect(name is None or (isinstance(name, str) and name in hashes and "/" not in name),
-                f"file {str(name)[:40]} has no hash in field hashes")  # fmt: skip
-    _expect(all(name is not None for name in state["supports"]), "field supports has an empty entry")
+def read_run(run_dir: str | Path, *, need_checkpoint: bool = False, complete: bool = True) -> RunRecord:
+    """``run_dir`` (or its results.json) validated as ``--resume`` validates it; RunDirectoryError otherwise.
+
+    results.json is read size-capped, strict and depth-limited and its schema checked key by key; when the
+    run has a checkpoint, :func:`verify_checkpoint` holds it to what a resume would accept."""
+    given = Path(run_dir)
+    run = given.parent if given.name == _RESULTS else given
+    path = run / _RESULTS
+    results = _read_json(path, "the run's results")
+    problem = results_problem(results)
+    if problem:
+        raise RunDirectoryError(f"{path}: {problem}")
+    if complete and results.get("complete") is not True:
+        raise RunDirectoryError(f'{path}: the run is incomplete ("complete" is not true); finish it first')
+    if need_checkpoint and not has_checkpoint(run):
+        raise RunDirectoryError(f"{_state_path(run)}: missing; the run kept no checkpoint")
+    state = verify_checkpoint(run, results) if has_checkpoint(run) else None
+    return RunRecord(run, results, state)
 
 
-def _validate_partial(partial: Any, next_task: int, steps_per_task: list[int]) -> str:
-    _expect(isinstance(partial, dict), "field partial must be an object")
-    task, step = partial["task"], partial["step"]
-    _expect(type(task) is int and task == next_task, f"field partial.task must be next_task={next_task}")
-    limit = steps_per_task[task] if task < len(steps_per_task) else 0
-    _expect(type(step) is int and 0 < step < limit, f"field partial.step must be in (0, {limit}), got {str(step)[:20]}")
-    for key in ("epoch", "micro", "global_step"):
-        _expect(type(partial[key]) is int and partial[key] >= 0, f"field partial.{key} must be an int >= 0")
-    return partial["file"]
+def verify_checkpoint(run: Path, results: dict[str, Any]) -> dict[str, Any]:
+    """state.json (checksum, schema, files, hashes) and its agreement with config.json and results.json:
+    the checks of ``RunDirectory.load``, in its order and with its error lines."""
+    from jumplora.config import RESUME_FREE_KEYS
+
+    num_tasks = len(results["tasks"])
+    state = _checked_state(run, num_tasks, [2**62] * num_tasks)
+    check_same_config(run, state["config"], None, frozenset())
+    config = first_difference(state["config"], results["config"], skip=RESUME_FREE_KEYS)
+    for key, name in (("rows", "accuracy_matrix"), ("zero_shot", "zero_shot"), ("per_task", "per_task")):
+        differs = f"config.{config}" if config else first_difference({name: state[key]}, {name: results.get(name)})
+        if differs:
+            raise RunDirectoryError(f"{run / _RESULTS}: does not match the checkpoint ({differs}); "
+                                    "edited or from another run")  # fmt: skip
+    _check_hashes(run, state)
+    return state
 
 
-def _is_acc(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= 1.0
+def load_checked_tensors(record: RunRecord, name: str) -> dict[str, Any]:
+    """A tensor file the verified state names, read once: its sha256 checked, then the same bytes parsed."""
+    if record.state is None or name not in record.state["hashes"]:
+        raise RunDirectoryError(f"{record.state_path}: names no file {str(name)[:40]}")
+    return _checked_tensors(record.path, record.state, name)
