@@ -190,7 +190,8 @@ def main(argv: list[str] | None = None) -> int:
     for files in pending.values():
         for path, text in files.items():
             write_atomically(path, text)
-    print(f"{len(runs)} runs: {len(pending)} migrated to schema {SCHEMA_VERSION}, {len(runs) - len(pending)} already at it")
+    done = len(runs) - len(pending)
+    print(f"{len(runs)} runs: {len(pending)} migrated to schema {SCHEMA_VERSION}, {done} already at it")
     return 0
 
 
