@@ -129,7 +129,7 @@ def migrate_results(results: Any, where: str) -> dict[str, Any]:
     return migrated
 
 
-def _read(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -139,12 +139,12 @@ def _read(path: Path) -> Any:
 def migrate_run(run_dir: Path) -> dict[Path, str]:
     """The files of ``run_dir`` that change, with their new text (empty when it is at schema 2)."""
     path = run_dir / RESULTS_FILE
-    results = _read(path)
+    results = read_json(path)
     migrated = migrate_results(results, str(path))
     changes = {} if migrated is results else {path: dump(migrated)}
     config_path = run_dir / CONFIG_FILE
     if config_path.exists():  # the options the run was started with: the same config, so the same shape
-        recorded = _read(config_path)
+        recorded = read_json(config_path)
         if recorded not in (results["config"], migrated["config"]):
             raise MigrationError(f"{config_path}: differs from {path}'s config; migrate it by hand")
         if recorded != migrated["config"]:
