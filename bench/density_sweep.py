@@ -3,7 +3,7 @@
 Two models. The packaged MiniLM runs `jumplora run --order 1 --strategy inclora --eval-split dev` (names
 ``S-dual``, …). SmolLM2-135M runs dense-probe settings of bench/grid.py (dbpedia, amazon, agnews; dev;
 48 items per task; names ``smol-S-dual``, …). A run whose ``results.json`` says ``complete`` is skipped,
-so the script can be stopped and restarted. Outputs: ``bench/runs/density_sweep/<name>/`` and the
+so the script can be stopped and restarted. Outputs: ``studies/runs/density_sweep/<name>/`` and the
 summary table ``docs/density_sweep.md``.
 
     python bench/density_sweep.py --jobs 2            # run what is missing, then write the table
@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-OUT = ROOT / "bench" / "runs" / "density_sweep"
+OUT = ROOT / "studies" / "runs" / "density_sweep"
 TABLE = ROOT / "docs" / "density_sweep.md"
 
 # Task length → options; optimizer steps per task = max_train × epochs / batch size.
@@ -49,7 +49,7 @@ MODES = {
     "dual1pct": ["--jumplora", "--density-control", "dual", "--target-density", "0.01"],
 }
 # Runs identical to one done elsewhere (same options and seed): the table reads that run.
-REUSED = {"smol-L-dense": ROOT / "bench" / "runs_smollm2" / "probe-lr1e-3-e3"}
+REUSED = {"smol-L-dense": ROOT / "studies" / "runs_smollm2" / "probe-lr1e-3-e3"}
 # Most informative first: if the budget runs out, the tail is what is missing.
 PRIORITY = ["S-dual", "S-none", "L-dual", "L-none", "S-dense", "L-dense", "S-l0", "L-l0", "XL-none", "XL-dual",
             "smol-L-dense", "smol-L-none", "smol-L-dual", "smol-S-none", "smol-S-dual", "smol-S-dense",

@@ -10,7 +10,7 @@
     python bench/grid.py smollm2         # SmolLM2-135M: the generative study at that budget (issue 11)
     python bench/grid.py smollm2-ella-past  # SmolLM2-135M: ELLA + JumpLoRA, W_past merged or dense (dev, order 1)
     python bench/grid.py smollm2-long    # SmolLM2-135M: long order 4 (≈ 3-4 h a run on CPU; bench/gpu.sh generative)
-    python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from bench/runs/
+    python bench/make_results.py         # docs/RESULTS.md + docs/results/*.png from studies/runs*/
 
 Every run is a `jumplora run` subprocess with ``THREADS_PER_RUN`` torch threads (``--threads-per-run``;
 1: measured in bench/speed.py --precision, one 2-thread process ran 0.2-0.4x as fast as a 1-thread one on
@@ -38,8 +38,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-RUNS = ROOT / "bench" / "runs"
-TUNED = ROOT / "bench" / "tuned.json"
+#: The committed studies: run folders (results schema 2, bench/migrate_runs.py) and what tuning chose.
+STUDIES = ROOT / "studies"
+RUNS = STUDIES / "runs"
+TUNED = STUDIES / "tuned.json"
 
 STRATEGIES = ("seqlora", "inclora", "ella", "olora")
 # Budgets, the same for every method (per task): examples for training / evaluation, epochs.
@@ -51,6 +53,13 @@ TUNE_TASKS = "dbpedia,amazon,agnews"  # order 1 without yahoo, whose dev split i
 # Defaults before tuning: what the search starts from.
 BASE = {"lr": 1e-3, "batch_size": 16, "r": 8, "lora_alpha": 32}
 JUMP_BASE = {"bandwidth": 1e-3, "sparsify_start": 0.2, "sparsify_end": 0.8, "threshold_param": "log"}
+# Reference rows are runners, not strategies.
+RUNNER_NAMES = ("multitask", "independent")
+
+
+def with_args(opts: dict, **strategy_args) -> dict:
+    """``opts`` with more strategy arguments (``--strategy-arg name=value``) beside the ones it has."""
+    return {**opts, "strategy_args": {**opts.get("strategy_args", {}), **strategy_args}}
 
 
 def tuning_runs() -> dict[str, dict]:
@@ -72,17 +81,22 @@ def tuning_runs() -> dict[str, dict]:
         }
     runs["tune-inclora-jl-direct"] = {"strategy": "inclora", "jumplora": True, "threshold_param": "direct"}
     for lam in (1e2, 1e4, 1e6, 1e8):  # the update scale of MiniLM differs from T5's
-        runs[f"tune-ella-lam{lam:g}"] = {"strategy": "ella", "ella_lambda": lam}
+        runs[f"tune-ella-lam{lam:g}"] = {"strategy": "ella", "strategy_args": {"lam": lam}}
     for lam in (0.1, 1.0):
-        runs[f"tune-olora-lam{lam:g}"] = {"strategy": "olora", "olora_lambda": lam}
+        runs[f"tune-olora-lam{lam:g}"] = {"strategy": "olora", "strategy_args": {"lam_orth": lam}}
     for name, opts in runs.items():
         opts.update({"tasks": TUNE_TASKS, "eval_split": "dev", "seed": 0, **TUNE_BUDGET})
         runs[name] = {**BASE, **(JUMP_BASE if opts.get("jumplora") else {}), **opts}
     return runs
 
 
+def method(strategy: str) -> dict:
+    """The options naming a method: a strategy, or a reference runner (multitask, independent)."""
+    return {"runner": strategy} if strategy in RUNNER_NAMES else {"strategy": strategy}
+
+
 def _opts(tuned: dict, strategy: str, jump: bool, order: int, seed: int, budget: dict, **extra) -> dict:
-    opts = {**BASE, **tuned.get("common", {}), "strategy": strategy, "order": order, "seed": seed, **budget}
+    opts = {**BASE, **tuned.get("common", {}), **method(strategy), "order": order, "seed": seed, **budget}
     opts.update(tuned.get(strategy, {}))
     if jump:
         opts.update({"jumplora": True, **JUMP_BASE, **tuned.get("jumplora", {})})
@@ -121,9 +135,9 @@ def final_runs(tuned: dict) -> dict[str, dict]:
 # The study with the density-controlled defaults (issue 10): the paper's ramp 0.2 → 0.8 and
 # `--density-control dual` to the LoRA budget, no hand-tuned late ramp. Order 4 at a budget where dense
 # methods forget (192 train / 100 eval per task), 3 seeds for the headline strategies.
-RUNS_V2 = ROOT / "bench" / "runs_v2"
+RUNS_V2 = STUDIES / "runs_v2"
 V2_BUDGET = {"max_train": 192, "max_eval": 100, "epochs": 1}
-V2_TUNED = {"ella": {"ella_lambda": 1e6}, "olora": {"olora_lambda": 1.0}}  # bench/tuned.json, kept
+V2_TUNED = {"ella": {"strategy_args": {"lam": 1e6}}, "olora": {"strategy_args": {"lam_orth": 1.0}}}  # tuned.json
 
 
 V2_STANDARD_RUNS = ((1, 0), (1, 1), (1, 2), (2, 0), (3, 0))  # (order, seed) of the headline strategies
@@ -138,7 +152,7 @@ def study_run(
     settings: dict, strategy: str, jump: bool, order: int, seed: int, tuned: dict = V2_TUNED
 ) -> tuple[str, dict]:
     """A run of a study at its defaults (v2 and SmolLM2): its directory name and its options."""
-    opts = {**settings, "strategy": strategy, "order": order, "seed": seed, **tuned.get(strategy, {})}
+    opts = {**settings, **method(strategy), "order": order, "seed": seed, **tuned.get(strategy, {})}
     if jump:
         opts["jumplora"] = True
     return study_name(strategy, jump, order, seed), opts
@@ -146,7 +160,7 @@ def study_run(
 
 # MiniLM's v2 order-1 IncLoRA runs again with their answers saved: what forgotten answers become, beside
 # SmolLM2's (same options, same seed, so R should repeat runs_v2's).
-RUNS_DRIFT = ROOT / "bench" / "runs_drift"
+RUNS_DRIFT = STUDIES / "runs_drift"
 
 
 def drift_runs() -> dict[str, dict]:
@@ -181,15 +195,15 @@ def v2_runs() -> dict[str, dict]:
 def v2_ella_past_runs() -> dict[str, dict]:
     """MiniLM's ELLA + JumpLoRA again with a dense W_past, beside runs_v2's (merged) on the same orders and seeds."""
     return {
-        study_name("ella", True, o, s, "-pastdense"): {**study_run({**BASE, **V2_BUDGET}, "ella", True, o, s)[1],
-                                                       "ella_past": "dense"}
+        study_name("ella", True, o, s, "-pastdense"): with_args(study_run({**BASE, **V2_BUDGET}, "ella", True, o, s)[1],
+                                                                past="dense")
         for o, s in V2_STANDARD_RUNS
     }  # fmt: skip
 
 
 # The generative study (issue 11): SmolLM2-135M-Instruct answers in free text, scored by exact match.
 # First a budget search on dev splits (dense IncLoRA must forget measurably), then the grid at that budget.
-RUNS_SMOL = ROOT / "bench" / "runs_smollm2"
+RUNS_SMOL = STUDIES / "runs_smollm2"
 SMOL_BASE = {
     "model": "smollm2-135m", "batch_size": 8, "eval_batch_size": 16, "r": 8, "lora_alpha": 32, "save_predictions": True,
 }  # fmt: skip
@@ -217,8 +231,8 @@ SMOL_BUDGET = {"lr": 1e-3, "max_train": 160, "epochs": 3, "max_eval": 48}
 
 # The strategies' λ on SmolLM2's dev splits at the study budget. MiniLM's values are the centre: ELLA's
 # penalty there is ≈ 10 % of the task loss on SmolLM2 (≈ 20 % on MiniLM), so one step either side is enough.
-SMOL_TUNING = {"ella": ("ella_lambda", (1e5, 1e6, 1e7)), "olora": ("olora_lambda", (0.1, 1.0))}
-SMOL_TUNED = ROOT / "bench" / "tuned_smollm2.json"
+SMOL_TUNING = {"ella": ("lam", (1e5, 1e6, 1e7)), "olora": ("lam_orth", (0.1, 1.0))}
+SMOL_TUNED = STUDIES / "tuned_smollm2.json"
 
 
 def smollm2_tuning_runs() -> dict[str, dict]:
@@ -227,14 +241,14 @@ def smollm2_tuning_runs() -> dict[str, dict]:
     for strategy, (key, values) in SMOL_TUNING.items():
         for value in values:
             runs[f"tune-{strategy}-lam{value:g}"] = {
-                **SMOL_BASE, **SMOL_BUDGET, "strategy": strategy, key: value, "tasks": SMOL_PROBE_TASKS,
-                "eval_split": "dev", "seed": 0,
+                **SMOL_BASE, **SMOL_BUDGET, "strategy": strategy, "strategy_args": {key: value},
+                "tasks": SMOL_PROBE_TASKS, "eval_split": "dev", "seed": 0,
             }  # fmt: skip
     return runs
 
 
 def choose_smollm2_tuned() -> dict | None:
-    """Each strategy's λ with the best dev OP (then BWT), written to bench/tuned_smollm2.json once all ran."""
+    """Each strategy's λ with the best dev OP (then BWT), written to studies/tuned_smollm2.json once all ran."""
     runs = smollm2_tuning_runs()
     if not all(is_complete(RUNS_SMOL / name) for name in runs):
         return None
@@ -243,13 +257,13 @@ def choose_smollm2_tuned() -> dict | None:
         tried = {name: opts for name, opts in runs.items() if opts["strategy"] == strategy}
         metrics = {name: json.loads((RUNS_SMOL / name / "results.json").read_text())["metrics"] for name in tried}
         best = max(tried, key=lambda name: (metrics[name]["op"], metrics[name]["bwt"]))
-        chosen[strategy] = {key: tried[best][key]}
+        chosen[strategy] = {"strategy_args": {key: tried[best]["strategy_args"][key]}}
     SMOL_TUNED.write_text(json.dumps(chosen, indent=1) + "\n")
     return chosen
 
 
 def smollm2_tuned() -> dict[str, dict]:
-    """λ chosen on dev (bench/tuned_smollm2.json) where it exists, else MiniLM's."""
+    """λ chosen on dev (studies/tuned_smollm2.json) where it exists, else MiniLM's."""
     tuned = json.loads(SMOL_TUNED.read_text()) if SMOL_TUNED.exists() else {}
     return {strategy: tuned.get(strategy, V2_TUNED[strategy]) for strategy in V2_TUNED}
 
@@ -266,7 +280,7 @@ def smollm2_run(strategy: str, jump: bool, order: int, seed: int, ella_past: str
         return name, opts
     past = ella_past or smollm2_ella_jl_past()
     suffix = "" if past == "merged" else f"-past{past}"
-    return study_name(strategy, jump, order, seed, suffix), {**opts, "ella_past": past}
+    return study_name(strategy, jump, order, seed, suffix), with_args(opts, past=past)
 
 
 def smollm2_run_name(strategy: str, jump: bool, order: int, seed: int) -> str:
@@ -300,7 +314,7 @@ def smollm2_ella_past_runs() -> dict[str, dict]:
     tuned = smollm2_tuned()
     dev = {"tasks": SMOL_PROBE_TASKS, "eval_split": "dev", "seed": 0, "jumplora": True}
     ella = {**SMOL_BASE, **SMOL_BUDGET, **dev, "strategy": "ella", **tuned["ella"]}
-    runs = {f"ellajl-past-{past}": {**ella, "ella_past": past} for past in ELLA_PASTS}
+    runs = {f"ellajl-past-{past}": with_args(ella, past=past) for past in ELLA_PASTS}
     for past in ELLA_PASTS:
         runs |= dict(smollm2_run("ella", True, 1, seed, past) for seed in SMOL_ELLA_PAST_TEST_SEEDS)
     return runs
@@ -326,26 +340,19 @@ def is_complete(out: Path) -> bool:
         return False
 
 
-# Reference rows are runners, not strategies; strategy hyper-parameters go through --strategy-arg.
-RUNNER_NAMES = ("multitask", "independent")
-STRATEGY_ARGS = {"ella_lambda": "lam", "olora_lambda": "lam_orth", "ella_past": "past"}
-
-
 def to_args(opts: dict) -> list[str]:
+    """`jumplora run` arguments for a run's options, named as RunConfig names them (``jumplora.config.flat_fields``:
+    ``runner``, ``strategy_args``, ``jumplora``...): an option the CLI does not know fails here (KeyError)."""
+    from jumplora.config import field_of
+
     args = []
     for key, value in opts.items():
-        flag = "--" + key.replace("_", "-")
-        if key == "r":
-            flag = "--r"
-        if key == "strategy" and value in RUNNER_NAMES:
-            args += ["--runner", value]
-        elif key in STRATEGY_ARGS:
-            args += ["--strategy-arg", f"{STRATEGY_ARGS[key]}={value}"]
-        elif value is True:
-            args.append("--jumplora" if key == "jumplora" else flag)
-        elif value is False or value is None:
-            continue
-        else:
+        flag, _, off = (field_of(key).metadata.get("flag") or "--" + key.replace("_", "-")).partition("/")
+        if key == "strategy_args":
+            args += [arg for name, v in value.items() for arg in (flag, f"{name}={v}")]
+        elif value is True or (value is False and off):
+            args.append(flag if value else off)
+        elif value is not False and value is not None:
             args += [flag, str(value)]
     return args
 

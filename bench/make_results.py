@@ -1,4 +1,4 @@
-"""Write docs/RESULTS.md and docs/results/*.png from the runs under bench/runs/ (see bench/grid.py).
+"""Write docs/RESULTS.md and docs/results/*.png from the runs under studies/ (see bench/grid.py).
 
     python bench/make_results.py
 
@@ -51,17 +51,20 @@ from grid import (  # noqa: E402
 from jumplora.io import read_jsonl  # noqa: E402
 from jumplora.metrics.drift import KINDS, answer_drift, final_drift, prediction_keys  # noqa: E402
 from jumplora.metrics.plots import plot_comparison, plot_run_figures  # noqa: E402
+from jumplora.metrics.report import IncompleteRunError, load_results  # noqa: E402
 
 DOCS = ROOT / "docs"
 FIGS = DOCS / "results"
 
 
 def load(name: str, root: Path = RUNS) -> dict | None:
-    path = root / name / "results.json"
-    if not path.exists():
+    """A complete run's results through the one reader (validated, schema 2); None if not run or unfinished."""
+    if not (root / name / "results.json").exists():
         return None
-    data = json.loads(path.read_text())
-    return data if data.get("complete") else None
+    try:
+        return load_results(root / name)
+    except IncompleteRunError:
+        return None
 
 
 def pct(values: list[float]) -> str:
@@ -164,17 +167,16 @@ def tuning_table() -> str:
 
 
 def _sparse(config: dict) -> bool:
-    """Whether a run used JumpLoRA, in the flat (first study) or the nested (v2) config."""
-    adapter = config.get("adapter")
-    return bool(adapter.get("sparse") if isinstance(adapter, dict) else config.get("jumplora"))
+    """Whether a run used JumpLoRA."""
+    return bool(config["adapter"].get("sparse"))
 
 
 def density_rows(root: Path) -> str:
     """Every sparse run: its final density per task against the target (the budget unless set)."""
     lines = ["| run | per task: final density / target (ratio) | in 0.5×–2× |", "|---|---|---|"]
     for path in sorted(root.glob("*/results.json")):
-        res = json.loads(path.read_text())
-        if not res.get("complete") or not _sparse(res["config"]):
+        res = load(path.parent.name, root)
+        if res is None or not _sparse(res["config"]):
             continue
         targets = _targets(path.parent)
         cells, ok = [], True
@@ -340,7 +342,7 @@ def smollm2_tuning_section() -> list[str]:
         *(rows if len(rows) > 3 else ["Not run yet."]),
         "",
         f"Not run yet: {', '.join(missing)}." if missing else "",
-        f"Chosen by dev OP, then BWT (bench/tuned_smollm2.json, which the grid reads): `{json.dumps(tuned)}`."
+        f"Chosen by dev OP, then BWT (studies/tuned_smollm2.json, which the grid reads): `{json.dumps(tuned)}`."
         if tuned
         else "Until chosen, the grid uses MiniLM's λ (ELLA 1e6, O-LoRA 1.0).",
         "",
@@ -353,7 +355,7 @@ def ella_past_section() -> list[str]:
 
     def ella_jl(split: str, seed: int, label: str) -> list[tuple[str, Path]]:
         return [
-            (f"{label}: ELLA + JumpLoRA, past={opts['ella_past']}", RUNS_SMOL / name)
+            (f"{label}: ELLA + JumpLoRA, past={opts['strategy_args']['past']}", RUNS_SMOL / name)
             for name, opts in ablation.items()
             if opts.get("eval_split", "test") == split and opts["seed"] == seed
         ]

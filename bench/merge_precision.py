@@ -1,7 +1,7 @@
 """How exact the end-of-task merges stay under each way of holding the base weights for bf16 compute.
 
     python bench/merge_precision.py RUN_DIR/checkpoint    # a SmolLM2 run's merged updates, replayed in order
-    python bench/merge_precision.py --like bench/runs_smollm2/o1-inclora-jl-s0   # updates shaped like that run's
+    python bench/merge_precision.py --like studies/runs_smollm2/o1-inclora-jl-s0   # updates shaped like that run's
 
 ``--like RUN`` draws, for each of the run's tasks and each q/v module, a rank-8 ΔW = B·A (A as PEFT
 initialises it, B Gaussian) scaled so that the task's recorded density is kept at its recorded θ, and

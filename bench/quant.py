@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python bench/quant.py memory bench/runs/o[14]-inclora-jl-s* bench/runs_smollm2/o1-inclora-jl-s*
+    python bench/quant.py memory studies/runs/o[14]-inclora-jl-s* studies/runs_smollm2/o1-inclora-jl-s*
     python bench/quant.py speed --repeats 15              # MiniLM, bitsandbytes int8 base, query/value
 
 ``memory`` reads finished sparse runs (``results.json``): the residual of a module after t tasks holds the
@@ -46,7 +46,7 @@ def module_shapes(config: dict) -> dict[str, tuple[int, int]]:
     from jumplora.models import resolve_model
     from jumplora.models.loading import default_model_path, detect_family
 
-    name = (config.get("model") or {}).get("name") if isinstance(config.get("model"), dict) else config.get("model")
+    name = config["model"]["name"]  # results schema 2: the nested config
     folder = resolve_model(name, None) if name else default_model_path()
     model_config = AutoConfig.from_pretrained(folder, local_files_only=True)
     auto = AutoModelForCausalLM if detect_family(model_config) == "causal" else AutoModel

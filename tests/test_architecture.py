@@ -133,11 +133,7 @@ RUN_PATH_NAMES = (
 PATH_CALLS = frozenset({"Path", "PurePath", "PosixPath", "joinpath", "with_name", "glob", "rglob", "join", "open"})
 #: The only package that may build paths inside a run directory.
 RUN_PACKAGE = "jumplora/run/"
-#: TEMPORARY (issue 26): metrics/report.py is split into a package metrics/report/ on the `studies` branch
-#: at the same time, so the `record` branch left it alone; at merge the lead points its RESULTS_FILE /
-#: find_runs paths at jumplora.run.directory (``find_runs``, ``RunRecord.results_path``) and deletes this
-#: entry (the test fails while an entry is stale, so it cannot be forgotten).
-TEMPORARILY_ALLOWED = {"jumplora/metrics/report.py": "being split into metrics/report/ by the studies branch"}
+TEMPORARILY_ALLOWED: dict[str, str] = {}
 
 
 def _spelled(node: ast.AST) -> str | None:

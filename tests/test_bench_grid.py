@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from results_v2 import nested_config, run_results
 from typer.testing import CliRunner
 
 from jumplora import cli
@@ -36,9 +37,9 @@ def test_every_grid_run_parses_into_the_config_it_names(phase, monkeypatch, tmp_
         assert config.seed == opts.get("seed", 0), name
         assert config.adapter.sparse is bool(opts.get("jumplora")), name
         assert config.stream.order == opts.get("order", 1) and config.model.name == opts.get("model"), name
-        for key, arg in grid.STRATEGY_ARGS.items():
-            if key in opts:
-                assert config.strategy.args[arg] == opts[key], name
+        assert config.runner == opts.get("runner", "continual"), name
+        for arg, value in opts.get("strategy_args", {}).items():
+            assert config.strategy.args[arg] == value, name
 
 
 def test_long_order_runs_are_the_study_at_order_4():
@@ -90,12 +91,11 @@ def test_mechanism_doc_from_finished_runs(monkeypatch, tmp_path):
     monkeypatch.setattr(mechanism, "DOC", tmp_path / "docs" / "MECHANISM.md")
     monkeypatch.setattr(mechanism, "FIGURE", tmp_path / "docs" / "results" / "frontier.png")
     for name, final in (("dense-s0", [0.4, 0.8]), ("dual-s0", [0.6, 0.8])):  # dual: +10 OP, +20 BWT
-        results = {
-            "complete": True, "tasks": ["a", "b"], "config": {"seed": 0, "stream": {"max_eval": 10}},
-            "zero_shot": [0.5, 0.5], "accuracy_matrix": [[0.9, 0.5], final], "nll_zero_shot": [1.0, 1.0],
-            "nll_matrix": [[0.2, 1.0], [0.7, 0.3]], "per_task": [{"density": 0.04}, {"density": 0.05}],
-            "wall_time_s": 10.0,
-        }  # fmt: skip
+        results = run_results(
+            nested_config(seed=0, max_eval=10), tasks=["a", "b"], zero_shot=[0.5, 0.5],
+            accuracy_matrix=[[0.9, 0.5], final], nll_zero_shot=[1.0, 1.0], nll_matrix=[[0.2, 1.0], [0.7, 0.3]],
+            per_task=[{"density": 0.04}, {"density": 0.05}], wall_time_s=10.0,
+        )  # fmt: skip
         (tmp_path / name).mkdir()
         (tmp_path / name / "results.json").write_text(json.dumps(results))
     mechanism.DOC.parent.mkdir()

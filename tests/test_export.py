@@ -156,7 +156,7 @@ def commit_run(run: Path, config: dict, rows: list[list[float]], updates: list[d
     (run / "results.json").write_text(json.dumps(results))
 
 
-def _synthetic_run(root: Path, model_path: str, nested: bool, update: dict | None = None) -> Path:
+def _synthetic_run(root: Path, model_path: str, update: dict | None = None) -> Path:
     """A finished run on MiniLM with one hand-made update (no training): exercises the packaging only."""
     run = root / "run"
     mask = torch.zeros(384, 384, dtype=torch.bool)
@@ -166,16 +166,13 @@ def _synthetic_run(root: Path, model_path: str, nested: bool, update: dict | Non
         "encoder.layer.0.attention.self.query::values": torch.full((int(mask.sum()),), 0.01),
         "encoder.layer.1.attention.self.value::dense": torch.full((384, 384), -0.001),
     }
-    config = {"model": {"name": model_path}, "strategy": {"name": "seqlora", "args": {}}, "jumplora": False}
-    if not nested:
-        config = {"model": model_path, "strategy": "seqlora", "jumplora": False, "order": 1}
+    config = {"model": {"name": model_path}, "strategy": {"name": "seqlora", "args": {}}, "adapter": {"sparse": False}}
     commit_run(run, config, [[0.5, 0.1], [0.4, 0.6]], [None, update])
     return run
 
 
-@pytest.mark.parametrize("nested", [False, True])
-def test_sentence_transformers_files_and_configs(tmp_path: Path, minilm_path: str, nested: bool) -> None:
-    run = _synthetic_run(tmp_path, str(minilm_path), nested)
+def test_sentence_transformers_files_and_configs(tmp_path: Path, minilm_path: str) -> None:
+    run = _synthetic_run(tmp_path, str(minilm_path))
     out = export_run(run, tmp_path / "out")
     for name in ("modules.json", "sentence_bert_config.json", "config_sentence_transformers.json",
                  "1_Pooling/config.json", "BASE_MODEL_README.md"):  # fmt: skip
@@ -191,7 +188,7 @@ def test_sentence_transformers_files_and_configs(tmp_path: Path, minilm_path: st
 
 
 def test_incomplete_run_is_refused(tmp_path: Path, minilm_path: str) -> None:
-    run = _synthetic_run(tmp_path, str(minilm_path), nested=True)
+    run = _synthetic_run(tmp_path, str(minilm_path))
     results = json.loads((run / "results.json").read_text())
     (run / "results.json").write_text(json.dumps({**results, "complete": False}))
     result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
@@ -203,14 +200,14 @@ def test_incomplete_run_is_refused(tmp_path: Path, minilm_path: str) -> None:
     result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
     assert result.exit_code == 2 and "state.json" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
-    (run / "results.json").write_text(json.dumps({**results, "reference": "multitask"}))
+    (run / "results.json").write_text(json.dumps({**results, "runner": "multitask"}))
     result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
     assert result.exit_code == 2 and "multitask reference run" in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_output_folder_not_overwritten(tmp_path: Path, minilm_path: str) -> None:
-    run = _synthetic_run(tmp_path, str(minilm_path), nested=False)
+    run = _synthetic_run(tmp_path, str(minilm_path))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("mine")
     result = runner.invoke(app, ["export", str(run), str(tmp_path / "out")])
@@ -290,7 +287,7 @@ def test_export_metadata_parses_and_names_no_local_path(tmp_path: Path, minilm_p
     """Model card front matter the Hub's parser reads; the per-task adapter card names the hub id; 0644 files."""
     from huggingface_hub import ModelCard
 
-    out = export_run(_synthetic_run(tmp_path, str(minilm_path), nested=True), tmp_path / "out")
+    out = export_run(_synthetic_run(tmp_path, str(minilm_path)), tmp_path / "out")
     card = ModelCard.load(out / "README.md")
     assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
     assert card.data.library_name == "sentence-transformers" and card.data.license == "apache-2.0"
@@ -322,7 +319,7 @@ def test_dense_run_exports_a_plain_lora_adapter(tmp_path: Path, minilm_path: str
     torch.manual_seed(0)
     update = {f"encoder.layer.{i}.attention.self.{m}::dense": 0.01 * torch.randn(384, 4) @ torch.randn(4, 384)
               for i in (0, 1) for m in ("query", "value")}  # fmt: skip
-    run = _synthetic_run(tmp_path, str(minilm_path), nested=True, update=update)
+    run = _synthetic_run(tmp_path, str(minilm_path), update=update)
     out = export_run(run, tmp_path / "out")
     folder = out / "task_updates" / "001_b"
     meta = json.loads((folder / "task_update.json").read_text())
@@ -338,7 +335,7 @@ def test_dense_run_exports_a_plain_lora_adapter(tmp_path: Path, minilm_path: str
 
 
 def test_export_quiet_prints_nothing_of_its_own_and_no_bars_when_redirected(tmp_path: Path, minilm_path: str) -> None:
-    run = _synthetic_run(tmp_path, str(minilm_path), nested=True)
+    run = _synthetic_run(tmp_path, str(minilm_path))
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src, "OMP_NUM_THREADS": "1"}
 

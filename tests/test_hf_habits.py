@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from results_v2 import nested_config, run_results
 from typer.testing import CliRunner
 
 from jumplora.cli import _configure_logging, app
@@ -138,10 +139,10 @@ def test_environment_block_and_single_process_launch(monkeypatch) -> None:
 
 def _result(seed: int, op: float, world: int = 1, cpu: bool = False, threads: int = 2, **config) -> dict:
     env = {"world_size": world, "threads": threads, "torch_version": "2.13.0", "hostname": f"h{seed}"}
-    return {"complete": True, "config": {"strategy": "inclora", "jumplora": True, "order": 1, "seed": seed,
-                                         "cpu": cpu, "save_predictions": seed == 1, **config},
-            "tasks": ["a", "b"], "accuracy_matrix": [[0.5, 0.1], [0.4, 0.6]], "zero_shot": [0.1, 0.1],
-            "metrics": {"op": op, "bwt": -0.1}, "environment": env}  # fmt: skip
+    options = {"strategy": "inclora", "jumplora": True, "order": 1, "seed": seed, "cpu": cpu,
+               "save_predictions": seed == 1, **config}  # fmt: skip
+    return run_results(nested_config(**options), tasks=["a", "b"], accuracy_matrix=[[0.5, 0.1], [0.4, 0.6]],
+                       zero_shot=[0.1, 0.1], metrics={"op": op, "bwt": -0.1}, environment=env)  # fmt: skip
 
 
 def test_report_groups_by_what_changes_the_numbers() -> None:

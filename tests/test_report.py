@@ -10,10 +10,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from results_v2 import nested_config, run_results
 from typer.testing import CliRunner
 
 from jumplora.cli import app
-from jumplora.metrics.report import METRIC_KEYS, aggregate, latex_escape, load_runs, stream_label
+from jumplora.metrics.report import SUMMARY_KEYS, aggregate, latex_escape, load_runs, stream_label
 
 runner = CliRunner()
 TASKS = ["dbpedia", "amazon"]
@@ -22,17 +23,18 @@ TASKS = ["dbpedia", "amazon"]
 def _run(root: Path, name: str, *, strategy: str, seed: int, op: float, forgetting: float, **config) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    results = {
-        "complete": True,
-        "config": {"strategy": strategy, "jumplora": False, "order": 1, "tasks": None, "seed": seed, **config},
-        "tasks": TASKS,
-        "accuracy_matrix": [[0.8, 0.1], [0.7, 0.9]],
-        "zero_shot": [0.25, 0.5],
-        "metrics": {"op": op, "bwt": -0.1, "fwt": 0.05, "forgetting": forgetting, "learning_accuracy": 0.8},
-        "per_task": [{"task": t, "density": None} for t in TASKS],
-        "overlap_matrix": [[1.0, 0.5], [0.5, 1.0]],
-        "wall_time_s": 10.0 + seed,
-    }
+    runner_name = strategy if strategy in ("multitask", "independent") else "continual"
+    options = {"jumplora": False, "order": 1, "tasks": None, "seed": seed, **config}
+    results = run_results(
+        nested_config(runner=runner_name, strategy=strategy, **options),
+        tasks=TASKS,
+        accuracy_matrix=[[0.8, 0.1], [0.7, 0.9]],
+        zero_shot=[0.25, 0.5],
+        metrics={"op": op, "bwt": -0.1, "fwt": 0.05, "forgetting": forgetting, "learning_accuracy": 0.8},
+        per_task=[{"task": t, "density": None} for t in TASKS],
+        overlap_matrix=[[1.0, 0.5], [0.5, 1.0]],
+        wall_time_s=10.0 + seed,
+    )
     (run / "results.json").write_text(json.dumps(results))
     (run / "train_log.jsonl").write_text(json.dumps({"global_step": 1, "task_index": 0, "loss": 1.0}) + "\n")
     return run
@@ -75,7 +77,7 @@ def test_csv_parses_back(runs: list[Path]) -> None:
     assert a["n"] == "2" and a["seeds"] == "0;1" and a["stream"] == "order1"
     assert float(a["op_mean"]) == pytest.approx(0.65) and float(a["op_std"]) == pytest.approx(0.05 * 2**0.5)
     assert a["op_n"] == "2" and a["density_mean"] == "" and a["density_n"] == "0"
-    assert {f"{k}_{s}" for k in METRIC_KEYS for s in ("mean", "std", "n")} <= set(a)
+    assert {f"{k}_{s}" for k in SUMMARY_KEYS for s in ("mean", "std", "n")} <= set(a)
 
 
 def test_json_schema(runs: list[Path]) -> None:
@@ -84,7 +86,7 @@ def test_json_schema(runs: list[Path]) -> None:
     assert [d["reference"] for d in data] == [False, True, False]
     for d in data:
         assert {"label", "stream", "n", "reference", "seeds", "run_dirs", "config", "metrics"} <= set(d)
-        assert set(d["metrics"]) == set(METRIC_KEYS)
+        assert set(d["metrics"]) == set(SUMMARY_KEYS)
         assert all(set(v) == {"mean", "std", "n"} for v in d["metrics"].values())
     assert data[0]["metrics"]["forgetting"] == {"mean": pytest.approx(0.2), "std": pytest.approx(0.1 * 2**0.5), "n": 2}
 
@@ -120,7 +122,7 @@ def test_labels_by_stream_and_rich_escape(tmp_path: Path) -> None:
     (named / "results.json").write_text(json.dumps({**results, "stream": "long-15"}))
     labels = [r["label"] for r in aggregate(load_runs([custom, tasks, named])[0])]
     assert sorted(labels) == ["inclora / cb,rte", "inclora / long-15", "inclora / my-stream"]
-    assert stream_label({"config": {"stream": {"name": "nested"}, "order": 3}}) == "nested"
+    assert stream_label(run_results(nested_config(order=3), stream="nested")) == "nested"  # as the run recorded it
     # Two settings with equal labels get "[key=value]" suffixes, which rich must print, not eat.
     small = _run(tmp_path, "s", strategy="inclora", seed=0, op=0.5, forgetting=0.1, model="small")
     big = _run(tmp_path, "b", strategy="inclora", seed=0, op=0.5, forgetting=0.1, model="big")

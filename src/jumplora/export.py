@@ -55,22 +55,19 @@ class ExportError(ValueError):
     """The run cannot be exported (incomplete, missing files, or the output folder is taken)."""
 
 
-def _config_field(config: Mapping[str, Any], section: str, key: str, flat_key: str) -> Any:
-    """``config[section][key]`` in the nested config, else ``config[flat_key]`` in the flat one."""
-    value = config.get(section)
-    if isinstance(value, Mapping):
-        return value.get(key)
-    return config.get(flat_key)
+def _config_field(config: Mapping[str, Any], section: str, key: str) -> Any:
+    """``config[section][key]``: the nested config of results schema 2 (jumplora.results)."""
+    return (config.get(section) or {}).get(key)
 
 
 def model_name(config: Mapping[str, Any]) -> str | None:
     """The run's base model (path, hub id or short name); None means the packaged MiniLM."""
-    return _config_field(config, "model", "name", "model")
+    return _config_field(config, "model", "name")
 
 
 def strategy_name(config: Mapping[str, Any]) -> str:
-    """The run's strategy name, from the flat (``"inclora"``) or nested (``{"name": ...}``) config."""
-    return str(_config_field(config, "strategy", "name", "strategy"))
+    """The run's strategy name (``config["strategy"]["name"]``)."""
+    return str(_config_field(config, "strategy", "name"))
 
 
 # -- one update ----------------------------------------------------------------------------------
@@ -155,7 +152,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     run = Path(run_dir)
     try:
         record = read_validated(run)
-        kind = record.results.get("runner") or record.results.get("reference")
+        kind = record.results.get("runner")
         if kind in ("multitask", "independent"):
             raise ExportError(f"{run}: a {kind} reference run keeps no model to export (its updates are not saved)")
         record = read_validated(run, need_checkpoint=True)
@@ -187,8 +184,8 @@ def load_base(config: Mapping[str, Any]) -> tuple[nn.Module, Any, Path]:
 
     loaded = load_model(
         model_name(config),
-        _config_field(config, "model", "family", "family"),
-        trust_remote_code=bool(_config_field(config, "model", "trust_remote_code", "trust_remote_code")),
+        _config_field(config, "model", "family"),
+        trust_remote_code=bool(_config_field(config, "model", "trust_remote_code")),
         quantize=quantization(config),
     )
     dequantize_model(loaded.model)
@@ -197,7 +194,7 @@ def load_base(config: Mapping[str, Any]) -> tuple[nn.Module, Any, Path]:
 
 def quantization(config: Mapping[str, Any]) -> str:
     """The run's ``--quantize`` value ('none' for runs saved before it existed)."""
-    return str(_config_field(config, "model", "quantize", "quantize") or "none")
+    return str(_config_field(config, "model", "quantize") or "none")
 
 
 def load_run_model(run_dir: str | Path) -> nn.Module:
@@ -312,11 +309,11 @@ def write_task_update(
 
 # -- the merged model and its card --------------------------------------------------------------------
 _CARD_KEYS = ("r", "lora_alpha", "lr", "epochs", "batch_size", "max_train", "sparsify_start", "sparsify_end",
-              "target_density", "threshold_granularity", "target_modules", "seed")  # fmt: skip
+              "target_density", "threshold_granularity", "targets", "seed")  # fmt: skip
 
 
 def _find(config: Mapping[str, Any], key: str) -> Any:
-    """``key`` at the top of the config or in one of its sections (flat today, nested after the redesign)."""
+    """``key`` at the top of the nested config (e.g. ``seed``) or in one of its sections."""
     if key in config and not isinstance(config[key], Mapping):
         return config[key]
     for value in config.values():
@@ -334,7 +331,7 @@ def model_card(results: Mapping[str, Any], tasks: list[dict[str, Any]], base_id:
     from jumplora.metrics.report import matrix_rows, stream_label
 
     config = results["config"]
-    sparse = _config_field(config, "adapter", "sparse", "jumplora")
+    sparse = _config_field(config, "adapter", "sparse")
     method = f"{strategy_name(config)} + JumpLoRA" if sparse else f"{strategy_name(config)} (dense)"
     names = list(results["tasks"])
     lines = [f"# {method} on {stream_label(results)}", "",
@@ -416,10 +413,10 @@ def _write_export(record: RunRecord, out: Path) -> None:
             entry["folder"] = str(sub)
         tasks.append(entry)
     model.save_pretrained(out)
-    trust = bool(_config_field(config, "model", "trust_remote_code", "trust_remote_code"))
+    trust = bool(_config_field(config, "model", "trust_remote_code"))
     AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=trust).save_pretrained(out)
     _copy_sentence_transformers(folder, out)
-    sparse = bool(_config_field(config, "adapter", "sparse", "jumplora"))
+    sparse = bool(_config_field(config, "adapter", "sparse"))
     front_matter = export_card_metadata(base_id, folder, strategy_name(config), sparse)
     (out / "README.md").write_text(front_matter + model_card(results, tasks, base_id))
     readable_by_all(out)
@@ -491,4 +488,4 @@ def check_export_target(run: Path, out: Path, tmp: Path, *, overwrite: bool) -> 
 
 def _is_sparse(config: Mapping[str, Any]) -> bool:
     """Whether the run's adapters were sparse JumpLoRA (``adapter.sparse``; ``jumplora`` in a flat config)."""
-    return bool(_config_field(config, "adapter", "sparse", "jumplora"))
+    return bool(_config_field(config, "adapter", "sparse"))

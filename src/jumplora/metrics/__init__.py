@@ -1,7 +1,9 @@
 """Metrics for continual-learning runs: CL scores, support overlap, plots and reports.
 
 The plotting functions load matplotlib on first use (``jumplora.metrics.plot_*`` or
-``jumplora.metrics.plots``), so training and reporting never pay for it unless they draw.
+``jumplora.metrics.plots``), so training and reporting never pay for it unless they draw; the report
+helpers load rich on first use (``jumplora.metrics.aggregate`` or ``jumplora.metrics.report``), so
+training, which imports this package for density and overlap, never pays for it.
 """
 
 from typing import Any
@@ -17,17 +19,13 @@ from jumplora.metrics.cl import (
     nll_metrics,
 )
 from jumplora.metrics.overlap import density, density_per_module, jaccard, overlap_matrix, support_size
-from jumplora.metrics.report import (
-    IGNORED_CONFIG_KEYS,
-    aggregate,
-    find_runs,
-    load_results,
-    load_runs,
-    render_table,
-    setting_key,
-    setting_label,
-    to_markdown,
-)
+
+#: Report helpers, imported on first use (``jumplora.metrics.aggregate``...): the report package renders
+#: with rich, which training never needs (the engine imports this package for density and overlap).
+_REPORT_NAMES = frozenset(
+    {"IGNORED_CONFIG_KEYS", "aggregate", "find_runs", "load_results", "load_runs", "render_table", "setting_key",
+     "setting_label", "to_markdown"}
+)  # fmt: skip
 
 __all__ = [
     "IGNORED_CONFIG_KEYS",
@@ -70,4 +68,8 @@ def __getattr__(name: str) -> Any:
         from jumplora.metrics import plots
 
         return getattr(plots, name)
+    if name in _REPORT_NAMES:
+        from jumplora.metrics import report
+
+        return getattr(report, name)
     raise AttributeError(f"module 'jumplora.metrics' has no attribute {name!r}")
