@@ -123,8 +123,10 @@ def results_problem(results: Any) -> str:
     for key in ("label", "stream", "runner", *tasks):
         value = results.get(key) if key in ("label", "stream", "runner") else key
         if value is not None and (not isinstance(value, str) or not value.isprintable()):
-            return f"field {key if key in ('label', 'stream', 'runner') else 'tasks'} holds {brief(value)} " \
-                   "(names must be printable text)"
+            return (
+                f"field {key if key in ('label', 'stream', 'runner') else 'tasks'} holds {brief(value)} "
+                "(names must be printable text)"
+            )
     return _matrix_problem(results, len(tasks)) or _parts_problem(results, tasks)
 
 
@@ -153,8 +155,9 @@ def _parts_problem(results: dict[str, Any], tasks: list[str]) -> str:
     if not isinstance(config, dict):
         return "field config must be an object"
     flat_names = {k: v for k, v in config.items() if k in ("strategy", "model") and (v is None or isinstance(v, str))}
-    wrong = type_problems({k: v for k, v in config.items() if k not in flat_names and k in (*PART_TYPES, "seed",
-                                                                                             "runner", "out")})
+    wrong = type_problems(
+        {k: v for k, v in config.items() if k not in flat_names and k in (*PART_TYPES, "seed", "runner", "out")}
+    )
     if wrong:
         return f"field config.{wrong[0]}"
     per_task = results.get("per_task")
@@ -166,8 +169,10 @@ def _parts_problem(results: dict[str, Any], tasks: list[str]) -> str:
         if metrics is not None and not numbers:
             return f"field {key} must map names to numbers (or null)"
     options = results.get("task_options")
-    if options is not None and not (isinstance(options, dict) and all(
-            isinstance(options.get(t), list) and all(isinstance(o, str) for o in options[t]) for t in tasks)):
+    if options is not None and not (
+        isinstance(options, dict)
+        and all(isinstance(options.get(t), list) and all(isinstance(o, str) for o in options[t]) for t in tasks)
+    ):
         return "field task_options must list each task's options as text"
     if results.get("wall_time_s") is not None and not _is_number(results["wall_time_s"]):
         return "field wall_time_s must be a number"
