@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from results_v2 import nested_config, run_results
 from typer.testing import CliRunner
 
 from jumplora.cli import app
@@ -29,13 +30,11 @@ def base_scores(seed: int) -> tuple[np.ndarray, np.ndarray]:
 def write_run(out: Path, seed: int, correct: np.ndarray, nll: np.ndarray, max_eval: int = ITEMS) -> Path:
     """A complete run directory: results.json whose matrices are the item means, and its predictions/."""
     R, L = correct.mean(-1), nll.mean(-1)
-    results = {
-        "complete": True, "runner": "continual", "label": "inclora", "stream": "toy", "tasks": list(TASKS),
-        "config": {"seed": seed, "stream": {"tasks": list(TASKS), "max_eval": max_eval, "eval_split": "dev"},
-                   "adapter": {"sparse": False}, "strategy": {"name": "inclora"}},
-        "accuracy_matrix": R[1:].tolist(), "zero_shot": R[0].tolist(), "nll_matrix": L[1:].tolist(),
-        "nll_zero_shot": L[0].tolist(), "per_task": [],
-    }  # fmt: skip
+    config = nested_config(seed=seed, tasks=list(TASKS), max_eval=max_eval, eval_split="dev", jumplora=False)
+    results = run_results(
+        config, label="inclora", stream="toy", tasks=list(TASKS), accuracy_matrix=R[1:].tolist(),
+        zero_shot=R[0].tolist(), nll_matrix=L[1:].tolist(), nll_zero_shot=L[0].tolist(), per_task=[],
+    )  # fmt: skip
     out.mkdir(parents=True)
     (out / "results.json").write_text(json.dumps(results))
     for e, after in enumerate(["zero-shot", *(f"after {t}" for t in TASKS)]):

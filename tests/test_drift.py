@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from results_v2 import nested_config, run_results
 from typer.testing import CliRunner
 
 from jumplora.cli import app
@@ -26,9 +27,9 @@ def record(task: str, index: int, answer: str, prediction: str, rank_prediction:
 def run(tmp_path: Path) -> Path:
     """sst → topic → nli; four sst items, two topic items after each later task."""
     (tmp_path / "predictions").mkdir()
-    results = {"complete": True, "config": {}, "tasks": list(OPTIONS), "task_options": OPTIONS,
-               "accuracy_matrix": [[0.5, 0, 0], [0.5, 0.5, 0], [0.25, 0.5, 0.5]], "zero_shot": [0, 0, 0],
-               "rank_accuracy_matrix": [[0.5, 0, 0], [0.5, 0.5, 0], [0.25, 0.5, 0.5]]}  # fmt: skip
+    results = run_results(nested_config(), tasks=list(OPTIONS), task_options=OPTIONS,
+                          accuracy_matrix=[[0.5, 0, 0], [0.5, 0.5, 0], [0.25, 0.5, 0.5]], zero_shot=[0, 0, 0],
+                          rank_accuracy_matrix=[[0.5, 0, 0], [0.5, 0.5, 0], [0.25, 0.5, 0.5]])  # fmt: skip
     (tmp_path / "results.json").write_text(json.dumps(results))
     after_topic = [  # correct, own option, newest task's label, free text
         record("sst", 0, "positive", "positive", "positive"),

@@ -208,7 +208,7 @@ def test_plot_shape_mismatch(tmp_path: Path) -> None:
         plot_accuracy_heatmap(R3, ["a", "b"], tmp_path / "x.png")
 
 
-# ----------------------------------------------------------------------------- report.py
+# ----------------------------------------------------------------------------- metrics/report/
 
 
 def _write_run(

@@ -6,6 +6,7 @@ import errno
 import json
 from pathlib import Path
 
+from results_v2 import nested_config, run_results
 from typer.testing import CliRunner
 
 from jumplora.cli import app
@@ -43,8 +44,8 @@ def test_disk_full_is_one_error_line_and_the_checkpoint_survives(tmp_path, tiny_
 def _results_only(root: Path, tasks: list[str]) -> Path:
     run = root / "run"
     run.mkdir()
-    results = {"complete": True, "config": {"strategy": "inclora"}, "tasks": tasks, "task_options": {
-        t: ["x", "y"] for t in tasks}, "accuracy_matrix": [[0.5, 0.25], [0.5, 0.75]], "zero_shot": [0.5, 0.5]}
+    results = run_results(nested_config(strategy="inclora"), tasks=tasks, task_options={t: ["x", "y"] for t in tasks},
+                          accuracy_matrix=[[0.5, 0.25], [0.5, 0.75]], zero_shot=[0.5, 0.5])
     (run / "results.json").write_text(json.dumps(results))
     return run
 

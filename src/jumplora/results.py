@@ -74,7 +74,8 @@ RESULTS_FIELDS: tuple[str, ...] = tuple(RunResults.__annotations__)
 def schema_problem(results: Mapping[str, Any]) -> str:
     """Why ``results`` is not schema 2 ('' when it is): a wrong ``schema``, a missing field, a flat config.
 
-    A ``schema`` key is required of migrated runs; a writer that writes every field may still omit it.
+    Every committed run carries ``schema: 2`` (bench/migrate_runs.py). The runners' results builder writes
+    every field but not yet the key itself, so an absent key reads as this schema; a different one is refused.
     """
     version = results.get("schema", SCHEMA_VERSION)
     if version != SCHEMA_VERSION:

@@ -73,7 +73,7 @@ def _seed(results: Mapping[str, Any]) -> int:
 
 
 def _data(results: Mapping[str, Any]) -> dict[str, Any]:
-    stream = results["config"].get("stream", {})
+    stream = results["config"]["stream"]
     return {"tasks": results["tasks"], **{k: stream.get(k) for k in _DATA_KEYS}}
 
 
