@@ -112,7 +112,7 @@ def test_functions_fit_on_one_screen():
     assert long_functions() == []
 
 
-@pytest.mark.parametrize("module", ["jumplora.engine", "jumplora.runners", "jumplora.checkpoint"])
+@pytest.mark.parametrize("module", ["jumplora.build", "jumplora.run.trainer", "jumplora.checkpoint"])
 def test_core_modules_do_not_import_matplotlib_at_import(module):
     import subprocess
     import sys

@@ -92,9 +92,10 @@ def test_packed_update_applies_and_removes_on_conv1d(tiny_gpt2):
 
 def test_a_diverged_update_is_a_numerical_fault(tmp_path, tiny_model):
     """A merged update far out of the base weights' scale stops the run (exit 3 in the CLI)."""
+    from jumplora import ContinualTrainer
     from jumplora.data import resolve_data_dir
-    from jumplora.engine import NumericalError
-    from jumplora.runners import ContinualTrainer
+    from jumplora.train.merge import merge_task
+    from jumplora.train.numerics import NumericalError
 
     config = RunConfig.from_flat(
         out=str(tmp_path / "run"), tasks=["cb"], model=tiny_model, data_dir=str(resolve_data_dir()), max_train=8,
@@ -102,10 +103,10 @@ def test_a_diverged_update_is_a_numerical_fault(tmp_path, tiny_model):
     )  # fmt: skip
     trainer = ContinualTrainer(config, quiet=True)
     trainer.prepare()
-    engine = trainer.engine
-    peft_model = engine.new_adapter(engine.base_model, 0)
+    setup = trainer.setup
+    peft_model = setup.new_adapter(setup.base_model, 0)
     with torch.no_grad():
         for _, layer in jumplora_layers(peft_model):
             layer.jumplora_B["default"].fill_(1e4)
     with pytest.raises(NumericalError, match=r"task 'cb' \(index 0\): the merged update of .*\(diverged"):
-        engine.merge(peft_model, 0)
+        merge_task(peft_model, config.adapter, seed=config.task_seed(0), sharded=False, label="task 'cb' (index 0)")

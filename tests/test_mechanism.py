@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from jumplora import ContinualTrainer
 from jumplora.adapters import (
     JumpLoraConfig,
     Sparsifier,
@@ -23,9 +24,8 @@ from jumplora.adapters import (
 )
 from jumplora.config import ConfigError, RunConfig
 from jumplora.data import resolve_data_dir
-from jumplora.engine import NllSums
 from jumplora.metrics import nll_metrics
-from jumplora.runners import ContinualTrainer
+from jumplora.train.evaluate import NllSums
 
 #: The study's density frontier (0.25 % … 25 %; None = the LoRA budget).
 FRONTIER = (0.0025, 0.005, 0.01, 0.02, None, 0.10, 0.25)

@@ -187,12 +187,12 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(tmp_path, tiny
     assert_same_run(reference("inclora"), out)
 
 
-def test_nan_threshold_is_caught(tmp_path, tiny_model):
+def test_nan_threshold_is_caught(tmp_path, tiny_model, monkeypatch):
     """θ going non-finite (not only the loss) stops the run, naming the task and the step."""
+    from jumplora import ContinualTrainer
     from jumplora.adapters import threshold_parameters
     from jumplora.config import RunConfig
-    from jumplora.engine import NumericalError
-    from jumplora.runners import ContinualTrainer
+    from jumplora.train.numerics import NumericalError
 
     config = RunConfig.from_flat(
         out=str(tmp_path / "run"), tasks=["cb", "rte"], model=tiny_model, max_train=16, max_eval=16,
@@ -200,15 +200,17 @@ def test_nan_threshold_is_caught(tmp_path, tiny_model):
     )  # fmt: skip
     trainer = ContinualTrainer(config, quiet=True)
     trainer.prepare()
-    original = trainer.engine.check_thresholds
+    from jumplora.train import loop
 
-    def poisoned(model, task_index, step):
-        if task_index == 0 and step == 1:
+    original = loop.check_thresholds
+
+    def poisoned(model, where):
+        if where == "task 'cb' (index 0), step 1":
             with torch.no_grad():
                 next(iter(threshold_parameters(model).values())).fill_(float("inf"))
-        original(model, task_index, step)
+        original(model, where)
 
-    trainer.engine.check_thresholds = poisoned
+    monkeypatch.setattr(loop, "check_thresholds", poisoned)
     with pytest.raises(NumericalError, match=r"task 'cb' \(index 0\), step 1: threshold"):
         trainer.run()
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())

@@ -29,7 +29,7 @@ def files(folder: Path) -> dict[Path, bytes]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model) -> Path:
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     out = tmp_path_factory.mktemp("api") / "run"
     results = ContinualTrainer(tiny(out, tiny_model), quiet=True).run()
@@ -38,7 +38,7 @@ def finished(tmp_path_factory, tiny_model) -> Path:
 
 
 def test_api_default_never_reuses_an_old_run(finished, tiny_model):
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     before = files(finished)
     with pytest.raises(RunDirectoryError, match="already holds a run; pass --resume"):
@@ -47,7 +47,7 @@ def test_api_default_never_reuses_an_old_run(finished, tiny_model):
 
 
 def test_api_resume_with_another_config_names_the_field(finished, tiny_model):
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     before = files(finished)
     trainer = ContinualTrainer(tiny(finished, tiny_model, strategy_args={"lam": 1e3}), quiet=True, resume=True)
@@ -57,7 +57,7 @@ def test_api_resume_with_another_config_names_the_field(finished, tiny_model):
 
 
 def test_api_resume_same_config_and_overwrite(finished, tiny_model, tmp_path):
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     old = json.loads((finished / "results.json").read_text())
     # Output-only options may change on resume; the finished run is given back as it is.
@@ -71,7 +71,7 @@ def test_api_resume_same_config_and_overwrite(finished, tiny_model, tmp_path):
 
 
 def test_api_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model):
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     out = tmp_path / "mine"
     (out / "plots").mkdir(parents=True)

@@ -288,8 +288,8 @@ def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet
     checkpoint stays.
     """
     from jumplora.checkpoint import RunDirectoryError
-    from jumplora.engine import NumericalError
-    from jumplora.runners import ContinualTrainer
+    from jumplora.run.trainer import ContinualTrainer
+    from jumplora.train.numerics import NumericalError
 
     out = Path(config.out)
     check_out_dir(out, resume=resume, overwrite=overwrite)

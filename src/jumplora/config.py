@@ -253,6 +253,10 @@ class RunConfig:
         # Every hyper-parameter of the strategy, defaults included: config.json says what ran.
         self.strategy.args = make_strategy(self.strategy.name, self.strategy.args).hparams()
 
+    def task_seed(self, task_index: int) -> int:
+        """The seed of everything drawn for one task (its adapter's init, a control's random support)."""
+        return self.seed * 1000 + task_index
+
     def parts(self) -> tuple[Any, ...]:
         return (self.stream, self.model, self.adapter, self.optim, self.strategy)
 

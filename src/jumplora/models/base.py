@@ -48,6 +48,10 @@ class ModelFamily(ABC):
     """How a batch of prompt examples becomes a loss and predictions for one kind of model."""
 
     name: str = ""
+    #: Whether the family answers with text it produces (generation or option ranking are its two modes);
+    #: a ranking-only family (the encoder) neither takes ``rank_options`` nor reports a second metric.
+    generates: bool = False
+    rank_options: bool = False
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         if max_length < 2:
@@ -66,6 +70,16 @@ class ModelFamily(ABC):
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """Scalar differentiable training loss."""
+
+    def metric_modes(self) -> dict[str, str | None]:
+        """Metric name → predict mode: what evaluation reports for this family.
+
+        One ``accuracy`` (the family's own answer) by default; a family that generates also ranks the
+        options, reported beside it as ``rank_accuracy`` (unless it was built to rank only).
+        """
+        if self.generates and not self.rank_options:
+            return {"accuracy": "generate", "rank_accuracy": "rank"}
+        return {"accuracy": None}
 
     @abstractmethod
     def predict(self, model: torch.nn.Module, batch: dict) -> list[str]:

@@ -153,7 +153,7 @@ def make_family(name: str, tokenizer: Any, *, max_length: int | None = None, ran
     kwargs: dict[str, Any] = {}
     if max_length is not None:
         kwargs["max_length"] = max_length
-    if name != "encoder":  # the encoder always ranks options
+    if cls.generates:  # a ranking-only family (the encoder) always ranks options
         kwargs["rank_options"] = rank_options
     return cls(tokenizer, **kwargs)
 

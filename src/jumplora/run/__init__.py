@@ -1,0 +1,1 @@
+"""The run: its directory, its record and the runners that fill it."""
