@@ -1,7 +1,7 @@
 """Crash safety: `kill -9` at named points, `--resume`, and the result equals an uninterrupted run.
 
 Each run is a real subprocess (`python -m jumplora.cli run`); ``JUMPLORA_TEST_KILL_AT=<point>:<n>``
-makes it SIGKILL itself the n-th time it reaches ``<point>`` (see ``jumplora.faults``). A chain of
+makes it SIGKILL itself the n-th time it reaches ``<point>`` (``--plugin tests/fault_plugin.py``). A chain of
 runs is killed at several points in turn, each one resuming the previous, and the last one completes.
 Tiny: a 2-layer BERT (hidden 32), 2 tasks × 32 training examples (4 optimizer steps each), 16 eval.
 """
@@ -26,6 +26,8 @@ from jumplora.io import read_jsonl
 pytestmark = pytest.mark.slow
 
 KILLED = -9  # returncode of a process that died of SIGKILL
+#: Fault injection lives in the tests: this plugin arms the points from the environment.
+FAULT_PLUGIN = str(Path(__file__).with_name("fault_plugin.py"))
 
 
 def run_args(out: Path, model: str, strategy: str, *extra: str) -> list[str]:
@@ -44,8 +46,9 @@ def cli(args: list[str], *, kill_at: str | None = None, nan_at: str | None = Non
         env["JUMPLORA_TEST_KILL_AT"] = kill_at
     if nan_at:
         env["JUMPLORA_TEST_NAN_AT"] = nan_at
+    plugin = ["--plugin", FAULT_PLUGIN] if kill_at or nan_at else []
     return subprocess.run(
-        [sys.executable, "-m", "jumplora.cli", "run", *args],
+        [sys.executable, "-m", "jumplora.cli", "run", *args, *plugin],
         env=env,
         capture_output=True,
         text=True,

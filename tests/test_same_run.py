@@ -104,7 +104,9 @@ def test_kill_then_edit_config_json_then_resume_is_refused(tmp_path, tiny_model)
             "8", "--cpu", "--quiet", "--threads", "1", "--no-plots"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPLORA_TEST_")}
     run = [sys.executable, "-m", "jumplora.cli"]
-    killed = subprocess.run([*run, *args], env={**env, "JUMPLORA_TEST_KILL_AT": "commit:2"}, capture_output=True)
+    plugin = ["--plugin", str(Path(__file__).with_name("fault_plugin.py"))]  # the kill point's injector
+    killed = subprocess.run([*run, *args, *plugin], env={**env, "JUMPLORA_TEST_KILL_AT": "commit:2"},
+                            capture_output=True)  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
     config["optim"]["lr"], config["adapter"]["r"] = 0.005, 4

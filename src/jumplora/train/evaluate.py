@@ -17,7 +17,6 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from torch import nn
 
-from jumplora import faults
 from jumplora.data import Task
 from jumplora.models import ModelFamily, PromptExample
 from jumplora.models._utils import to_device
@@ -63,7 +62,6 @@ class Evaluator:
         ``gold_nll_se`` its standard error over items. A ``predictions`` list receives one record per
         item (every process's, in eval-split order) for error analysis.
         """
-        faults.point("eval")
         modes, acc = self.family.metric_modes(), self.accelerator
         model = acc.unwrap_model(model)
         was_training = model.training

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from transformers import get_constant_schedule_with_warmup
 
-from jumplora import faults, training_state
+from jumplora import training_state
 from jumplora.adapters import Sparsifier, theta_learning_rate, threshold_parameters, threshold_values
 from jumplora.adapters.sharded import average_gradients
 from jumplora.cl import Strategy, StrategyContext
@@ -119,7 +119,6 @@ class TaskLoop:
                         on_checkpoint(*self._capture(epoch, micro))
                     for hook in self.hooks:
                         hook.after_step(self.task_index, self.step)
-                    faults.point("step")
         if bar is not None:
             bar.close()
         if self.skip_to is not None:
@@ -152,8 +151,6 @@ class TaskLoop:
                     extra = term if extra is None else extra + term
             penalty = self.sparsifier.loss_term() if self.sparsifier is not None else None
             loss = task_loss + extra if extra is not None else task_loss
-            if faults.poisoned(self.task_index, self.step):
-                loss = loss * float("nan")
             check_loss(loss if penalty is None else loss + penalty.detach(), acc, self._where())
             acc.backward(loss)
             if penalty is not None:
