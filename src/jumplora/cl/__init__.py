@@ -6,6 +6,7 @@ Built-ins: ``inclora``, ``seqlora``, ``ella``, ``olora`` and ``replay`` (Experie
 
 from . import inclora, seqlora, ella, olora, replay  # noqa: F401, I001  (registers the built-ins in this order)
 from .base import (
+    LayerView,
     Strategy,
     StrategyContext,
     jumplora_layers,
@@ -25,6 +26,7 @@ __all__ = [
     "ELLA",
     "ExperienceReplay",
     "IncLoRA",
+    "LayerView",
     "OLoRA",
     "SeqLoRA",
     "Strategy",
