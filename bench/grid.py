@@ -332,7 +332,7 @@ STRATEGY_ARGS = {"ella_lambda": "lam", "olora_lambda": "lam_orth", "ella_past": 
 
 
 def to_args(opts: dict) -> list[str]:
-    args = []
+    args = [] if opts.get("jumplora") else ["--dense"]  # sparse is jumplora run's default
     for key, value in opts.items():
         flag = "--" + key.replace("_", "-")
         if key == "r":

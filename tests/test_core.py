@@ -99,7 +99,7 @@ def test_a_diverged_update_is_a_numerical_fault(tmp_path, tiny_model):
 
     config = RunConfig.from_flat(
         out=str(tmp_path / "run"), tasks=["cb"], model=tiny_model, data_dir=str(resolve_data_dir()), max_train=8,
-        max_eval=8, max_length=32, cpu=True,
+        max_eval=8, max_length=32, cpu=True, jumplora=False,
     )  # fmt: skip
     trainer = ContinualTrainer(config, quiet=True)
     trainer.prepare()

@@ -100,9 +100,10 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    """The JumpLoRA/LoRA adapter of every task; ``sparse`` False is dense LoRA (the same layer)."""
+    """The JumpLoRA/LoRA adapter of every task; sparse by default (``JumpLoraConfig``'s), ``sparse`` False
+    (``--dense``) is the dense LoRA baseline (the same layer)."""
 
-    sparse: bool = opt(False, "Sparse JumpLoRA adapters, or dense LoRA.", flag="--jumplora/--dense")
+    sparse: bool = from_jumplora("sparse", flag="--jumplora/--dense")
     r: int = from_jumplora("r", flag="--r")
     lora_alpha: float = from_jumplora("lora_alpha")
     lora_dropout: float = from_jumplora("lora_dropout")
@@ -138,7 +139,7 @@ class AdapterConfig:
     def problems(self) -> list[str]:
         out = []
         if self.control and self.sparse:
-            out.append("--mask random|posthoc-topk and --norm-match train a dense update; drop --jumplora")
+            out.append("--mask random|posthoc-topk and --norm-match train a dense update: pass --dense (drop --jumplora)")
         if self.merge_mask != "gate" and self.norm_match:
             out.append("--norm-match merges the whole update; it does not combine with --mask")
         try:
