@@ -139,7 +139,7 @@ class AdapterConfig:
     def problems(self) -> list[str]:
         out = []
         if self.control and self.sparse:
-            out.append("--mask random|posthoc-topk and --norm-match train a dense update: pass --dense (drop --jumplora)")
+            out.append("--mask random|posthoc-topk and --norm-match train a dense update: add --dense, drop --jumplora")
         if self.merge_mask != "gate" and self.norm_match:
             out.append("--norm-match merges the whole update; it does not combine with --mask")
         try:
