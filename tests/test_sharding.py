@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from jumplora.adapters.sharded import kth_smallest, threshold_keeping
 from jumplora.adapters.sparsity import _threshold_keeping
 from jumplora.data import resolve_data_dir
+from jumplora.run.trainer import RUNNER_TYPES
 from jumplora.sharding import resolve_shard
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
@@ -85,7 +86,7 @@ def test_backends_not_run_as_asked_are_refused(monkeypatch, env, shard, runner, 
         monkeypatch.setenv(key, value)
     runner, _, precision = runner.partition("+")
     with pytest.raises(ValueError, match=message):
-        resolve_shard(shard, runner, precision or "no")
+        resolve_shard(shard, runner, precision or "no", RUNNER_TYPES[runner].shard_refusal)
 
 
 def test_fsdp2_from_accelerate_config_is_chosen(monkeypatch):

@@ -61,14 +61,18 @@ class Runtime:
         return tqdm(items, desc=desc, disable=hidden, leave=False, **kwargs)
 
 
-def make_runtime(config: RunConfig, accelerator: Accelerator | None = None, quiet: bool = False) -> Runtime:
-    """The run's Accelerator (the caller's when given), its precision and its sharding backend."""
+def make_runtime(
+    config: RunConfig, accelerator: Accelerator | None = None, quiet: bool = False, shard_refusal: str | None = None
+) -> Runtime:
+    """The run's Accelerator (the caller's when given), its precision and its sharding backend.
+
+    ``shard_refusal``: why the configured runner cannot shard (None: it can)."""
     precision = resolve_precision(config.mixed_precision, config.cpu)
     if accelerator is not None:  # the caller's Accelerator decides
         precision = Precision(config.mixed_precision, accelerator.mixed_precision, "the given Accelerator's")
     else:
         _allow_precision_change(precision.mixed_precision)
-    shard = sharding.resolve_shard(config.shard, config.runner, precision.mixed_precision)
+    shard = sharding.resolve_shard(config.shard, config.runner, precision.mixed_precision, shard_refusal)
     config.shard = shard  # config.json says what ran, also when accelerate launch chose it
     with sharding.launcher_sharding_hidden() if shard != "none" else contextlib.nullcontext():
         accelerator = accelerator or Accelerator(

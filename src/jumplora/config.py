@@ -21,7 +21,9 @@ from jumplora.adapter_fields import MERGE_MASKS, adapter_defaults
 if TYPE_CHECKING:
     from jumplora.adapters.config import JumpLoraConfig
 
+#: ``--runner`` values: the CL stream first, then the reference rows (no strategy; labelled by their name).
 RUNNERS = ("continual", "multitask", "independent")
+REFERENCE_RUNNERS = RUNNERS[1:]
 #: ``--quantize`` values (jumplora.models.quantize loads them); "none" loads the base in float32 as usual.
 QUANTIZE_CHOICES = ("none", "int8", "nf4", "torchao-int8")
 #: Sharding backends ``--shard`` takes (DeepSpeed ZeRO is not supported: asking for it is an error).
@@ -316,7 +318,7 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        if self.runner != "continual":
+        if self.runner in REFERENCE_RUNNERS:
             return self.runner
         a = self.adapter
         control = f"+mask-{a.merge_mask}" if a.merge_mask != "gate" else ("+norm-match" if a.norm_match else "")

@@ -38,8 +38,10 @@ def launcher_request() -> str | None:
     return None
 
 
-def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
-    """The backend this run shards with ("none" or "fsdp2"); ValueError for anything that would not run as asked."""
+def resolve_shard(shard: str, runner: str, mixed_precision: str = "no", refusal: str | None = None) -> str:
+    """The backend this run shards with ("none" or "fsdp2"); ValueError for anything that would not run as asked.
+
+    ``refusal``: why the runner cannot shard, as it declares (``Runner.shard_refusal``); None when it can."""
     launched = launcher_request()
     if launched is not None and launched != "fsdp2":
         raise ValueError(
@@ -49,8 +51,8 @@ def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
     if launched == "fsdp2" and shard not in ("none", "fsdp2"):
         raise ValueError(f"--shard {shard} conflicts with accelerate launch's FSDP2 config")
     chosen = "fsdp2" if launched == "fsdp2" else shard
-    if chosen != "none" and runner == "independent":
-        raise ValueError("--runner independent cannot shard (it copies the whole base model per task)")
+    if chosen != "none" and refusal:
+        raise ValueError(f"--runner {runner} cannot shard ({refusal})")
     if chosen != "none" and mixed_precision != "no":  # Accelerate's autocast comes with prepare(model), unused here
         raise ValueError(f"--mixed-precision {mixed_precision} is not applied under --shard {chosen}; use 'no'")
     return chosen

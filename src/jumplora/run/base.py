@@ -57,6 +57,8 @@ class Runner:
 
     #: The registry name (``--runner``).
     name: ClassVar[str] = ""
+    #: Why this runner cannot shard the base model (None: it can).
+    shard_refusal: ClassVar[str | None] = None
 
     def __init__(self, setup: Setup) -> None:
         self.setup = setup

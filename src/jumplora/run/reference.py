@@ -70,6 +70,7 @@ class IndependentRunner(ReferenceRunner):
     """Each task trained and evaluated from a copy of the untouched model."""
 
     name = "independent"
+    shard_refusal = "it copies the whole base model per task"
 
     def train_and_evaluate(self) -> dict[str, list[float]]:
         setup, initial, scores = self.setup, copy.deepcopy(self.setup.base_model), []

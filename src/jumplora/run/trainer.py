@@ -48,7 +48,7 @@ class ContinualTrainer:
         self.config = config
         self.resume, self.overwrite = resume, overwrite
         self._given = (model, tokenizer)
-        self.runtime = make_runtime(config, accelerator, quiet)
+        self.runtime = make_runtime(config, accelerator, quiet, RUNNER_TYPES[config.runner].shard_refusal)
         self.setup: Setup | None = None
 
     def prepare(self) -> Setup:
