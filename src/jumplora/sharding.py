@@ -5,7 +5,7 @@ FSDP config of ``fsdp_version: 2`` (the ecosystem's way; Accelerate passes it on
 variables). Either way jumplora shards the base model itself with ``fully_shard`` — one unit per
 transformer block (the model's ``_no_split_modules``, as Accelerate's auto-wrap picks them) plus the
 root — because Accelerate's FSDP plugin only shards on an accelerator and would silently run DDP on a
-CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the engine.
+CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the training loop (jumplora.train.loop).
 
 Whatever jumplora cannot run as asked is refused with one error (exit 2), never run as something else:
 FSDP1, DeepSpeed (any ZeRO stage), the independent runner or Accelerate's mixed precision under sharding.
@@ -60,7 +60,7 @@ def resolve_shard(shard: str, runner: str, mixed_precision: str = "no", refusal:
 
 @contextlib.contextmanager
 def launcher_sharding_hidden() -> Iterator[None]:
-    """Hide accelerate launch's FSDP request while the Accelerator is built: the engine shards by itself,
+    """Hide accelerate launch's FSDP request while the Accelerator is built: jumplora shards by itself,
     and Accelerate must neither wrap the model again nor downgrade to DDP on a CPU."""
     saved = {key: os.environ.pop(key) for key in _LAUNCHER_KEYS if key in os.environ}
     try:

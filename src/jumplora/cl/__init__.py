@@ -1,4 +1,4 @@
-"""Continual-learning strategies: one file each, registered by name, called by the engine at its hooks.
+"""Continual-learning strategies: one file each, registered by name, called at the run's hooks.
 
 Built-ins: ``inclora``, ``seqlora``, ``ella``, ``olora`` and ``replay`` (Experience Replay). Add one with
 ``@register_strategy("name")`` on a ``Strategy`` dataclass; docs/EXTENDING.md shows how.

@@ -2,7 +2,7 @@
 
 A strategy is a dataclass whose fields are its hyper-parameters (float, int, bool or str, each with a
 default), registered under a name with ``@register_strategy("name")``. It never trains and never
-evaluates: the engine builds a :class:`StrategyContext` and calls, per task,
+evaluates: the runner builds a :class:`StrategyContext` and calls, per task,
 
 ``on_task_start`` (the task's adapter is on ``ctx.model``) → per micro-batch ``loss_term`` (added to the
 task loss) and, once per optimizer step, ``after_backward`` (the step's accumulated gradients exist, the
@@ -12,7 +12,7 @@ while an adapter is shared across tasks).
 A strategy reads the current adapter through ``ctx.layers()`` (A, B and the effective ΔW of each adapted
 module) rather than PEFT's internals, and sees the data of the tasks up to the current one only.
 
-``adapter_lifecycle`` says whether the engine gives each task a fresh adapter (``"per_task"``, merged
+``adapter_lifecycle`` says whether the runner gives each task a fresh adapter (``"per_task"``, merged
 at the task's end) or trains one adapter across the stream (``"shared"``, merged after the last task).
 Whatever must survive a restart is returned by ``state_dict`` as tensors (saved with safetensors) and
 given back to ``load_state_dict`` before the next hook runs.
@@ -53,7 +53,7 @@ ArgValue = str | float | int | bool
 
 @dataclass
 class StrategyContext:
-    """What a hook may look at; built by the engine and passed to every hook."""
+    """What a hook may look at; built by the runner (``Setup.context``) and passed to every hook."""
 
     model: nn.Module | None  # the PEFT model being trained (unwrapped); None outside a task
     task_index: int

@@ -1,7 +1,7 @@
 """Common interface every model family implements, plus the prompt example type.
 
 A *model family* turns prompt examples into tensors, a batch into a training loss, and a batch into
-predicted strings. The continual-learning engine only talks to this interface, so encoders,
+predicted strings. The training loop and the evaluator only talk to this interface, so encoders,
 encoder-decoders and decoder-only models can be swapped without touching the training loop.
 """
 
@@ -61,7 +61,7 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def encode(self, examples: Sequence[PromptExample]) -> list[dict]:
-        """Tokenise once, without padding; the engine caches the result for all epochs."""
+        """Tokenise once, without padding; the run caches the result for all epochs."""
 
     @abstractmethod
     def collate(self, features: list[dict]) -> dict:
