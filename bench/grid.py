@@ -345,8 +345,10 @@ def to_args(opts: dict) -> list[str]:
     ``runner``, ``strategy_args``, ``jumplora``...): an option the CLI does not know fails here (KeyError)."""
     from jumplora.config import field_of
 
-    args = []
+    args = [] if opts.get("jumplora") else ["--dense"]  # sparse is jumplora run's default
     for key, value in opts.items():
+        if key == "jumplora":  # said above, also when absent
+            continue
         flag, _, off = (field_of(key).metadata.get("flag") or "--" + key.replace("_", "-")).partition("/")
         if key == "strategy_args":
             args += [arg for name, v in value.items() for arg in (flag, f"{name}={v}")]

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from jumplora import ContinualTrainer, RunConfig
 from jumplora.adapters.sharded import local_weight, reshard, row_block
-from jumplora.engine import Engine
+from jumplora.run import continual
 
 
 def main(out: str, model: str, data_dir: str, shard: str, batch: int, accum: int, device: str = "cpu") -> None:
@@ -28,20 +28,20 @@ def main(out: str, model: str, data_dir: str, shard: str, batch: int, accum: int
         grad_accum=accum, shard=shard,
     )  # fmt: skip
     seen: list[dict[str, float]] = []
-    original = Engine.thresholds
+    original = continual.threshold_values
 
-    def recording(engine: Engine, peft_model: torch.nn.Module) -> dict[str, float]:
-        values = original(engine, peft_model)
+    def recording(peft_model: torch.nn.Module) -> dict[str, float]:
+        values = original(peft_model)
         seen.append(values)
         return values
 
-    Engine.thresholds = recording  # type: ignore[method-assign]
+    continual.threshold_values = recording  # θ at each task's end, as the runner reads it
     trainer = ContinualTrainer(config, quiet=True)
-    rank = trainer.engine.accelerator.process_index
+    rank = trainer.runtime.accelerator.process_index
     trainer.run()
-    reshard(trainer.engine.base_model)  # the root unit stays unsharded after the last evaluation
+    reshard(trainer.setup.base_model)  # the root unit stays unsharded after the last evaluation
     tensors = {}
-    for name, param in trainer.engine.base_model.named_parameters():
+    for name, param in trainer.setup.base_model.named_parameters():
         tensors[name] = local_weight(param.detach()).cpu().contiguous()
         tensors[f"{name}::first_row"] = torch.tensor(row_block(param)[0])
     save_file(tensors, str(Path(out) / f"rank{rank}.safetensors"))

@@ -112,7 +112,7 @@ def test_functions_fit_on_one_screen():
     assert long_functions() == []
 
 
-@pytest.mark.parametrize("module", ["jumplora.engine", "jumplora.runners", "jumplora.run.directory"])
+@pytest.mark.parametrize("module", ["jumplora.build", "jumplora.run.trainer", "jumplora.run.directory"])
 def test_core_modules_do_not_import_matplotlib_at_import(module):
     import subprocess
     import sys
@@ -232,3 +232,53 @@ def test_the_run_path_check_finds_what_it_should(tmp_path):
     assert list(found) == ["jumplora/reader.py"]
     lines = [hit.split(" ")[0].rsplit(":", 1)[1] for hit in found["jumplora/reader.py"]]
     assert lines == ["5", "5", "6", "7", "8", "9", "10"], found
+
+
+# -- behaviour is chosen by registry or declared capability, never by comparing a registered name -------
+
+
+def registered_names() -> set[str]:
+    """Every model family, runner and strategy name (a comparison against one of them picks behaviour)."""
+    from jumplora.cl import strategy_names
+    from jumplora.config import RUNNERS
+    from jumplora.models.loading import MODEL_FAMILIES
+
+    return {*MODEL_FAMILIES, *RUNNERS, *strategy_names()}
+
+
+def _named(node: ast.AST, names: set[str]) -> bool:
+    """A str constant that is a registered name, or a literal tuple/list/set holding one."""
+    items = node.elts if isinstance(node, (ast.Tuple, ast.List, ast.Set)) else [node]
+    return any(isinstance(item, ast.Constant) and item.value in names for item in items)
+
+
+def name_comparisons(names: set[str], root: Path = PACKAGE) -> list[str]:
+    """``x == "encoder"``, ``runner != "continual"``, ``name in ("multitask", …)`` anywhere under ``root``."""
+    out = []
+    for path in sorted(root.rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Compare) and any(_named(side, names) for side in (node.left, *node.comparators)):
+                where = str(path.relative_to(root.parent))
+                out.append(f"{where}:{node.lineno} {ast.unparse(node)}")
+    return out
+
+
+def test_no_registered_name_comparison_chooses_behaviour():
+    """Families declare their metrics (``metric_modes``), runners their capabilities (``shard_refusal``)."""
+    assert name_comparisons(registered_names()) == []
+
+
+def test_the_name_comparison_check_finds_one(tmp_path):
+    package = tmp_path / "pkg"
+    package.mkdir()
+    (package / "a.py").write_text('if family == "encoder" or x in ("a", "multitask") or y != "other":\n    pass\n')
+    found = name_comparisons({"encoder", "multitask"}, package)
+    assert found == ["pkg/a.py:1 family == 'encoder'", "pkg/a.py:1 x in ('a', 'multitask')"]
+    assert name_comparisons({"inclora"}, package) == []
+
+
+def test_every_runner_choice_has_one_runner():
+    from jumplora.config import RUNNERS
+    from jumplora.run.trainer import RUNNER_TYPES
+
+    assert tuple(RUNNER_TYPES) == RUNNERS

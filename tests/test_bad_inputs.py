@@ -591,9 +591,9 @@ def snapshot(folder: Path) -> dict[str, object]:
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model: str) -> Path:
     """A finished sparse tiny run (cb, rte) with saved predictions, for the run-directory cases."""
+    from jumplora import ContinualTrainer
     from jumplora.config import RunConfig
     from jumplora.data import resolve_data_dir
-    from jumplora.runners import ContinualTrainer
 
     out = tmp_path_factory.mktemp("finished") / "run"
     config = RunConfig.from_flat(

@@ -92,20 +92,37 @@ def test_packed_update_applies_and_removes_on_conv1d(tiny_gpt2):
 
 def test_a_diverged_update_is_a_numerical_fault(tmp_path, tiny_model):
     """A merged update far out of the base weights' scale stops the run (exit 3 in the CLI)."""
+    from jumplora import ContinualTrainer
     from jumplora.data import resolve_data_dir
-    from jumplora.engine import NumericalError
-    from jumplora.runners import ContinualTrainer
+    from jumplora.train.merge import merge_task
+    from jumplora.train.numerics import NumericalError
 
     config = RunConfig.from_flat(
         out=str(tmp_path / "run"), tasks=["cb"], model=tiny_model, data_dir=str(resolve_data_dir()), max_train=8,
-        max_eval=8, max_length=32, cpu=True,
+        max_eval=8, max_length=32, cpu=True, jumplora=False,
     )  # fmt: skip
     trainer = ContinualTrainer(config, quiet=True)
     trainer.prepare()
-    engine = trainer.engine
-    peft_model = engine.new_adapter(engine.base_model, 0)
+    setup = trainer.setup
+    peft_model = setup.new_adapter(setup.base_model, 0)
     with torch.no_grad():
         for _, layer in jumplora_layers(peft_model):
             layer.jumplora_B["default"].fill_(1e4)
     with pytest.raises(NumericalError, match=r"task 'cb' \(index 0\): the merged update of .*\(diverged"):
-        engine.merge(peft_model, 0)
+        merge_task(peft_model, config.adapter, seed=config.task_seed(0), sharded=False, label="task 'cb' (index 0)")
+
+
+def test_strategy_context_holds_the_tasks_so_far_only(tmp_path, tiny_model):
+    """No CL protocol lets a strategy see a later task's data: the context stops at the current task."""
+    from jumplora import ContinualTrainer
+    from jumplora.data import resolve_data_dir
+
+    config = RunConfig.from_flat(
+        out=str(tmp_path / "run"), tasks=["cb", "rte"], model=tiny_model, data_dir=str(resolve_data_dir()),
+        max_train=8, max_eval=8, max_length=32, cpu=True,
+    )  # fmt: skip
+    setup = ContinualTrainer(config, quiet=True).prepare()
+    first, second = setup.context(None, 0), setup.context(None, 1)
+    assert [len(f) for f in first.train_features] == [8]
+    assert [len(f) for f in second.train_features] == [8, 8] and second.num_tasks == 2
+    assert second.train_features[0] is setup.tasks[0].train_features

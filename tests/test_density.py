@@ -275,7 +275,7 @@ def test_controller_theta_lr_only_under_control():
 def test_theta_gradient_added_after_backward_equals_the_loss_term():
     """The engine adds the density term's θ-gradient after the model's backward (DDP-safe); it is the
     gradient the term gives inside the loss."""
-    from jumplora.engine import TaskLoop
+    from jumplora.train.loop import add_theta_gradient
 
     grads = []
     for inside in (True, False):
@@ -290,9 +290,7 @@ def test_theta_gradient_added_after_backward_equals_the_loss_term():
             else:
                 loss.backward()
                 if term is not None:
-                    loop = TaskLoop.__new__(TaskLoop)  # only the method under test, on this model
-                    loop.model, loop.engine = pm, type("E", (), {"config": RunConfig()})()
-                    loop._add_theta_gradient(term)
+                    add_theta_gradient(pm, term, RunConfig().optim.grad_accum)
             grad = threshold_parameters(pm)["global"].grad
             grads.append(0.0 if grad is None else float(grad))
             optimizer.step()

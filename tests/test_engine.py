@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
+from jumplora import ContinualTrainer
 from jumplora.config import RunConfig
 from jumplora.data import resolve_data_dir
 from jumplora.io import read_jsonl
 from jumplora.metrics.drift import answer_drift
-from jumplora.runners import ContinualTrainer
 
 pytestmark = pytest.mark.slow
 

@@ -17,11 +17,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModel
 from typer.testing import CliRunner
 
+from jumplora import ContinualTrainer
 from jumplora.cli import app
 from jumplora.config import RunConfig
 from jumplora.export import apply_task_update, export_run
 from jumplora.run.directory import Progress, RunDirectory
-from jumplora.runners import ContinualTrainer
 
 DATA = "/work/shared/cl_benchmark"
 runner = CliRunner()
@@ -73,12 +73,13 @@ def _base_plus(base_path: str, updates: list[Path]) -> torch.nn.Module:
 def test_export_equals_final_model(finished, tiny_model: str) -> None:
     trainer, results, run, out = finished
     exported = AutoModel.from_pretrained(out)
-    final = _hidden(trainer.engine.base_model)  # the run's own final model (updates merged in place)
+    final = _hidden(trainer.setup.base_model)  # the run's own final model (updates merged in place)
     assert not torch.equal(final, _hidden(AutoModel.from_pretrained(tiny_model)))  # training changed it
     assert torch.equal(_hidden(exported), final)
     rebuilt = _base_plus(tiny_model, sorted((run / "checkpoint").glob("update_*.safetensors")))
     assert torch.equal(_hidden(exported), _hidden(rebuilt))
-    assert trainer.engine.evaluate_all(exported, "exported")["accuracy"] == results["accuracy_matrix"][-1]
+    setup = trainer.setup
+    assert setup.evaluator.evaluate_all(exported, setup.tasks, "exported")["accuracy"] == results["accuracy_matrix"][-1]
     assert {"config.json", "model.safetensors", "tokenizer.json", "README.md"} <= {p.name for p in out.iterdir()}
 
 

@@ -89,13 +89,13 @@ def test_verbose_shows_jumplora_debug_only() -> None:
     try:
         with warnings.catch_warnings():
             _configure_logging(quiet=False, verbose=True)
-        assert logging.getLogger("jumplora.engine").isEnabledFor(logging.DEBUG)
+        assert logging.getLogger("jumplora.train.loop").isEnabledFor(logging.DEBUG)
         assert not logging.getLogger("matplotlib.font_manager").isEnabledFor(logging.DEBUG)
         assert not logging.getLogger("matplotlib").isEnabledFor(logging.INFO)
         assert "%(asctime)s" in root.handlers[0].formatter._fmt  # timestamped lines
         with warnings.catch_warnings():
             _configure_logging(quiet=True, verbose=False)
-        assert not logging.getLogger("jumplora.engine").isEnabledFor(logging.INFO)
+        assert not logging.getLogger("jumplora.train.loop").isEnabledFor(logging.INFO)
     finally:
         root.handlers[:] = saved[0]
         root.setLevel(saved[1])

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from jumplora import ContinualTrainer
 from jumplora.adapters import (
     JumpLoraConfig,
     Sparsifier,
@@ -23,9 +24,8 @@ from jumplora.adapters import (
 )
 from jumplora.config import ConfigError, RunConfig
 from jumplora.data import resolve_data_dir
-from jumplora.engine import NllSums
 from jumplora.metrics import nll_metrics
-from jumplora.runners import ContinualTrainer
+from jumplora.train.evaluate import NllSums
 
 #: The study's density frontier (0.25 % … 25 %; None = the LoRA budget).
 FRONTIER = (0.0025, 0.005, 0.01, 0.02, None, 0.10, 0.25)
@@ -113,13 +113,13 @@ def test_falling_target_path_goes_from_the_budget_to_the_target():
 
 
 def test_controls_are_run_options_with_one_clear_error():
-    config = RunConfig.from_flat(merge_mask="posthoc-topk", target_density=0.01)
+    config = RunConfig.from_flat(jumplora=False, merge_mask="posthoc-topk", target_density=0.01)
     assert config.adapter.control and config.label == "inclora+mask-posthoc-topk"
     assert not config.adapter.to_peft(["query"]).sparse  # trained densely
     with pytest.raises(ConfigError, match="drop --jumplora"):
         RunConfig.from_flat(jumplora=True, merge_mask="random")
     with pytest.raises(ConfigError, match="does not combine"):
-        RunConfig.from_flat(norm_match=True, merge_mask="random")
+        RunConfig.from_flat(jumplora=False, norm_match=True, merge_mask="random")
     for density in FRONTIER:
         RunConfig.from_flat(jumplora=True, target_density=density)
 
@@ -151,7 +151,7 @@ def test_control_run_records_L_and_hits_its_density(tmp_path, control):
     config = RunConfig.from_flat(
         out=str(tmp_path / "run"), tasks=["dbpedia", "amazon"], data_dir=str(resolve_data_dir()), max_train=16,
         max_eval=16, max_length=48, batch_size=8, eval_batch_size=16, target_density=0.01, plots=False,
-        save_predictions=True, **control,
+        save_predictions=True, jumplora=False, **control,
     )  # fmt: skip
     results = ContinualTrainer(config, quiet=True).run()
     densities = [task["density"] for task in results["per_task"]]

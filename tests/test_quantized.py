@@ -206,9 +206,9 @@ def test_missing_package_on_the_command_line_exits_2_and_writes_nothing(monkeypa
 
 def test_export_of_a_quantized_run_is_a_plain_float_model(tmp_path: Path, tiny_folder: str) -> None:
     pytest.importorskip("torchao", reason="--quantize torchao-int8 needs torchao (the 'quant' extra)")
+    from jumplora import ContinualTrainer
     from jumplora.config import RunConfig
     from jumplora.export import export_run
-    from jumplora.runners import ContinualTrainer
 
     out = tmp_path / "run"
     config = RunConfig.from_flat(out=str(out), model=tiny_folder, tasks=["cb", "rte"], max_train=16, max_eval=8,

@@ -1,7 +1,7 @@
 """Crash safety: `kill -9` at named points, `--resume`, and the result equals an uninterrupted run.
 
 Each run is a real subprocess (`python -m jumplora.cli run`); ``JUMPLORA_TEST_KILL_AT=<point>:<n>``
-makes it SIGKILL itself the n-th time it reaches ``<point>`` (see ``jumplora.faults``). A chain of
+makes it SIGKILL itself the n-th time it reaches ``<point>`` (``--plugin tests/fault_plugin.py``). A chain of
 runs is killed at several points in turn, each one resuming the previous, and the last one completes.
 Tiny: a 2-layer BERT (hidden 32), 2 tasks × 32 training examples (4 optimizer steps each), 16 eval.
 """
@@ -26,6 +26,8 @@ from jumplora.io import read_jsonl
 pytestmark = pytest.mark.slow
 
 KILLED = -9  # returncode of a process that died of SIGKILL
+#: Fault injection lives in the tests: this plugin arms the points from the environment.
+FAULT_PLUGIN = str(Path(__file__).with_name("fault_plugin.py"))
 
 
 def run_args(out: Path, model: str, strategy: str, *extra: str) -> list[str]:
@@ -44,8 +46,9 @@ def cli(args: list[str], *, kill_at: str | None = None, nan_at: str | None = Non
         env["JUMPLORA_TEST_KILL_AT"] = kill_at
     if nan_at:
         env["JUMPLORA_TEST_NAN_AT"] = nan_at
+    plugin = ["--plugin", FAULT_PLUGIN] if kill_at or nan_at else []
     return subprocess.run(
-        [sys.executable, "-m", "jumplora.cli", "run", *args],
+        [sys.executable, "-m", "jumplora.cli", "run", *args, *plugin],
         env=env,
         capture_output=True,
         text=True,
@@ -187,12 +190,12 @@ def test_nan_loss_stops_with_exit_3_and_keeps_the_last_checkpoint(tmp_path, tiny
     assert_same_run(reference("inclora"), out)
 
 
-def test_nan_threshold_is_caught(tmp_path, tiny_model):
+def test_nan_threshold_is_caught(tmp_path, tiny_model, monkeypatch):
     """θ going non-finite (not only the loss) stops the run, naming the task and the step."""
+    from jumplora import ContinualTrainer
     from jumplora.adapters import threshold_parameters
     from jumplora.config import RunConfig
-    from jumplora.engine import NumericalError
-    from jumplora.runners import ContinualTrainer
+    from jumplora.train.numerics import NumericalError
 
     config = RunConfig.from_flat(
         out=str(tmp_path / "run"), tasks=["cb", "rte"], model=tiny_model, max_train=16, max_eval=16,
@@ -200,15 +203,17 @@ def test_nan_threshold_is_caught(tmp_path, tiny_model):
     )  # fmt: skip
     trainer = ContinualTrainer(config, quiet=True)
     trainer.prepare()
-    original = trainer.engine.check_thresholds
+    from jumplora.train import loop
 
-    def poisoned(model, task_index, step):
-        if task_index == 0 and step == 1:
+    original = loop.check_thresholds
+
+    def poisoned(model, where):
+        if where == "task 'cb' (index 0), step 1":
             with torch.no_grad():
                 next(iter(threshold_parameters(model).values())).fill_(float("inf"))
-        original(model, task_index, step)
+        original(model, where)
 
-    trainer.engine.check_thresholds = poisoned
+    monkeypatch.setattr(loop, "check_thresholds", poisoned)
     with pytest.raises(NumericalError, match=r"task 'cb' \(index 0\), step 1: threshold"):
         trainer.run()
     state = json.loads((tmp_path / "run" / "checkpoint" / "state.json").read_text())

@@ -22,9 +22,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_model: str) -> Path:
     """A finished sparse tiny run (cb, rte) with its checkpoint."""
+    from jumplora import ContinualTrainer
     from jumplora.config import RunConfig
     from jumplora.data import resolve_data_dir
-    from jumplora.runners import ContinualTrainer
 
     out = tmp_path_factory.mktemp("finished") / "run"
     config = RunConfig.from_flat(

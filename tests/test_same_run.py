@@ -29,7 +29,7 @@ def files(folder: Path) -> dict[Path, bytes]:
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory, tiny_model) -> Path:
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     out = tmp_path_factory.mktemp("api") / "run"
     results = ContinualTrainer(tiny(out, tiny_model), quiet=True).run()
@@ -38,7 +38,7 @@ def finished(tmp_path_factory, tiny_model) -> Path:
 
 
 def test_api_default_never_reuses_an_old_run(finished, tiny_model):
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     before = files(finished)
     with pytest.raises(RunDirectoryError, match="already holds a run; pass --resume"):
@@ -47,7 +47,7 @@ def test_api_default_never_reuses_an_old_run(finished, tiny_model):
 
 
 def test_api_resume_with_another_config_names_the_field(finished, tiny_model):
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     before = files(finished)
     trainer = ContinualTrainer(tiny(finished, tiny_model, strategy_args={"lam": 1e3}), quiet=True, resume=True)
@@ -57,7 +57,7 @@ def test_api_resume_with_another_config_names_the_field(finished, tiny_model):
 
 
 def test_api_resume_same_config_and_overwrite(finished, tiny_model, tmp_path):
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     old = json.loads((finished / "results.json").read_text())
     # Output-only options may change on resume; the finished run is given back as it is.
@@ -71,7 +71,7 @@ def test_api_resume_same_config_and_overwrite(finished, tiny_model, tmp_path):
 
 
 def test_api_overwrite_refuses_a_folder_that_is_not_a_run(tmp_path, tiny_model):
-    from jumplora.runners import ContinualTrainer
+    from jumplora import ContinualTrainer
 
     out = tmp_path / "mine"
     (out / "plots").mkdir(parents=True)
@@ -104,7 +104,9 @@ def test_kill_then_edit_config_json_then_resume_is_refused(tmp_path, tiny_model)
             "8", "--cpu", "--quiet", "--threads", "1", "--no-plots"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPLORA_TEST_")}
     run = [sys.executable, "-m", "jumplora.cli"]
-    killed = subprocess.run([*run, *args], env={**env, "JUMPLORA_TEST_KILL_AT": "commit:2"}, capture_output=True)
+    plugin = ["--plugin", str(Path(__file__).with_name("fault_plugin.py"))]  # the kill point's injector
+    killed = subprocess.run([*run, *args, *plugin], env={**env, "JUMPLORA_TEST_KILL_AT": "commit:2"},
+                            capture_output=True)  # fmt: skip
     assert killed.returncode == -9, killed.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
     config["optim"]["lr"], config["adapter"]["r"] = 0.005, 4

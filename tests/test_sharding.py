@@ -30,6 +30,7 @@ from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 from jumplora.adapters.sharded import kth_smallest, threshold_keeping
 from jumplora.adapters.sparsity import _threshold_keeping
 from jumplora.data import resolve_data_dir
+from jumplora.run.trainer import RUNNER_TYPES
 from jumplora.sharding import resolve_shard
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
@@ -85,7 +86,7 @@ def test_backends_not_run_as_asked_are_refused(monkeypatch, env, shard, runner, 
         monkeypatch.setenv(key, value)
     runner, _, precision = runner.partition("+")
     with pytest.raises(ValueError, match=message):
-        resolve_shard(shard, runner, precision or "no")
+        resolve_shard(shard, runner, precision or "no", RUNNER_TYPES[runner].shard_refusal)
 
 
 def test_fsdp2_from_accelerate_config_is_chosen(monkeypatch):
@@ -211,7 +212,8 @@ def test_fsdp2_killed_mid_task_resumes_to_the_same_run(tmp_path, tiny_llama_dir)
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _launch(cli(straight), 2).returncode == 0
-    proc = _launch(cli(killed), 2, env={**_env(), "JUMPLORA_TEST_KILL_AT": "step:4"})
+    plugin = ("--plugin", str(Path(__file__).with_name("fault_plugin.py")))  # the kill point's injector
+    proc = _launch(cli(killed, *plugin), 2, env={**_env(), "JUMPLORA_TEST_KILL_AT": "step:4"})
     assert proc.returncode != 0
     state = json.loads((killed / "checkpoint" / "state.json").read_text())
     assert state["next_task"] == 1 and state["partial"] is not None

@@ -348,3 +348,16 @@ def test_docs_example_strategy_runs_through_the_registry_and_hooks(
     resumed = make_strategy("support_l2", {"lam": 0.5})
     resumed.load_state_dict(strategy.state_dict())
     torch.testing.assert_close(resumed.loss_term(ctx, {}, ZERO), expected)
+
+
+def test_layer_views_are_the_current_adapter_without_peft_keys(tiny_bert: nn.Module) -> None:
+    """ctx.layers(): A, B and the effective ΔW of every adapted module, read through the layer's own adapter."""
+    model = adapter(tiny_bert, seed=1, gamma=0.5)
+    views = context(model, 0).layers()
+    layers = list(jumplora_layers(model))
+    assert [v.name for v in views] == [name for name, _ in layers] and views
+    for view, (_, layer) in zip(views, layers, strict=True):
+        assert view.A is layer.jumplora_A["default"] and view.B is layer.jumplora_B["default"]
+        torch.testing.assert_close(view.delta(), layer.effective_delta("default"))
+        torch.testing.assert_close(view.delta(gamma=0.0), layer.effective_delta("default", gamma=0.0))
+    assert context(None, 0).layers() == []

@@ -57,7 +57,7 @@ def __getattr__(name: str) -> Any:
 
         return getattr(adapters, name)
     if name == "ContinualTrainer":
-        from jumplora.runners import ContinualTrainer
+        from jumplora.run.trainer import ContinualTrainer
 
         return ContinualTrainer
     if name == "JumpLoraCallback":

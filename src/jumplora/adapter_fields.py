@@ -22,7 +22,9 @@ class AdapterDefaults:
     r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: float = field(default=32, metadata={"help": "LoRA alpha; the update is scaled by alpha / r."})
     lora_dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter's input."})
-    sparse: bool = field(default=True, metadata={"help": "Gate ΔW with the JumpReLU (False: plain LoRA)."})
+    sparse: bool = field(
+        default=True, metadata={"help": "Sparse JumpLoRA adapters: gate ΔW with the JumpReLU (--dense: plain LoRA)."}
+    )
     threshold_granularity: str = field(
         default="global",
         metadata={"help": "One θ for the model ('global'), per transformer block, or per module."},

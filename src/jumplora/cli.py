@@ -287,9 +287,9 @@ def execute(config: Any, *, resume: bool = False, overwrite: bool = False, quiet
     A NaN/inf loss, threshold or diverged update exits with code 3; the last finished task's
     checkpoint stays.
     """
-    from jumplora.engine import NumericalError
     from jumplora.run.directory import RunDirectoryError
-    from jumplora.runners import ContinualTrainer
+    from jumplora.run.trainer import ContinualTrainer
+    from jumplora.train.numerics import NumericalError
 
     out = Path(config.out)
     check_out_dir(out, resume=resume, overwrite=overwrite)

@@ -21,7 +21,9 @@ from jumplora.adapter_fields import MERGE_MASKS, adapter_defaults
 if TYPE_CHECKING:
     from jumplora.adapters.config import JumpLoraConfig
 
+#: ``--runner`` values: the CL stream first, then the reference rows (no strategy; labelled by their name).
 RUNNERS = ("continual", "multitask", "independent")
+REFERENCE_RUNNERS = RUNNERS[1:]
 #: ``--quantize`` values (jumplora.models.quantize loads them); "none" loads the base in float32 as usual.
 QUANTIZE_CHOICES = ("none", "int8", "nf4", "torchao-int8")
 #: Sharding backends ``--shard`` takes (DeepSpeed ZeRO is not supported: asking for it is an error).
@@ -100,9 +102,10 @@ class ModelConfig:
 
 @dataclass
 class AdapterConfig:
-    """The JumpLoRA/LoRA adapter of every task; ``sparse`` False is dense LoRA (the same layer)."""
+    """The JumpLoRA/LoRA adapter of every task; sparse by default (``JumpLoraConfig``'s), ``sparse`` False
+    (``--dense``) is the dense LoRA baseline (the same layer)."""
 
-    sparse: bool = opt(False, "Sparse JumpLoRA adapters, or dense LoRA.", flag="--jumplora/--dense")
+    sparse: bool = from_jumplora("sparse", flag="--jumplora/--dense")
     r: int = from_jumplora("r", flag="--r")
     lora_alpha: float = from_jumplora("lora_alpha")
     lora_dropout: float = from_jumplora("lora_dropout")
@@ -138,7 +141,7 @@ class AdapterConfig:
     def problems(self) -> list[str]:
         out = []
         if self.control and self.sparse:
-            out.append("--mask random|posthoc-topk and --norm-match train a dense update; drop --jumplora")
+            out.append("--mask random|posthoc-topk and --norm-match train a dense update: add --dense, drop --jumplora")
         if self.merge_mask != "gate" and self.norm_match:
             out.append("--norm-match merges the whole update; it does not combine with --mask")
         try:
@@ -253,6 +256,10 @@ class RunConfig:
         # Every hyper-parameter of the strategy, defaults included: config.json says what ran.
         self.strategy.args = make_strategy(self.strategy.name, self.strategy.args).hparams()
 
+    def task_seed(self, task_index: int) -> int:
+        """The seed of everything drawn for one task (its adapter's init, a control's random support)."""
+        return self.seed * 1000 + task_index
+
     def parts(self) -> tuple[Any, ...]:
         return (self.stream, self.model, self.adapter, self.optim, self.strategy)
 
@@ -311,7 +318,7 @@ class RunConfig:
 
     @property
     def label(self) -> str:
-        if self.runner != "continual":
+        if self.runner in REFERENCE_RUNNERS:
             return self.runner
         a = self.adapter
         control = f"+mask-{a.merge_mask}" if a.merge_mask != "gate" else ("+norm-match" if a.norm_match else "")

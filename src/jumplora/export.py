@@ -146,6 +146,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     """A *complete* run with its checkpoint, validated as ``--resume`` validates it
     (``jumplora.run.directory.read_run``: checksum, schema, config.json, R, every file's hash); ExportError
     otherwise, with the error line ``--resume`` gives."""
+    from jumplora.config import REFERENCE_RUNNERS
     from jumplora.run.directory import RunDirectoryError
     from jumplora.run.directory import read_run as read_validated
 
@@ -153,7 +154,7 @@ def read_run(run_dir: str | Path) -> RunRecord:
     try:
         record = read_validated(run)
         kind = record.results.get("runner")
-        if kind in ("multitask", "independent"):
+        if kind in REFERENCE_RUNNERS:
             raise ExportError(f"{run}: a {kind} reference run keeps no model to export (its updates are not saved)")
         record = read_validated(run, need_checkpoint=True)
     except RunDirectoryError as err:

@@ -16,8 +16,6 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from jumplora import faults
-
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -28,7 +26,6 @@ def _atomic(path: Path, write: Callable[[Path], None]) -> None:
         write(tmp)
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
-        faults.point("write")
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     except BaseException:

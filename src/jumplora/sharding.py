@@ -5,7 +5,7 @@ FSDP config of ``fsdp_version: 2`` (the ecosystem's way; Accelerate passes it on
 variables). Either way jumplora shards the base model itself with ``fully_shard`` — one unit per
 transformer block (the model's ``_no_split_modules``, as Accelerate's auto-wrap picks them) plus the
 root — because Accelerate's FSDP plugin only shards on an accelerator and would silently run DDP on a
-CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the engine.
+CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the training loop (jumplora.train.loop).
 
 Whatever jumplora cannot run as asked is refused with one error (exit 2), never run as something else:
 FSDP1, DeepSpeed (any ZeRO stage), the independent runner or Accelerate's mixed precision under sharding.
@@ -38,8 +38,10 @@ def launcher_request() -> str | None:
     return None
 
 
-def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
-    """The backend this run shards with ("none" or "fsdp2"); ValueError for anything that would not run as asked."""
+def resolve_shard(shard: str, runner: str, mixed_precision: str = "no", refusal: str | None = None) -> str:
+    """The backend this run shards with ("none" or "fsdp2"); ValueError for anything that would not run as asked.
+
+    ``refusal``: why the runner cannot shard, as it declares (``Runner.shard_refusal``); None when it can."""
     launched = launcher_request()
     if launched is not None and launched != "fsdp2":
         raise ValueError(
@@ -49,8 +51,8 @@ def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
     if launched == "fsdp2" and shard not in ("none", "fsdp2"):
         raise ValueError(f"--shard {shard} conflicts with accelerate launch's FSDP2 config")
     chosen = "fsdp2" if launched == "fsdp2" else shard
-    if chosen != "none" and runner == "independent":
-        raise ValueError("--runner independent cannot shard (it copies the whole base model per task)")
+    if chosen != "none" and refusal:
+        raise ValueError(f"--runner {runner} cannot shard ({refusal})")
     if chosen != "none" and mixed_precision != "no":  # Accelerate's autocast comes with prepare(model), unused here
         raise ValueError(f"--mixed-precision {mixed_precision} is not applied under --shard {chosen}; use 'no'")
     return chosen
@@ -58,7 +60,7 @@ def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
 
 @contextlib.contextmanager
 def launcher_sharding_hidden() -> Iterator[None]:
-    """Hide accelerate launch's FSDP request while the Accelerator is built: the engine shards by itself,
+    """Hide accelerate launch's FSDP request while the Accelerator is built: jumplora shards by itself,
     and Accelerate must neither wrap the model again nor downgrade to DDP on a CPU."""
     saved = {key: os.environ.pop(key) for key in _LAUNCHER_KEYS if key in os.environ}
     try:

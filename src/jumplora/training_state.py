@@ -14,19 +14,37 @@ import torch
 from torch import nn
 
 
+def _adapter_parameters(model: nn.Module, kinds: tuple[str, ...] | None = None) -> dict[str, nn.Parameter]:
+    """``model``'s parameters that its JumpLoRA layers hold as adapter weights, by parameter name.
+
+    The layers say which they are (``adapter_layer_names``: A, B, θ); ``kinds`` narrows to some of them."""
+    from jumplora.adapters import JumpLoraLayer
+
+    owned = {
+        id(p)
+        for module in model.modules()
+        if isinstance(module, JumpLoraLayer)
+        for kind in module.adapter_layer_names
+        if kinds is None or kind in kinds
+        for p in getattr(module, kind).parameters()
+    }
+    return {name: p for name, p in model.named_parameters() if id(p) in owned}
+
+
 def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     """Every JumpLoRA parameter of ``model`` (A, B, θ), by parameter name."""
-    return {name: p.detach() for name, p in model.named_parameters() if "jumplora_" in name}
+    return {name: p.detach() for name, p in _adapter_parameters(model).items()}
 
 
 def load_adapter_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
-    params = {name: p for name, p in model.named_parameters() if "jumplora_" in name}
+    params = _adapter_parameters(model)
+    thetas = set(_adapter_parameters(model, ("jumplora_theta",)))
     if set(params) != set(tensors):
         different = sorted(set(params) ^ set(tensors))[:3]
         raise ValueError(f"{source}: adapter tensors do not match the model (e.g. {different})")
     with torch.no_grad():
         for name, p in params.items():
-            if "jumplora_theta" in name and tensors[name].dim() == 0:  # saved before θ became 1-D
+            if name in thetas and tensors[name].dim() == 0:  # saved before θ became 1-D
                 tensors = {**tensors, name: tensors[name].reshape(1)}
             if tensors[name].shape != p.shape:
                 raise ValueError(

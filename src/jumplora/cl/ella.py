@@ -1,6 +1,6 @@
 """ELLA: penalise the new update where the past updates were large, λ·mean_l ‖ΔW_t ⊙ W_past‖²_F.
 
-``ΔW_t`` is the effective (scaled, gated) update of the current adapter, ``layer.effective_delta``,
+``ΔW_t`` is the effective (scaled, gated) update of the current adapter, ``LayerView.delta()``,
 so θ and the γ ramp shape the penalty as they shape the forward pass. ``W_past`` sums, per module and in
 the (out, in) layout of ``MergeResult.updates``, each earlier task's ungated update s·B·A (``past="dense"``,
 the default: what the task learned) or the update that was merged (``past="merged"``). Without JumpLoRA
@@ -16,9 +16,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from .base import Strategy, StrategyContext, jumplora_layers, register_strategy, strip_prefix
+from .base import LayerView, Strategy, StrategyContext, register_strategy, strip_prefix
 
 if TYPE_CHECKING:
     from jumplora.adapters import MergeResult
@@ -43,23 +42,23 @@ class ELLA(Strategy):
             raise ValueError(f"strategy 'ella': past must be one of {', '.join(PAST_KINDS)}, got {self.past!r}")
         self.w_past: dict[str, torch.Tensor] = {}  # CPU float32, the state
         self._on_device: dict[str, torch.Tensor] = {}  # W_past on the model's device and dtype
-        self._current: list[tuple[str, nn.Module]] = []  # the task's layers (gone from the model after the merge)
+        self._current: list[LayerView] = []  # the task's layers (gone from the model after the merge)
 
     def on_task_start(self, ctx: StrategyContext) -> None:
         self._on_device = {}
-        self._current = list(jumplora_layers(ctx.model))
-        for name, layer in self._current:
-            if name in self.w_past:
-                weight = layer.jumplora_A["default"]
-                self._on_device[name] = self.w_past[name].to(device=weight.device, dtype=weight.dtype)
+        self._current = ctx.layers()
+        for view in self._current:
+            if view.name in self.w_past:
+                weight = view.A
+                self._on_device[view.name] = self.w_past[view.name].to(device=weight.device, dtype=weight.dtype)
 
     def loss_term(self, ctx: StrategyContext, batch: dict, task_loss: torch.Tensor) -> torch.Tensor | None:
         if not self._on_device:
             return None
         terms = [
-            (layer.effective_delta("default") * self._on_device[name]).square().sum()
-            for name, layer in jumplora_layers(ctx.model)
-            if name in self._on_device
+            (view.delta() * self._on_device[view.name]).square().sum()
+            for view in ctx.layers()
+            if view.name in self._on_device
         ]
         return self.lam * torch.stack(terms).mean()
 
@@ -69,7 +68,7 @@ class ELLA(Strategy):
         updates = merged.updates
         if self.past == "dense":
             with torch.no_grad():
-                updates = {n: layer.effective_delta("default", gamma=0.0).float().cpu() for n, layer in self._current}
+                updates = {view.name: view.delta(gamma=0.0).float().cpu() for view in self._current}
         for name, update in updates.items():
             self.w_past[name] = self.w_past[name] + update if name in self.w_past else update.clone()
         self._current = []

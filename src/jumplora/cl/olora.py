@@ -10,9 +10,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 import torch
-from torch import nn
 
-from .base import Strategy, StrategyContext, jumplora_layers, register_strategy, strip_prefix
+from .base import LayerView, Strategy, StrategyContext, register_strategy, strip_prefix
 
 if TYPE_CHECKING:
     from jumplora.adapters import MergeResult
@@ -30,32 +29,32 @@ class OLoRA(Strategy):
         if self.lam_orth < 0 or self.lam_l2 < 0:
             raise ValueError(f"strategy 'olora': lam_orth and lam_l2 must be >= 0, got {self.lam_orth}, {self.lam_l2}")
         self.past_A: dict[str, torch.Tensor] = {}  # CPU float32 (tasks·r, in), the state
-        self._current: list[tuple[str, nn.Module]] = []  # the task's layers (gone from the model after the merge)
+        self._current: list[LayerView] = []  # the task's layers (gone from the model after the merge)
         self._past_on_device: dict[str, torch.Tensor] = {}
 
     def on_task_start(self, ctx: StrategyContext) -> None:
-        self._current = list(jumplora_layers(ctx.model))
+        self._current = ctx.layers()
         self._past_on_device = {}
-        for name, layer in self._current:
-            if name in self.past_A:
-                a = layer.jumplora_A["default"]
-                self._past_on_device[name] = self.past_A[name].to(device=a.device, dtype=a.dtype)
+        for view in self._current:
+            if view.name in self.past_A:
+                a = view.A
+                self._past_on_device[view.name] = self.past_A[view.name].to(device=a.device, dtype=a.dtype)
 
     def loss_term(self, ctx: StrategyContext, batch: dict, task_loss: torch.Tensor) -> torch.Tensor | None:
         terms = []
-        for name, layer in self._current:
-            a_t = layer.jumplora_A["default"]
-            if name in self._past_on_device and self.lam_orth:
-                terms.append(self.lam_orth * (self._past_on_device[name] @ a_t.t()).abs().sum())
+        for view in self._current:
+            a_t = view.A
+            if view.name in self._past_on_device and self.lam_orth:
+                terms.append(self.lam_orth * (self._past_on_device[view.name] @ a_t.t()).abs().sum())
             if self.lam_l2:
-                b_t = layer.jumplora_B["default"]
+                b_t = view.B
                 terms.append(self.lam_l2 * (a_t.square().sum() + b_t.square().sum()))
         return torch.stack(terms).sum() if terms else None
 
     def on_task_end(self, ctx: StrategyContext, merged: MergeResult | None) -> None:
-        for name, layer in self._current:
-            a_t = layer.jumplora_A["default"].detach().float().cpu()
-            self.past_A[name] = torch.cat([self.past_A[name], a_t]) if name in self.past_A else a_t.clone()
+        for view in self._current:
+            a_t, past = view.A.detach().float().cpu(), self.past_A.get(view.name)
+            self.past_A[view.name] = torch.cat([past, a_t]) if past is not None else a_t.clone()
         self._current = []
 
     def state_dict(self) -> dict[str, torch.Tensor]:

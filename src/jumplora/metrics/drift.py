@@ -52,11 +52,12 @@ def answer_drift(run_dir: str | Path, key: str = "prediction") -> list[dict[str,
 
     Raises NoPredictions naming the file when the run has no saved predictions or no task options.
     """
+    from jumplora.config import REFERENCE_RUNNERS
     from jumplora.run.directory import read_run
 
     record = read_run(run_dir, complete=False)  # the loader --resume and export use
     run, results = record.path, record.results
-    if results.get("runner", "continual") != "continual":
+    if results["runner"] in REFERENCE_RUNNERS:
         raise NoPredictions(f"{record.results_path}: a {results['runner']} run has no earlier tasks to drift from")
     options = results.get("task_options")
     if not options:

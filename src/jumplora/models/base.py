@@ -1,7 +1,7 @@
 """Common interface every model family implements, plus the prompt example type.
 
 A *model family* turns prompt examples into tensors, a batch into a training loss, and a batch into
-predicted strings. The continual-learning engine only talks to this interface, so encoders,
+predicted strings. The training loop and the evaluator only talk to this interface, so encoders,
 encoder-decoders and decoder-only models can be swapped without touching the training loop.
 """
 
@@ -48,6 +48,10 @@ class ModelFamily(ABC):
     """How a batch of prompt examples becomes a loss and predictions for one kind of model."""
 
     name: str = ""
+    #: Whether the family answers with text it produces (generation or option ranking are its two modes);
+    #: a ranking-only family (the encoder) neither takes ``rank_options`` nor reports a second metric.
+    generates: bool = False
+    rank_options: bool = False
 
     def __init__(self, tokenizer: Any, max_length: int) -> None:
         if max_length < 2:
@@ -57,7 +61,7 @@ class ModelFamily(ABC):
 
     @abstractmethod
     def encode(self, examples: Sequence[PromptExample]) -> list[dict]:
-        """Tokenise once, without padding; the engine caches the result for all epochs."""
+        """Tokenise once, without padding; the run caches the result for all epochs."""
 
     @abstractmethod
     def collate(self, features: list[dict]) -> dict:
@@ -66,6 +70,16 @@ class ModelFamily(ABC):
     @abstractmethod
     def loss(self, model: torch.nn.Module, batch: dict) -> torch.Tensor:
         """Scalar differentiable training loss."""
+
+    def metric_modes(self) -> dict[str, str | None]:
+        """Metric name → predict mode: what evaluation reports for this family.
+
+        One ``accuracy`` (the family's own answer) by default; a family that generates also ranks the
+        options, reported beside it as ``rank_accuracy`` (unless it was built to rank only).
+        """
+        if self.generates and not self.rank_options:
+            return {"accuracy": "generate", "rank_accuracy": "rank"}
+        return {"accuracy": None}
 
     @abstractmethod
     def predict(self, model: torch.nn.Module, batch: dict) -> list[str]:

@@ -34,6 +34,8 @@ PREDICT_MODES = ("generate", "rank")
 class GenerativeFamily(ModelFamily):
     """Loss on answer tokens; predict by greedy generation or by ranking the options."""
 
+    generates = True
+
     def __init__(
         self,
         tokenizer: Any,

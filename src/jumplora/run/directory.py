@@ -47,7 +47,6 @@ from typing import Any
 import torch
 from safetensors.torch import load as safetensors_load
 
-from jumplora import faults
 from jumplora.io import append_jsonl, atomic_save_tensors, atomic_write_json, atomic_write_text, read_jsonl
 from jumplora.io import remove_temporaries as _remove_temporaries
 from jumplora.run.validate import (
@@ -260,7 +259,6 @@ class RunDirectory:
             files["supports"].append(self._write(f"support_{done - 1:03d}.safetensors", support, hashes))
         strategy_name = self._write(f"strategy_{done:03d}.safetensors", strategy_state, hashes)
         adapter_name = self._write(f"adapter_{done:03d}.safetensors", adapter, hashes)
-        faults.point("checkpoint")
         state = {
             "format": FORMAT_VERSION,
             **asdict(progress),
@@ -283,7 +281,6 @@ class RunDirectory:
         old = (self._state["partial"] or {}).get("file")
         hashes.pop(old, None)
         name = self._write(f"partial_{meta['task']:03d}_{meta['step']:06d}.safetensors", tensors, hashes)
-        faults.point("checkpoint")
         self._commit({**self._state, "partial": {**meta, "file": name}, "hashes": hashes})
 
     def _write(self, name: str, tensors: dict[str, torch.Tensor] | None, hashes: dict[str, str]) -> str | None:
@@ -302,7 +299,6 @@ class RunDirectory:
             if path.name.startswith(_VERSIONED_PREFIXES) and path.name not in keep:
                 path.unlink(missing_ok=True)
         _remove_temporaries(self.ckpt)
-        faults.point("commit")
 
     def write_predictions(self, number: int, after: str, predictions: dict[str, list[dict[str, Any]]]) -> Path:
         """One file per evaluation, numbered in run order and rewritten whole (a resumed run repeats none)."""
@@ -316,7 +312,6 @@ class RunDirectory:
         atomic_write_json(self.out / _RESULTS, results)
 
     def finish(self, results: dict[str, Any]) -> None:
-        faults.point("finish")
         self.write_results(results)
         _remove_temporaries(self.out)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from jumplora.config import REFERENCE_RUNNERS
 from jumplora.environment import environment_differences
 from jumplora.results import METRIC_KEYS
 
@@ -55,7 +56,6 @@ IGNORED_CONFIG_KEYS: frozenset[str] = frozenset(
 #: ``{key}_mean``, ``{key}_std`` and ``{key}_n``.
 SUMMARY_KEYS: tuple[str, ...] = (*METRIC_KEYS, "density", "jaccard", "jaccard_past", "wall_time_s")
 #: Runners of reference rows (bounds to compare against): never marked best.
-REFERENCE_RUNNERS: frozenset[str] = frozenset({"multitask", "independent"})
 
 
 def _strip(obj: Any) -> Any:
