@@ -10,7 +10,7 @@ part: stream, model, adapter, optim, strategy). Runs written before it were migr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 #: The results.json generation readers accept; bench/migrate_runs.py brings older runs to it.
 SCHEMA_VERSION = 2
@@ -29,6 +29,10 @@ class TaskAnalytics(TypedDict):
     thresholds: dict[str, float]
     jaccard_with_earlier: list[float]
     jaccard_with_past: float | None
+    # ‖U‖_F and nnz(U) of the merged update (jumplora.metrics.interference); absent in runs made before
+    # they were recorded, None where no update was merged.
+    update_norm: NotRequired[float | None]
+    kept_entries: NotRequired[int | None]
 
 
 class RunResults(TypedDict):
@@ -74,10 +78,13 @@ RESULTS_FIELDS: tuple[str, ...] = tuple(RunResults.__annotations__)
 def schema_problem(results: Mapping[str, Any]) -> str:
     """Why ``results`` is not schema 2 ('' when it is): a wrong ``schema``, a missing field, a flat config.
 
-    Every committed run carries ``schema: 2`` (bench/migrate_runs.py). The runners' results builder writes
-    every field but not yet the key itself, so an absent key reads as this schema; a different one is refused.
+    The runners write it (jumplora.run.record.build_results); every committed run was migrated to it once
+    (bench/migrate_runs.py).
     """
-    version = results.get("schema", SCHEMA_VERSION)
+    if "schema" not in results:
+        return (f"missing field 'schema' (a results.json older than schema {SCHEMA_VERSION}: "
+                "python bench/migrate_runs.py RUN_DIR)")  # fmt: skip
+    version = results["schema"]
     if version != SCHEMA_VERSION:
         return f"field schema is {str(version)[:20]!r}, this jumplora reads schema {SCHEMA_VERSION}"
     missing = [key for key in RESULTS_FIELDS if key != "schema" and key not in results]

@@ -16,6 +16,7 @@ from jumplora.adapters.updates import apply_update, pack_update
 from jumplora.results import RunResults
 from jumplora.run.base import Runner
 from jumplora.run.directory import Restored
+from jumplora.run.record import update_size
 from jumplora.training_state import adapter_tensors, load_adapter_tensors
 
 log = logging.getLogger("jumplora")
@@ -96,7 +97,8 @@ class ContinualRunner(Runner):
         self.strategy.on_task_end(setup.context(None, i), merged)
         name = setup.tasks[i].task.name
         self._record(self._evaluate(model, i + 1, f"after {name}"))
-        self.state.progress.per_task.append(self.state.task_analytics(name, support, thresholds))
+        analytics = self.state.task_analytics(name, support, thresholds)
+        self.state.progress.per_task.append({**analytics, **update_size(merged)})
         self.state.add_support(support)
         self.state.progress.next_task = i + 1
         self._commit(model, merged)

@@ -11,7 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from jumplora.adapters import MergeResult
 from jumplora.metrics import cl_metrics, density, density_per_module, jaccard, nll_metrics
+from jumplora.results import SCHEMA_VERSION
 from jumplora.run.directory import Progress
 
 
@@ -88,6 +90,7 @@ def build_results(state: RunState, run: dict[str, Any], complete: bool, **overri
     progress, names = state.progress, run["tasks"]
     rows = progress.rows
     results: dict[str, Any] = {
+        "schema": SCHEMA_VERSION,
         "complete": complete,
         "runner": run["runner"],
         "label": run["label"],
@@ -139,3 +142,13 @@ def finite_or_none(values: list[float]) -> list[float | None]:
 
 def nan_to_none(metrics: dict[str, float | None]) -> dict[str, float | None]:
     return {key: None if value is None or not math.isfinite(value) else value for key, value in metrics.items()}
+
+
+def update_size(merged: MergeResult | None) -> dict[str, float | int | None]:
+    """‖U‖_F over the modules and nnz(U) of the merged update U, for function-space interference
+    (jumplora.metrics.interference); None where no update was merged or a sharded merge kept local rows only."""
+    if merged is None or merged.sizes is not None or not merged.updates:
+        return {"update_norm": None, "kept_entries": None}
+    squares = sum(float(update.double().pow(2).sum()) for update in merged.updates.values())
+    kept = sum(int(mask.sum()) for mask in merged.supports.values())
+    return {"update_norm": math.sqrt(squares), "kept_entries": kept}
