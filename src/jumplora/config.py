@@ -24,8 +24,8 @@ if TYPE_CHECKING:
 RUNNERS = ("continual", "multitask", "independent")
 #: ``--quantize`` values (jumplora.models.quantize loads them); "none" loads the base in float32 as usual.
 QUANTIZE_CHOICES = ("none", "int8", "nf4", "torchao-int8")
-#: Sharding backends ``--shard`` takes (DeepSpeed ZeRO is not supported: asking for it is an error).
-SHARD_CHOICES = ("none", "fsdp2")
+#: Sharding backends ``--shard`` takes (DeepSpeed ZeRO-1/2 are not: asking for them is an error).
+SHARD_CHOICES = ("none", "fsdp2", "zero3")
 _JUMPLORA_FIELDS = adapter_defaults()
 
 
@@ -217,7 +217,8 @@ class RunConfig:
     cpu: bool = opt(False, "Force the CPU even when a GPU is present.")
     shard: str = opt(
         "none", "Shard the base model over the processes: none | fsdp2 (FSDP2 fully_shard per block; also "
-        "chosen by accelerate launch with an fsdp_version: 2 config). Works on CPU (gloo) too.",
+        "chosen by accelerate launch with an fsdp_version: 2 config) | zero3 (DeepSpeed ZeRO-3 partitioning; "
+        "needs jumplora[deepspeed]). Works on CPU (gloo) too.",
         choices=SHARD_CHOICES,
     )  # fmt: skip
     log_every: int = opt(10, "Log every N optimizer steps to train_log.jsonl.")

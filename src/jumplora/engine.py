@@ -102,7 +102,7 @@ class Engine:
             self.precision = Precision(config.mixed_precision, accelerator.mixed_precision, "the given Accelerator's")
         if accelerator is None:
             _allow_precision_change(self.precision.mixed_precision)
-        #: "none" or "fsdp2": the engine shards the base model itself (jumplora.sharding).
+        #: "none", "fsdp2" or "zero3": the engine shards the base model itself (jumplora.sharding).
         self.shard = sharding.resolve_shard(config.shard, config.runner, self.precision.mixed_precision)
         config.shard = self.shard  # config.json says what ran, also when accelerate launch chose it
         with sharding.launcher_sharding_hidden() if self.shard != "none" else contextlib.nullcontext():
@@ -147,8 +147,8 @@ class Engine:
         self.peft_config()  # validates the adapter options now, not at the first task
         self.tasks = [self._task_data(task) for task in self.stream.tasks]
         self.base_model = self.loaded.model.to(self.accelerator.device)
-        if self.shard == "fsdp2":
-            self.base_model = sharding.shard_base_model(self.base_model, self.accelerator.device)
+        if self.shard != "none":
+            self.base_model = sharding.shard_base_model(self.base_model, self.accelerator.device, self.shard)
 
     def _task_data(self, task: Task) -> TaskData:
         own = self.config.stream.option_space == "task"
@@ -164,7 +164,7 @@ class Engine:
         return data
 
     def peft_config(self) -> peft.PeftConfig:
-        return self.config.adapter.to_peft(self.target_modules)
+        return sharding.fit_adapter(self.config.adapter.to_peft(self.target_modules), self.shard)
 
     def new_adapter(self, base: nn.Module, task_index: int) -> nn.Module:
         set_seed(self.task_seed(task_index))

@@ -1,4 +1,4 @@
-"""Sharded training: which backend a run asked for, and sharding the base model with FSDP2.
+"""Sharded training: which backend a run asked for, and sharding the base model (FSDP2 or DeepSpeed ZeRO-3).
 
 A run shards when ``--shard fsdp2`` is given, or when it is started by ``accelerate launch`` with an
 FSDP config of ``fsdp_version: 2`` (the ecosystem's way; Accelerate passes it on through environment
@@ -7,8 +7,13 @@ transformer block (the model's ``_no_split_modules``, as Accelerate's auto-wrap 
 root — because Accelerate's FSDP plugin only shards on an accelerator and would silently run DDP on a
 CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the engine.
 
+``--shard zero3`` partitions the base model with DeepSpeed ZeRO-3 instead (:mod:`jumplora.sharding_zero`,
+which imports DeepSpeed only then), under ``accelerate launch --multi_gpu`` or ``torchrun``.
+
 Whatever jumplora cannot run as asked is refused with one error (exit 2), never run as something else:
-FSDP1, DeepSpeed (any ZeRO stage), the independent runner or Accelerate's mixed precision under sharding.
+FSDP1, ZeRO-1/2 (they partition only optimizer state and gradients, which here belong to the small
+replicated adapter, not the base), a DeepSpeed config from ``accelerate launch`` (its settings would not
+be applied), the independent runner or Accelerate's mixed precision under sharding.
 """
 
 from __future__ import annotations
@@ -16,10 +21,14 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+#: What ``--shard`` runs: the engine shards the base model itself with each of these.
+BACKENDS = ("fsdp2", "zero3")
 
 #: Environment variables through which ``accelerate launch`` asks for FSDP / DeepSpeed.
 _LAUNCHER_KEYS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
@@ -39,13 +48,16 @@ def launcher_request() -> str | None:
 
 
 def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
-    """The backend this run shards with ("none" or "fsdp2"); ValueError for anything that would not run as asked."""
+    """The backend this run shards with ("none", "fsdp2" or "zero3"); ValueError for anything that would not run as asked."""
     launched = launcher_request()
     if launched is not None and launched != "fsdp2":
         raise ValueError(
-            f"accelerate launch asks for {launched}: jumplora shards with FSDP2 only (an FSDP config with "
-            "fsdp_version: 2, or --shard fsdp2); refusing rather than running another backend"
+            f"accelerate launch asks for {launched}: jumplora shards with FSDP2 (an FSDP config with "
+            "fsdp_version: 2, or --shard fsdp2) or DeepSpeed ZeRO-3 (--shard zero3 under accelerate launch "
+            "--multi_gpu or torchrun); refusing rather than running another backend"
         )
+    if shard not in ("none", *BACKENDS):
+        raise ValueError(f"--shard {shard}: jumplora shards with {' or '.join(BACKENDS)}")
     if launched == "fsdp2" and shard not in ("none", "fsdp2"):
         raise ValueError(f"--shard {shard} conflicts with accelerate launch's FSDP2 config")
     chosen = "fsdp2" if launched == "fsdp2" else shard
@@ -75,14 +87,33 @@ def _ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard_base_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Freeze the base model and shard it with FSDP2: one unit per transformer block, then the root.
+def fit_adapter(peft_config: Any, backend: str) -> Any:
+    """The adapter's PEFT config as ``backend`` can run it.
 
-    Weights end up as DTensors split by rows; outside a forward pass a process holds only its rows.
+    ZeRO-3 gathers a weight only while its own module runs, so JumpLoRA layers take the reference path
+    (which calls the base layer) instead of the fused one (which reads ``base.weight`` directly and would
+    leave it gathered, i.e. unsharded, for the rest of the run).
     """
+    if backend == "zero3":
+        peft_config.fused = False
+    return peft_config
+
+
+def shard_base_model(model: nn.Module, device: torch.device, backend: str = "fsdp2") -> nn.Module:
+    """Freeze the base model and shard it with ``backend`` (fsdp2 or zero3) over the processes."""
+    _ensure_process_group(device)
+    if backend == "zero3":
+        from jumplora.sharding_zero import shard_base_model_zero3
+
+        return shard_base_model_zero3(model, device)
+    return _fully_shard(model)
+
+
+def _fully_shard(model: nn.Module) -> nn.Module:
+    """FSDP2, one unit per transformer block, then the root: weights become DTensors split by rows, and
+    outside a forward pass a process holds only its rows."""
     from torch.distributed.fsdp import fully_shard
 
-    _ensure_process_group(device)
     model.requires_grad_(False)
     block_types = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in block_types and m is not model]
