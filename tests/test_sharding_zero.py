@@ -9,10 +9,13 @@ test (tests/test_sharding.py: one process with batch 4 and ``--grad-accum 2`` se
 The tiny LLaMA's MLP is 63 wide and up_proj is adapted too: its 63 rows are split by ZeRO-3's flat halves in
 the middle of row 31, which the merge and the budget select must handle.
 
-Both sides run the JumpLoRA layers' reference path (ZeRO-3 always does, see ``sharding.fit_adapter``).
-Observed on this machine: θ and the kept entries identical; stored updates and merged weights equal to
-~1e-7 (not bit-equal: DeepSpeed's gather/release hooks add autograd nodes, and the adapter's gradients
-round differently; the merge itself is bit-equal, as the one-process test shows).
+All runs take the JumpLoRA layers' reference path (ZeRO-3 always does, see ``sharding.fit_adapter``).
+Observed on this machine: against ZeRO-3 in one process, everything bit-identical; against the unsharded
+process, θ and the kept entries identical and the stored updates and merged weights within 2.1e-6. Not
+bit-equal there because DeepSpeed wraps each module's inputs and outputs in autograd nodes, which regroups
+the sums of the residual stream's gradient branches (bench/zero3_cpu_probe.py); AdamW then carries the
+last-bit differences of the adapter's gradients into its steps. The merge itself is bit-equal to the
+unsharded merge (the one-process test below).
 """
 
 from __future__ import annotations
@@ -144,14 +147,28 @@ def _assembled(run: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+def _assert_bit_identical(run: Path, other: Path) -> None:
+    """θ at every log, densities, stored updates and merged weights all bit-identical."""
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (run, other))
+    assert json.loads((run / "rank0.json").read_text()) == json.loads((other / "rank0.json").read_text())
+    assert [t["density"] for t in r1["per_task"]] == [t["density"] for t in r2["per_task"]]
+    for name in json.loads((run / "checkpoint" / "state.json").read_text())["updates"]:
+        a, b = load_file(str(run / "checkpoint" / name)), load_file(str(other / "checkpoint" / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    w1, w2 = _assembled(run), _assembled(other)
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+
+
 @pytest.mark.slow
 def test_zero3_two_processes_match_one_process(tmp_path, odd_llama_dir):
     pytest.importorskip("deepspeed")
-    one, two = tmp_path / "one", tmp_path / "two"
+    one, one_zero3, two = tmp_path / "one", tmp_path / "one_zero3", tmp_path / "two"
     _run_worker(one, odd_llama_dir, "none", 4, 2, processes=1)
+    _run_worker(one_zero3, odd_llama_dir, "zero3", 4, 2, processes=1)
     _run_worker(two, odd_llama_dir, "zero3", 4, 1, processes=2)
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r2["config"]["shard"] == "zero3" and r1["complete"] and r2["complete"]
+    _assert_bit_identical(one_zero3, two)
 
     # θ: the same on both processes at every log and task end, and equal to the single process's
     seen = [json.loads((two / f"rank{r}.json").read_text()) for r in range(2)]
@@ -165,7 +182,7 @@ def test_zero3_two_processes_match_one_process(tmp_path, odd_llama_dir):
         a, b = load_file(str(one / "checkpoint" / name)), load_file(str(two / "checkpoint" / name))
         assert a.keys() == b.keys()
         for key in a:
-            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0 if key.endswith("::mask") else 1e-6)
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0 if key.endswith("::mask") else 1e-5)
 
     # the merged weights as the processes hold them (flat halves), against the single process's
     w1, w2 = _assembled(one), _assembled(two)
@@ -175,7 +192,7 @@ def test_zero3_two_processes_match_one_process(tmp_path, odd_llama_dir):
     base = {k: v.reshape(-1) for k, v in load_file(str(Path(odd_llama_dir) / "model.safetensors")).items()}
     changed = 0
     for name, weight in w1.items():
-        torch.testing.assert_close(w2[name], weight, rtol=0, atol=1e-6)
+        torch.testing.assert_close(w2[name], weight, rtol=0, atol=1e-5)
         changed += int(not torch.equal(weight, base[name]))
     assert changed == 6  # q_proj, v_proj and up_proj of both blocks, nothing else
     np.testing.assert_allclose(r2["accuracy_matrix"], r1["accuracy_matrix"])
