@@ -214,3 +214,36 @@ def test_cli_zero3_in_one_process_runs_over_a_world_of_one(tmp_path, odd_llama_d
     results = json.loads((out / "results.json").read_text())
     assert results["complete"] and results["config"]["shard"] == "zero3"
     assert 0.0 < results["per_task"][0]["density"] < 1.0
+
+
+@pytest.mark.slow
+def test_zero3_killed_mid_task_resumes_to_the_same_run(tmp_path, odd_llama_dir):
+    """kill -9 of both processes right after a mid-task checkpoint of task 2, then --resume under ZeRO-3:
+    the first task's stored update goes back into each process's slices (the partial row included)."""
+    pytest.importorskip("deepspeed")
+    from test_sharding import _env, _launch
+
+    def cli(out: Path, *extra: str) -> list[str]:
+        return [
+            "-m", "jumplora.cli", "run", "--out", str(out), "--tasks", "cb,rte", "--model", odd_llama_dir,
+            "--data-dir", str(resolve_data_dir()), "--max-train", "24", "--max-eval", "8", "--max-length", "64",
+            "--batch-size", "4", "--lr", "0.01", "--jumplora", "--cpu", "--quiet", "--log-every", "1",
+            "--no-plots", "--checkpoint-every", "1", "--shard", "zero3", "--targets", TARGETS, *extra,
+        ]  # fmt: skip
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    assert _launch(cli(straight), 2).returncode == 0
+    proc = _launch(cli(killed), 2, env={**_env(), "JUMPLORA_TEST_KILL_AT": "step:4"})
+    assert proc.returncode != 0
+    state = json.loads((killed / "checkpoint" / "state.json").read_text())
+    assert state["next_task"] == 1 and state["partial"] is not None
+    proc = _launch(cli(killed, "--resume"), 2)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (straight, killed))
+    assert b["complete"] and a["config"]["shard"] == b["config"]["shard"] == "zero3"
+    assert b["accuracy_matrix"] == a["accuracy_matrix"] and b["zero_shot"] == a["zero_shot"]
+    assert [t["thresholds"] for t in b["per_task"]] == [t["thresholds"] for t in a["per_task"]]
+    assert [t["density"] for t in b["per_task"]] == [t["density"] for t in a["per_task"]]
+    for name in json.loads((straight / "checkpoint" / "state.json").read_text())["updates"]:
+        u, v = load_file(str(straight / "checkpoint" / name)), load_file(str(killed / "checkpoint" / name))
+        assert u.keys() == v.keys() and all(torch.equal(u[k], v[k]) for k in u)
