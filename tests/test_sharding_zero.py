@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +125,13 @@ def odd_llama_dir(tmp_path_factory, minilm_path) -> str:
     return str(folder)
 
 
-def _run_worker(out: Path, model: str, shard: str, batch: int, accum: int, processes: int) -> None:
+def _run_worker(
+    out: Path, model: str, shard: str, batch: int, accum: int, processes: int, device: str = "cpu"
+) -> None:
     from test_sharding import _launch
 
     data = str(resolve_data_dir())
-    args = [str(WORKER), str(out), model, data, shard, str(batch), str(accum), "cpu", "reference", TARGETS]
+    args = [str(WORKER), str(out), model, data, shard, str(batch), str(accum), device, "reference", TARGETS]
     proc = _launch(args, processes)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
@@ -199,21 +199,21 @@ def test_zero3_two_processes_match_one_process(tmp_path, odd_llama_dir):
 
 
 @pytest.mark.slow
-def test_cli_zero3_in_one_process_runs_over_a_world_of_one(tmp_path, odd_llama_dir):
-    """``jumplora run --shard zero3`` without a launcher runs, partitioned over a world of one it makes."""
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="on CPU the 2-process test runs ZeRO-3 in one process")
+def test_zero3_world_size_one_matches_unsharded_on_cuda(tmp_path, odd_llama_dir):
+    """One process, no launcher, on CUDA (bench/gpu.sh; one GPU allows no more): ZeRO-3 over a world of one
+    against the unsharded run."""
     pytest.importorskip("deepspeed")
-    out = tmp_path / "run"
-    proc = subprocess.run(
-        [sys.executable, "-m", "jumplora.cli", "run", "--out", str(out), "--tasks", "cb", "--model",
-         odd_llama_dir, "--data-dir", str(resolve_data_dir()), "--max-train", "8", "--max-eval", "4",
-         "--max-length", "64", "--batch-size", "4", "--jumplora", "--cpu", "--quiet", "--no-plots",
-         "--shard", "zero3"],
-        capture_output=True, text=True, timeout=300,
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads((out / "results.json").read_text())
-    assert results["complete"] and results["config"]["shard"] == "zero3"
-    assert 0.0 < results["per_task"][0]["density"] < 1.0
+    plain, zero3 = tmp_path / "plain", tmp_path / "zero3"
+    _run_worker(plain, odd_llama_dir, "none", 8, 1, processes=1, device="cuda")
+    _run_worker(zero3, odd_llama_dir, "zero3", 8, 1, processes=1, device="cuda")
+    r1, r2 = (json.loads((d / "results.json").read_text()) for d in (plain, zero3))
+    assert r2["config"]["shard"] == "zero3" and r2["complete"]
+    assert [t["thresholds"] for t in r2["per_task"]] == [t["thresholds"] for t in r1["per_task"]]
+    assert [t["density"] for t in r2["per_task"]] == [t["density"] for t in r1["per_task"]]
+    w1, w2 = _assembled(plain), _assembled(zero3)
+    for name, weight in w1.items():
+        torch.testing.assert_close(w2[name], weight, rtol=0, atol=1e-5)
 
 
 @pytest.mark.slow
