@@ -1,10 +1,10 @@
-"""One process of a run for tests/test_sharding.py: runs ``ContinualTrainer`` and dumps what it holds.
+"""One process of a run for tests/test_sharding*.py: runs ``ContinualTrainer`` and dumps what it holds.
 
 ``python sharded_worker.py OUT MODEL DATA_DIR SHARD BATCH GRAD_ACCUM [cpu|cuda] [fused|reference] [TARGETS]``
 (under ``accelerate launch`` for several processes; ``reference``: the JumpLoRA layers' unfused path, which
-ZeRO-3 runs; TARGETS: comma-separated target modules instead of the family's). Each process writes ``OUT/rank<r>.safetensors``: its block of every base weight (``<name>`` with
-``<name>::first_row``, the row where the block starts; under ZeRO-3 a flat slice with
-``<name>::first_element``) — read without any collective,
+ZeRO-3 runs; TARGETS: comma-separated target modules instead of the family's). Each process writes
+``OUT/rank<r>.safetensors``: its block of every base weight (``<name>`` with ``<name>::first_row``, the row
+where the block starts; under ZeRO-3 a flat slice with ``<name>::first_element``) — read without any collective,
 so a sharded model's merged weights are checked as they are held — and ``OUT/rank<r>.json``: θ of each
 threshold group as this process saw it at each task's end.
 """
@@ -24,7 +24,7 @@ from jumplora.adapters.sharded import local_weight, reshard, row_block
 from jumplora.engine import Engine
 
 
-def main(  # noqa: PLR0913 (the command line's arguments)
+def main(
     out: str, model: str, data_dir: str, shard: str, batch: int, accum: int,
     device: str = "cpu", path: str = "fused", targets: str = "",
 ) -> None:  # fmt: skip

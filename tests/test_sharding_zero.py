@@ -53,6 +53,15 @@ def test_deepspeed_config_from_accelerate_is_refused_pointing_to_zero3(monkeypat
         resolve_shard("zero3", "continual")
 
 
+def test_zero3_without_deepspeed_is_refused_before_loading(monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ValueError, match=r"jumplora\[deepspeed\]"):
+        resolve_shard("zero3", "continual")
+
+
 def test_zero3_takes_the_reference_path_and_fsdp2_keeps_the_fused_one():
     from jumplora import JumpLoraConfig
 

@@ -19,6 +19,7 @@ be applied), the independent runner or Accelerate's mixed precision under shardi
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
 from typing import Any
@@ -48,7 +49,7 @@ def launcher_request() -> str | None:
 
 
 def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
-    """The backend this run shards with ("none", "fsdp2" or "zero3"); ValueError for anything that would not run as asked."""
+    """The backend this run shards with ("none", "fsdp2" or "zero3"); ValueError for what would not run as asked."""
     launched = launcher_request()
     if launched is not None and launched != "fsdp2":
         raise ValueError(
@@ -58,6 +59,8 @@ def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
         )
     if shard not in ("none", *BACKENDS):
         raise ValueError(f"--shard {shard}: jumplora shards with {' or '.join(BACKENDS)}")
+    if shard == "zero3" and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
+        raise ValueError("--shard zero3 needs DeepSpeed: pip install 'jumplora[deepspeed]'")
     if launched == "fsdp2" and shard not in ("none", "fsdp2"):
         raise ValueError(f"--shard {shard} conflicts with accelerate launch's FSDP2 config")
     chosen = "fsdp2" if launched == "fsdp2" else shard
