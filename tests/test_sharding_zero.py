@@ -4,7 +4,8 @@ unsharded process.
 DeepSpeed is an optional dependency (``pip install 'jumplora[deepspeed]'``, not in ``dev``: its import takes
 seconds and logs a warning), so the tests that run it skip where it is not installed; the refusals run
 everywhere. The slow test is a real 2-process gloo run on the CPU (``accelerate launch --multi_gpu
---num_processes 2``) of a tiny LLaMA on cb → rte through tests/sharded_worker.py, set up like the FSDP2
+--num_processes 2``, and ``--use_deepspeed --zero_stage 3`` without ``--shard``) of a tiny LLaMA on cb → rte
+through tests/sharded_worker.py, set up like the FSDP2
 test (tests/test_sharding.py: one process with batch 4 and ``--grad-accum 2`` sees what the two see).
 The tiny LLaMA's MLP is 63 wide and up_proj is adapted too: its 63 rows are split by ZeRO-3's flat halves in
 the middle of row 31, which the merge and the budget select must handle.
@@ -46,11 +47,43 @@ def test_zero_stages_without_base_partitioning_are_refused(monkeypatch, shard):
         resolve_shard(shard, "continual")
 
 
-def test_deepspeed_config_from_accelerate_is_refused_pointing_to_zero3(monkeypatch):
-    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
-    monkeypatch.setenv("ACCELERATE_DEEPSPEED_ZERO_STAGE", "3")
-    with pytest.raises(ValueError, match="--shard zero3"):
-        resolve_shard("zero3", "continual")
+@pytest.fixture
+def launcher_env(monkeypatch):
+    """A clean environment with DeepSpeed findable (whether or not it is installed): set(key=value, ...)."""
+    import importlib.util
+    import os
+
+    for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
+        monkeypatch.delenv(key)
+    real = importlib.util.find_spec
+    findable = lambda name, *a: object() if name == "deepspeed" else real(name, *a)  # noqa: E731
+    monkeypatch.setattr(importlib.util, "find_spec", findable)
+    return lambda **env: [monkeypatch.setenv(k, v) for k, v in env.items()]
+
+
+def test_zero3_from_accelerate_launch_is_chosen(launcher_env):
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3",
+                 ACCELERATE_DEEPSPEED_ZERO3_INIT="true", ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE="none")  # fmt: skip
+    assert resolve_shard("none", "continual") == "zero3"
+    assert resolve_shard("zero3", "continual") == "zero3"
+    with pytest.raises(ValueError, match="conflicts"):
+        resolve_shard("fsdp2", "continual")
+
+
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"ACCELERATE_DEEPSPEED_CONFIG_FILE": "ds.json"},
+        {"ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": "cpu"},
+        {"ACCELERATE_GRADIENT_ACCUMULATION_STEPS": "4"},
+        {"ACCELERATE_GRADIENT_CLIPPING": "1.0"},
+    ],
+)
+def test_accelerate_zero3_settings_jumplora_would_not_apply_are_refused(launcher_env, setting):
+    launcher_env(ACCELERATE_USE_DEEPSPEED="true", ACCELERATE_DEEPSPEED_ZERO_STAGE="3", **setting)
+    (key,) = setting
+    with pytest.raises(ValueError, match=key):
+        resolve_shard("none", "continual")
 
 
 def test_zero3_without_deepspeed_is_refused_before_loading(monkeypatch):
@@ -135,13 +168,13 @@ def odd_llama_dir(tmp_path_factory, minilm_path) -> str:
 
 
 def _run_worker(
-    out: Path, model: str, shard: str, batch: int, accum: int, processes: int, device: str = "cpu"
+    out: Path, model: str, shard: str, batch: int, accum: int, processes: int, device: str = "cpu", **launch
 ) -> None:
     from test_sharding import _launch
 
     data = str(resolve_data_dir())
     args = [str(WORKER), str(out), model, data, shard, str(batch), str(accum), device, "reference", TARGETS]
-    proc = _launch(args, processes)
+    proc = _launch(args, processes, **launch)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 
@@ -174,7 +207,8 @@ def test_zero3_two_processes_match_one_process(tmp_path, odd_llama_dir):
     one, one_zero3, two = tmp_path / "one", tmp_path / "one_zero3", tmp_path / "two"
     _run_worker(one, odd_llama_dir, "none", 4, 2, processes=1)
     _run_worker(one_zero3, odd_llama_dir, "zero3", 4, 2, processes=1)
-    _run_worker(two, odd_llama_dir, "zero3", 4, 1, processes=2)
+    # the ecosystem's way (no --shard): accelerate launch's DeepSpeed request, as a GPU user would ask
+    _run_worker(two, odd_llama_dir, "none", 4, 1, processes=2, mode=("--use_deepspeed", "--zero_stage", "3"))
     r1, r2 = (json.loads((d / "results.json").read_text()) for d in (one, two))
     assert r2["config"]["shard"] == "zero3" and r1["complete"] and r2["complete"]
     _assert_bit_identical(one_zero3, two)

@@ -7,13 +7,14 @@ transformer block (the model's ``_no_split_modules``, as Accelerate's auto-wrap 
 root — because Accelerate's FSDP plugin only shards on an accelerator and would silently run DDP on a
 CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the engine.
 
-``--shard zero3`` partitions the base model with DeepSpeed ZeRO-3 instead (:mod:`jumplora.sharding_zero`,
-which imports DeepSpeed only then), under ``accelerate launch --multi_gpu`` or ``torchrun``.
+``--shard zero3``, or ``accelerate launch --use_deepspeed --zero_stage 3``, partitions the base model with
+DeepSpeed ZeRO-3 instead (:mod:`jumplora.sharding_zero`, which imports DeepSpeed only then); as with FSDP,
+the launcher's request is hidden from the Accelerator and jumplora partitions the base itself.
 
 Whatever jumplora cannot run as asked is refused with one error (exit 2), never run as something else:
 FSDP1, ZeRO-1/2 (they partition only optimizer state and gradients, which here belong to the small
-replicated adapter, not the base), a DeepSpeed config from ``accelerate launch`` (its settings would not
-be applied), the independent runner or Accelerate's mixed precision under sharding.
+replicated adapter, not the base), launcher DeepSpeed settings it would not apply (a JSON config file,
+offloading, ...), the independent runner or Accelerate's mixed precision under sharding.
 """
 
 from __future__ import annotations
@@ -48,22 +49,54 @@ def launcher_request() -> str | None:
     return None
 
 
+#: DeepSpeed settings of ``accelerate launch`` that jumplora's ZeRO-3 runs as given (None: any value). Any
+#: other (a JSON config file, offloading, Accelerate's gradient accumulation or clipping, MoE) would not be
+#: applied, so it is refused; ``zero3_init`` only changes how a model loads (jumplora loads it whole).
+_LAUNCHER_ZERO3_SETTINGS = {
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("3",),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("none",),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("none",),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("1",),
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": None,
+    "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": None,
+}
+
+
+def _launcher_zero3_unapplied() -> list[str]:
+    """The DeepSpeed settings ``accelerate launch`` passes that jumplora's ZeRO-3 would not apply."""
+    unapplied = []
+    for key, value in os.environ.items():
+        if not key.startswith(("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_")):
+            continue
+        allowed = _LAUNCHER_ZERO3_SETTINGS.get(key, ())
+        if allowed is not None and value.strip().lower() not in allowed:
+            unapplied.append(f"{key}={value}")
+    return unapplied
+
+
+def _launched_backend(shard: str) -> str | None:
+    """The backend ``accelerate launch`` asks for, if jumplora runs it as asked (ValueError if not)."""
+    launched = launcher_request()
+    unapplied = _launcher_zero3_unapplied() if launched == "zero3" else []
+    if (launched is not None and launched not in BACKENDS) or unapplied:
+        detail = f" with {', '.join(unapplied)}" if unapplied else ""
+        raise ValueError(
+            f"accelerate launch asks for {launched}{detail}: jumplora shards with FSDP2 (an FSDP config with "
+            "fsdp_version: 2, or --shard fsdp2) or DeepSpeed ZeRO-3 (zero_stage 3 without a DeepSpeed config "
+            "file or offloading, or --shard zero3); refusing rather than running something else"
+        )
+    if launched is not None and shard not in ("none", launched):
+        raise ValueError(f"--shard {shard} conflicts with accelerate launch's {launched} config")
+    return launched
+
+
 def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
     """The backend this run shards with ("none", "fsdp2" or "zero3"); ValueError for what would not run as asked."""
-    launched = launcher_request()
-    if launched is not None and launched != "fsdp2":
-        raise ValueError(
-            f"accelerate launch asks for {launched}: jumplora shards with FSDP2 (an FSDP config with "
-            "fsdp_version: 2, or --shard fsdp2) or DeepSpeed ZeRO-3 (--shard zero3 under accelerate launch "
-            "--multi_gpu or torchrun); refusing rather than running another backend"
-        )
     if shard not in ("none", *BACKENDS):
         raise ValueError(f"--shard {shard}: jumplora shards with {' or '.join(BACKENDS)}")
-    if shard == "zero3" and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
+    chosen = _launched_backend(shard) or shard
+    if chosen == "zero3" and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
         raise ValueError("--shard zero3 needs DeepSpeed: pip install 'jumplora[deepspeed]'")
-    if launched == "fsdp2" and shard not in ("none", "fsdp2"):
-        raise ValueError(f"--shard {shard} conflicts with accelerate launch's FSDP2 config")
-    chosen = "fsdp2" if launched == "fsdp2" else shard
     if chosen != "none" and runner == "independent":
         raise ValueError("--runner independent cannot shard (it copies the whole base model per task)")
     if chosen != "none" and mixed_precision != "no":  # Accelerate's autocast comes with prepare(model), unused here
