@@ -3,10 +3,11 @@ unsharded process.
 
 DeepSpeed is an optional dependency (``pip install 'jumplora[deepspeed]'``, not in ``dev``: its import takes
 seconds and logs a warning), so the tests that run it skip where it is not installed; the refusals run
-everywhere. The slow test is a real 2-process gloo run on the CPU (``accelerate launch --multi_gpu
---num_processes 2``, and ``--use_deepspeed --zero_stage 3`` without ``--shard``) of a tiny LLaMA on cb → rte
-through tests/sharded_worker.py, set up like the FSDP2
-test (tests/test_sharding.py: one process with batch 4 and ``--grad-accum 2`` sees what the two see).
+everywhere. The slow tests are real 2-process gloo runs on the CPU of a tiny LLaMA on cb → rte: the
+equivalence test asks for ZeRO-3 the ecosystem's way (``accelerate launch --use_deepspeed --zero_stage 3
+--num_processes 2``, no ``--shard``) through tests/sharded_worker.py, set up like the FSDP2 test
+(tests/test_sharding.py: one process with batch 4 and ``--grad-accum 2`` sees what the two see); the
+kill-and-resume test uses ``--shard zero3`` under ``accelerate launch --multi_gpu``.
 The tiny LLaMA's MLP is 63 wide and up_proj is adapted too: its 63 rows are split by ZeRO-3's flat halves in
 the middle of row 31, which the merge and the budget select must handle.
 
