@@ -29,6 +29,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jumplora.sharding_zero import MISSING_DEEPSPEED, shard_base_model_zero3
+
 #: What ``--shard`` runs: the engine shards the base model itself with each of these.
 BACKENDS = ("fsdp2", "zero3")
 
@@ -96,7 +98,7 @@ def resolve_shard(shard: str, runner: str, mixed_precision: str = "no") -> str:
         raise ValueError(f"--shard {shard}: jumplora shards with {' or '.join(BACKENDS)}")
     chosen = _launched_backend(shard) or shard
     if chosen == "zero3" and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
-        raise ValueError("--shard zero3 needs DeepSpeed: pip install 'jumplora[deepspeed]'")
+        raise ValueError(MISSING_DEEPSPEED)
     if chosen != "none" and runner == "independent":
         raise ValueError("--runner independent cannot shard (it copies the whole base model per task)")
     if chosen != "none" and mixed_precision != "no":  # Accelerate's autocast comes with prepare(model), unused here
@@ -139,8 +141,6 @@ def shard_base_model(model: nn.Module, device: torch.device, backend: str = "fsd
     """Freeze the base model and shard it with ``backend`` (fsdp2 or zero3) over the processes."""
     _ensure_process_group(device)
     if backend == "zero3":
-        from jumplora.sharding_zero import shard_base_model_zero3
-
         return shard_base_model_zero3(model, device)
     return _fully_shard(model)
 

@@ -22,6 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+#: What a run that asks for ZeRO-3 without DeepSpeed installed is told.
+MISSING_DEEPSPEED = "ZeRO-3 needs DeepSpeed: pip install 'jumplora[deepspeed]'"
+
 #: DeepSpeed config of the base model's partitioning (no optimizer: DeepSpeed never trains the adapter).
 ZERO3_CONFIG = {
     "train_micro_batch_size_per_gpu": 1,
@@ -49,7 +52,7 @@ def _import_deepspeed(device: torch.device):
     try:
         import deepspeed
     except ImportError as exc:
-        raise ValueError("--shard zero3 needs DeepSpeed: pip install 'jumplora[deepspeed]'") from exc
+        raise ValueError(MISSING_DEEPSPEED) from exc
     if device.type == "cpu":
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     return deepspeed
