@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +53,6 @@ def test_zero_stages_without_base_partitioning_are_refused(monkeypatch, shard):
 def launcher_env(monkeypatch):
     """A clean environment with DeepSpeed findable (whether or not it is installed): set(key=value, ...)."""
     import importlib.util
-    import os
 
     for key in [k for k in os.environ if k.startswith("ACCELERATE_")]:
         monkeypatch.delenv(key)
@@ -136,6 +136,7 @@ def test_zero3_merge_into_the_shards_is_bit_equal_to_the_plain_merge(world_of_on
 
     plain = _odd_llama()
     zero = shard_base_model(copy.deepcopy(plain), torch.device("cpu"), "zero3")
+    assert "LOCAL_RANK" not in os.environ  # set for DeepSpeed's start only: child processes must not inherit it
     up_proj = zero.model.layers[0].mlp.up_proj.weight
     assert sharded_zero.is_zero_param(up_proj) and up_proj.numel() == 0  # partitioned: only ds_tensor holds it
     results = []
