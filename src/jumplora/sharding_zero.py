@@ -16,9 +16,7 @@ weights after two tiny tasks against the unsharded run, measured; bit-equal with
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
 
 import torch
 import torch.distributed as dist
@@ -60,32 +58,17 @@ def _import_deepspeed(device: torch.device):
     return deepspeed
 
 
-@contextlib.contextmanager
-def _local_rank_set() -> Iterator[None]:
-    """LOCAL_RANK while DeepSpeed starts (it asserts a launcher set it); a world of one has no launcher.
-
-    Only for that moment: left in the environment, it would make the child processes a run starts (and
-    Accelerate in them) believe they were launched as part of a distributed job.
-    """
-    added = "LOCAL_RANK" not in os.environ and dist.get_world_size() == 1
-    if added:
-        os.environ["LOCAL_RANK"] = "0"
-    try:
-        yield
-    finally:
-        if added:
-            os.environ.pop("LOCAL_RANK", None)
-
-
 def shard_base_model_zero3(model: nn.Module, device: torch.device) -> nn.Module:
     """Freeze the base model and partition it with ZeRO-3; the model object stays the one the run uses.
 
-    The process group must exist already (the Accelerator's, or a world of one).
+    The process group must exist already (the Accelerator's, or a world of one, for which LOCAL_RANK=0 is
+    set in this process's environment, as a launcher would).
     """
     deepspeed = _import_deepspeed(device)
+    if dist.get_world_size() == 1:  # no launcher set it; DeepSpeed reads it (at start and in every forward)
+        os.environ.setdefault("LOCAL_RANK", "0")
     model.requires_grad_(False)
-    with _local_rank_set():
-        engine, *_ = deepspeed.initialize(model=model, config=ZERO3_CONFIG, dist_init_required=False)
+    engine, *_ = deepspeed.initialize(model=model, config=ZERO3_CONFIG, dist_init_required=False)
     # The hooks live as long as the model; keep DeepSpeed's engine with it without making it a submodule.
     object.__setattr__(model, "_jumplora_zero3_engine", engine)
     return model
