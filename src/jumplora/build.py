@@ -118,7 +118,7 @@ class Setup:
         return self.runtime.is_main
 
     def peft_config(self) -> peft.PeftConfig:
-        return self.config.adapter.to_peft(self.target_modules)
+        return sharding.fit_adapter(self.config.adapter.to_peft(self.target_modules), self.runtime.shard)
 
     def new_adapter(self, base: nn.Module, task_index: int) -> nn.Module:
         """A fresh adapter on ``base``, drawn from the task's seed."""
@@ -154,8 +154,8 @@ def build(config: RunConfig, runtime: Runtime, *, model: nn.Module | None = None
     config.adapter.to_peft(targets)  # validates the adapter options now, not at the first task
     tasks = [task_data(task, stream, loaded, config) for task in stream.tasks]
     base_model = loaded.model.to(runtime.accelerator.device)
-    if runtime.shard == "fsdp2":
-        base_model = sharding.shard_base_model(base_model, runtime.accelerator.device)
+    if runtime.shard != "none":
+        base_model = sharding.shard_base_model(base_model, runtime.accelerator.device, runtime.shard)
     strategy = make_strategy(config.strategy.name, config.strategy.args)
     return Setup(config, runtime, stream, loaded, targets, tasks, base_model, strategy)
 

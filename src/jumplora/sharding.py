@@ -1,4 +1,4 @@
-"""Sharded training: which backend a run asked for, and sharding the base model with FSDP2.
+"""Sharded training: which backend a run asked for, and sharding the base model (FSDP2 or DeepSpeed ZeRO-3).
 
 A run shards when ``--shard fsdp2`` is given, or when it is started by ``accelerate launch`` with an
 FSDP config of ``fsdp_version: 2`` (the ecosystem's way; Accelerate passes it on through environment
@@ -7,19 +7,32 @@ transformer block (the model's ``_no_split_modules``, as Accelerate's auto-wrap 
 root — because Accelerate's FSDP plugin only shards on an accelerator and would silently run DDP on a
 CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by the training loop (jumplora.train.loop).
 
+``--shard zero3``, or ``accelerate launch --use_deepspeed --zero_stage 3``, partitions the base model with
+DeepSpeed ZeRO-3 instead (:mod:`jumplora.sharding_zero`, which imports DeepSpeed only then); as with FSDP,
+the launcher's request is hidden from the Accelerator and jumplora partitions the base itself.
+
 Whatever jumplora cannot run as asked is refused with one error (exit 2), never run as something else:
-FSDP1, DeepSpeed (any ZeRO stage), the independent runner or Accelerate's mixed precision under sharding.
+FSDP1, ZeRO-1/2 (they partition only optimizer state and gradients, which here belong to the small
+replicated adapter, not the base), launcher DeepSpeed settings it would not apply (a JSON config file,
+offloading, ...), the independent runner or Accelerate's mixed precision under sharding.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from jumplora.sharding_zero import MISSING_DEEPSPEED, shard_base_model_zero3
+
+#: What ``--shard`` runs: the engine shards the base model itself with each of these.
+BACKENDS = ("fsdp2", "zero3")
 
 #: Environment variables through which ``accelerate launch`` asks for FSDP / DeepSpeed.
 _LAUNCHER_KEYS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
@@ -38,19 +51,56 @@ def launcher_request() -> str | None:
     return None
 
 
+#: DeepSpeed settings of ``accelerate launch`` that jumplora's ZeRO-3 runs as given (None: any value). Any
+#: other (a JSON config file, offloading, Accelerate's gradient accumulation or clipping, MoE) would not be
+#: applied, so it is refused; ``zero3_init`` only changes how a model loads (jumplora loads it whole).
+_LAUNCHER_ZERO3_SETTINGS = {
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("3",),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("none",),
+    "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("none",),
+    "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("1",),
+    "ACCELERATE_DEEPSPEED_ZERO3_INIT": None,
+    "ACCELERATE_DEEPSPEED_ZERO3_SAVE_16BIT_MODEL": None,
+}
+
+
+def _launcher_zero3_unapplied() -> list[str]:
+    """The DeepSpeed settings ``accelerate launch`` passes that jumplora's ZeRO-3 would not apply."""
+    unapplied = []
+    for key, value in os.environ.items():
+        if not key.startswith(("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_")):
+            continue
+        allowed = _LAUNCHER_ZERO3_SETTINGS.get(key, ())
+        if allowed is not None and value.strip().lower() not in allowed:
+            unapplied.append(f"{key}={value}")
+    return unapplied
+
+
+def _launched_backend(shard: str) -> str | None:
+    """The backend ``accelerate launch`` asks for, if jumplora runs it as asked (ValueError if not)."""
+    launched = launcher_request()
+    unapplied = _launcher_zero3_unapplied() if launched == "zero3" else []
+    if (launched is not None and launched not in BACKENDS) or unapplied:
+        detail = f" with {', '.join(unapplied)}" if unapplied else ""
+        raise ValueError(
+            f"accelerate launch asks for {launched}{detail}: jumplora shards with FSDP2 (an FSDP config with "
+            "fsdp_version: 2, or --shard fsdp2) or DeepSpeed ZeRO-3 (zero_stage 3 without a DeepSpeed config "
+            "file or offloading, or --shard zero3); refusing rather than running something else"
+        )
+    if launched is not None and shard not in ("none", launched):
+        raise ValueError(f"--shard {shard} conflicts with accelerate launch's {launched} config")
+    return launched
+
+
 def resolve_shard(shard: str, runner: str, mixed_precision: str = "no", refusal: str | None = None) -> str:
-    """The backend this run shards with ("none" or "fsdp2"); ValueError for anything that would not run as asked.
+    """The backend this run shards with ("none", "fsdp2" or "zero3"); ValueError for what would not run as asked.
 
     ``refusal``: why the runner cannot shard, as it declares (``Runner.shard_refusal``); None when it can."""
-    launched = launcher_request()
-    if launched is not None and launched != "fsdp2":
-        raise ValueError(
-            f"accelerate launch asks for {launched}: jumplora shards with FSDP2 only (an FSDP config with "
-            "fsdp_version: 2, or --shard fsdp2); refusing rather than running another backend"
-        )
-    if launched == "fsdp2" and shard not in ("none", "fsdp2"):
-        raise ValueError(f"--shard {shard} conflicts with accelerate launch's FSDP2 config")
-    chosen = "fsdp2" if launched == "fsdp2" else shard
+    if shard not in ("none", *BACKENDS):
+        raise ValueError(f"--shard {shard}: jumplora shards with {' or '.join(BACKENDS)}")
+    chosen = _launched_backend(shard) or shard
+    if chosen == "zero3" and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
+        raise ValueError(MISSING_DEEPSPEED)
     if chosen != "none" and refusal:
         raise ValueError(f"--runner {runner} cannot shard ({refusal})")
     if chosen != "none" and mixed_precision != "no":  # Accelerate's autocast comes with prepare(model), unused here
@@ -77,14 +127,31 @@ def _ensure_process_group(device: torch.device) -> None:
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
-def shard_base_model(model: nn.Module, device: torch.device) -> nn.Module:
-    """Freeze the base model and shard it with FSDP2: one unit per transformer block, then the root.
+def fit_adapter(peft_config: Any, backend: str) -> Any:
+    """The adapter's PEFT config as ``backend`` can run it.
 
-    Weights end up as DTensors split by rows; outside a forward pass a process holds only its rows.
+    ZeRO-3 gathers a weight only while its own module runs, so JumpLoRA layers take the reference path
+    (which calls the base layer) instead of the fused one (which reads ``base.weight`` directly and would
+    leave it gathered, i.e. unsharded, for the rest of the run).
     """
+    if backend == "zero3":
+        peft_config.fused = False
+    return peft_config
+
+
+def shard_base_model(model: nn.Module, device: torch.device, backend: str = "fsdp2") -> nn.Module:
+    """Freeze the base model and shard it with ``backend`` (fsdp2 or zero3) over the processes."""
+    _ensure_process_group(device)
+    if backend == "zero3":
+        return shard_base_model_zero3(model, device)
+    return _fully_shard(model)
+
+
+def _fully_shard(model: nn.Module) -> nn.Module:
+    """FSDP2, one unit per transformer block, then the root: weights become DTensors split by rows, and
+    outside a forward pass a process holds only its rows."""
     from torch.distributed.fsdp import fully_shard
 
-    _ensure_process_group(device)
     model.requires_grad_(False)
     block_types = set(getattr(model, "_no_split_modules", None) or ())
     blocks = [m for m in model.modules() if type(m).__name__ in block_types and m is not model]

@@ -1,4 +1,4 @@
-"""JumpLoRA's model-level math on a base model whose weights are sharded by rows (FSDP2 ``fully_shard``).
+"""JumpLoRA's model-level math on a base model whose weights are sharded (FSDP2 rows, DeepSpeed ZeRO-3 flat slices).
 
 Under FSDP2 each base weight W is a ``DTensor`` split along dim 0: a process holds a block of W's rows
 and never the whole matrix. The adapter (A, B, θ) is small and stays replicated on every process (its
@@ -10,6 +10,10 @@ the rows of ΔW = B·A that match its block of W without any communication. On t
   so ΔW is never gathered and the count is exact;
 - densities and mean |ΔW| for the density controller are sums of per-process counts;
 - the end-of-task merge adds s·ΔW⊙1[|ΔW|>θ] into each process's own block of W, in place.
+
+Under DeepSpeed ZeRO-3 a process holds a flat slice of each weight instead of a block of rows
+(:mod:`.sharded_zero`); the same functions then work on those 1-D slices, since everything above is
+element-wise.
 
 Everything here also works at world size 1 and on plain (unsharded) weights, where the "local block" is
 the whole matrix; callers pick this path when :func:`is_sharded` says the base is sharded.
@@ -24,6 +28,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, Shard
 
+from . import sharded_zero
 from .targets import weight_is_transposed
 
 _BINS = 1 << 16  # one radix digit: 16 of float32's 32 bits
@@ -44,8 +49,9 @@ def reshard(model: nn.Module) -> None:
 
 
 def is_sharded(layer: nn.Module) -> bool:
-    """Whether the base weight of a JumpLoRA layer is a DTensor (sharded by FSDP2)."""
-    return isinstance(layer.get_base_layer().weight, DTensor)
+    """Whether the base weight of a JumpLoRA layer is sharded (a DTensor of FSDP2, or partitioned by ZeRO-3)."""
+    weight = layer.get_base_layer().weight
+    return isinstance(weight, DTensor) or sharded_zero.is_zero_param(weight)
 
 
 def row_block(weight: torch.Tensor) -> tuple[int, int]:
@@ -61,8 +67,15 @@ def row_block(weight: torch.Tensor) -> tuple[int, int]:
 
 
 def local_weight(weight: torch.Tensor) -> torch.Tensor:
-    """This process's block of rows of a base weight (the tensor itself when it is not sharded)."""
+    """This process's block of a base weight (the tensor itself when it is not sharded)."""
+    if sharded_zero.is_zero_param(weight):
+        return sharded_zero.local_weight(weight)
     return weight.to_local() if isinstance(weight, DTensor) else weight
+
+
+def full_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The shape of the whole base weight, however it is sharded."""
+    return sharded_zero.full_shape(weight) if sharded_zero.is_zero_param(weight) else tuple(weight.shape)
 
 
 @torch.no_grad()
@@ -73,6 +86,8 @@ def local_delta(layer: nn.Module, adapter: str) -> torch.Tensor:
     W as (in, out): its rows are columns of ΔW, (B·A[:, rows])ᵀ.
     """
     base = layer.get_base_layer()
+    if sharded_zero.is_zero_param(base.weight):
+        return sharded_zero.local_delta(layer, adapter)
     first, count = row_block(base.weight)
     lora_A, lora_B = layer.jumplora_A[adapter], layer.jumplora_B[adapter]
     if weight_is_transposed(base):
@@ -86,6 +101,8 @@ def group_of(layers: Iterable[nn.Module]) -> dist.ProcessGroup | None:
         weight = layer.get_base_layer().weight
         if isinstance(weight, DTensor):
             return weight.device_mesh.get_group()
+        if sharded_zero.is_zero_param(weight):
+            return weight.ds_process_group
     return None
 
 
@@ -165,7 +182,10 @@ def merge_in_place(layers: list[tuple[str, nn.Module]], adapter: str) -> dict[st
 
 @torch.no_grad()
 def add_to_weight(weight: torch.Tensor, update: torch.Tensor, alpha: float = 1.0) -> None:
-    """W += alpha·update for a full-size ``update`` in W's layout; a sharded W takes its own rows only."""
+    """W += alpha·update for a full-size ``update`` in W's layout; a sharded W takes its own block only."""
+    if sharded_zero.is_zero_param(weight):
+        sharded_zero.add_to_weight(weight, update, alpha)
+        return
     first, count = row_block(weight)
     local_weight(weight).add_(update[first : first + count].to(device=weight.device, dtype=weight.dtype), alpha=alpha)
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .residual import add_to_residual, is_quantized
-from .sharded import add_to_weight
+from .sharded import add_to_weight, full_shape
 from .targets import weight_is_transposed
 
 
@@ -60,8 +60,6 @@ def apply_update(model: nn.Module, tensors: dict[str, torch.Tensor], sign: float
         weight = modules[name].weight
         if weight_is_transposed(modules[name]):
             update = update.t()
-        if tuple(update.shape) != tuple(weight.shape):
-            raise ValueError(
-                f"the update of {name!r} has shape {tuple(update.shape)}, the weight {tuple(weight.shape)}"
-            )
+        if tuple(update.shape) != full_shape(weight):
+            raise ValueError(f"the update of {name!r} has shape {tuple(update.shape)}, the weight {full_shape(weight)}")
         add_to_weight(weight, update, alpha=sign)
