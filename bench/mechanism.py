@@ -242,6 +242,41 @@ def summary_lines(done: dict[str, dict]) -> list[str]:
     return lines
 
 
+#: Pairs whose interference is compared: the sparse update against dense, and at the same norm.
+INTERFERENCE_PAIRS = (("dense", "dual"), ("dense", "l0"), ("normmatch", "posthoc"), ("dense", "normmatch"))
+
+
+def interference_lines(done: dict[str, dict]) -> list[str]:
+    """Function-space interference (jumplora.metrics.interference) per setting, and paired per seed."""
+    from jumplora.metrics.interference import interference
+
+    def measure(res: dict) -> dict:
+        tasks = res["per_task"]
+        return interference(res["nll_matrix"], [t.get("update_norm") for t in tasks],
+                            [t.get("kept_entries") for t in tasks])  # fmt: skip
+
+    by = {name: measure(res) for name, res in done.items()}
+    lines = ["| setting | seeds | ΔL per later task (nats) | per unit ‖U‖_F | per 10⁶ kept entries |",
+             "|---|---|---:|---:|---:|"]  # fmt: skip
+    settings: dict[str, list[str]] = {}
+    for name in done:
+        settings.setdefault(_setting(name)[0], []).append(name)
+    for setting, runs in settings.items():
+        cells = []
+        for key in ("increase", "per_norm", "per_million_entries"):
+            values = [by[r][key] for r in runs]
+            cells.append("not recorded" if None in values else f"{sum(values) / len(values):+.4f}")
+        lines.append(f"| {setting} | {','.join(str(_setting(r)[1]) for r in runs)} | {' | '.join(cells)} |")
+    lines += ["", "Paired, B − A of ΔL per later task (nats; each seed, then the mean over the n pairs):", ""]
+    for a, b in INTERFERENCE_PAIRS:
+        seeds = [s for s in SEEDS if f"{a}-s{s}" in by and f"{b}-s{s}" in by]
+        diffs = [by[f"{b}-s{s}"]["increase"] - by[f"{a}-s{s}"]["increase"] for s in seeds]
+        per_seed = ", ".join(f"s{s} {d:+.3f}" for s, d in zip(seeds, diffs, strict=True))
+        mean = f"mean {sum(diffs) / len(diffs):+.3f} over {len(diffs)} pair(s)" if diffs else "not run yet"
+        lines.append(f"- {b} − {a}: {per_seed or '—'}; {mean}")
+    return lines
+
+
 def write_doc(root: Path) -> None:
     """docs/MECHANISM.md's generated part and the frontier figure; the hand-written notes below survive."""
     from jumplora.metrics.plots import plot_frontier
@@ -263,6 +298,14 @@ def write_doc(root: Path) -> None:
         "the pairs resampled; CI both: both (the one to quote). 'within noise': the widest interval holds 0.",
         "",
         *comparison_lines(done),
+        "## Function-space interference (issue 25, item 6)",
+        "",
+        "ΔL: how much each later task's merged update raised the earlier tasks' gold NLL (L[i][j] − L[i−1][j],",
+        "j < i, averaged), raw and per unit of the update's Frobenius norm / per million kept entries (recorded",
+        "by runs from this commit on; the grid's runs predate it). Parameter isolation should lower it per unit.",
+        "",
+        *interference_lines(done),
+        "",
     ]
     if done:
         plot_frontier(frontier_points(done), FIGURE, "MiniLM, order 1, 100 steps/task (dev)")
