@@ -234,6 +234,10 @@ def _register_run() -> None:
     app.command("run")(_run)
 
 
+def _errors_only(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 def _configure_logging(quiet: bool, verbose: bool) -> None:
     """jumplora's lines at INFO (DEBUG with -v, WARNING with -q), timestamped, on rank 0 only; other
     libraries at WARNING whatever -v says (their DEBUG, e.g. matplotlib's font search, is noise)."""
@@ -250,6 +254,9 @@ def _configure_logging(quiet: bool, verbose: bool) -> None:
         # (peft imports torchao when installed): noise in every run unless -v
         logging.getLogger("torchao").setLevel(logging.ERROR)
         logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+        # DeepSpeed (when installed, some library imports it) prints its accelerator guess on stdout through its
+        # own logger, whose level it sets at import: a filter survives that
+        logging.getLogger("DeepSpeed").addFilter(_errors_only)
     logging.getLogger("jumplora").setLevel(level if main_process else logging.ERROR)
     if not main_process:  # the same library warnings would print once per process
         warnings.filterwarnings("ignore")
@@ -372,6 +379,7 @@ def report(
     ] = False,
 ) -> None:
     """Compare finished runs: mean ± std over seeds of each setting (or each run's R with --matrix)."""
+    _configure_logging(quiet=False, verbose=False)
     from jumplora.metrics.report import FORMATS, aggregate, format_matrices, format_rows
 
     fmt = "markdown" if markdown else fmt
@@ -571,6 +579,7 @@ models_app = typer.Typer(help="Models known by short name: list them, fetch one.
 @models_app.command("list")
 def models_list() -> None:
     """Known short names for --model, whether each is ready locally, and where."""
+    _configure_logging(quiet=False, verbose=False)  # before peft imports torchao
     from jumplora.models import ModelLoadError, list_models
 
     table = Table("name", "cached", "path", "description")
