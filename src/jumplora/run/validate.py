@@ -111,12 +111,15 @@ def _validate_partial(partial: Any, next_task: int, steps_per_task: list[int]) -
 
 # -- results.json ----------------------------------------------------------------------------------------
 def results_problem(results: Any) -> str:
-    """The first problem of a results.json's content, '' when none (absent optional keys are fine)."""
+    """The first problem of a results.json's content, '' when none: results schema 2 (every field present,
+    the nested config; jumplora.results.schema_problem), then each value's type and shape."""
+    from jumplora.results import schema_problem
+
     if not isinstance(results, dict):
         return f"expected a JSON object, got {type(results).__name__}"
-    missing = [k for k in ("config", "tasks", "accuracy_matrix") if k not in results]
-    if missing:
-        return f"missing required key {missing[0]!r}"
+    schema = schema_problem(results)
+    if schema:
+        return schema
     tasks = results["tasks"]
     if not (isinstance(tasks, list) and tasks and all(isinstance(t, str) for t in tasks)):
         return "field tasks must be a non-empty list of task names"
@@ -154,10 +157,7 @@ def _parts_problem(results: dict[str, Any], tasks: list[str]) -> str:
     config = results["config"]
     if not isinstance(config, dict):
         return "field config must be an object"
-    flat_names = {k: v for k, v in config.items() if k in ("strategy", "model") and (v is None or isinstance(v, str))}
-    wrong = type_problems(
-        {k: v for k, v in config.items() if k not in flat_names and k in (*PART_TYPES, "seed", "runner", "out")}
-    )
+    wrong = type_problems({k: v for k, v in config.items() if k in (*PART_TYPES, "seed", "runner", "out")})
     if wrong:
         return f"field config.{wrong[0]}"
     per_task = results.get("per_task")

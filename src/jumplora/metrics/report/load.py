@@ -6,8 +6,6 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from jumplora.results import schema_problem
-
 
 class IncompleteRunError(ValueError):
     """The run has not finished (it is skipped by reports, never averaged)."""
@@ -26,10 +24,7 @@ def load_results(run_dir: str | Path) -> dict[str, Any]:
     """
     from jumplora.run import directory  # torch and safetensors: only when a run is read
 
-    record = directory.read_run(run_dir, complete=False)
-    problem = schema_problem(record.results)
-    if problem:
-        raise directory.RunDirectoryError(f"{record.results_path}: {problem}")
+    record = directory.read_run(run_dir, complete=False)  # schema 2 included
     if record.results["complete"] is not True:
         raise IncompleteRunError(f'{record.results_path}: run is incomplete ("complete" is not true)')
     return {**record.results, "run_dir": str(record.path)}
