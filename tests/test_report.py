@@ -158,3 +158,20 @@ def test_matrix_table_fits_a_narrow_console_without_cutting_cells() -> None:
     wide.print(matrix_table(results, title="R", width=400))
     text = wide.export_text()
     assert "after task14name" in text and "100.0" in text
+
+
+def test_a_stopped_run_with_some_rows_is_skipped_not_an_error(runs: list[Path], tmp_path: Path) -> None:
+    """A run killed after two of four tasks (or still running) holds two rows: report notes it and goes on."""
+    tasks = ["a", "b", "c", "d"]
+    stopped = tmp_path / "stopped"
+    stopped.mkdir()
+    partial = run_results(nested_config(order=1), complete=False, tasks=tasks, tasks_done=2,
+                          accuracy_matrix=[[0.5] * 4, [0.25] * 4], zero_shot=[0.0] * 4)  # fmt: skip
+    (stopped / "results.json").write_text(json.dumps(partial))
+    result = runner.invoke(app, ["report", str(runs[0]), str(stopped), "--format", "csv"])
+    assert result.exit_code == 0, result.output
+    assert "incomplete" in result.output
+    partial["accuracy_matrix"] = [[0.5] * 4] * 5  # more rows than tasks is damage, not progress
+    (stopped / "results.json").write_text(json.dumps(partial))
+    result = runner.invoke(app, ["report", str(runs[0]), str(stopped)])
+    assert result.exit_code == 2 and "at most 4 rows" in result.output

@@ -135,7 +135,10 @@ def results_problem(results: Any) -> str:
 
 def _matrix_problem(results: dict[str, Any], n: int) -> str:
     matrix = results["accuracy_matrix"]
-    if not isinstance(matrix, list) or len(matrix) not in (n, 1):
+    if results.get("complete") is not True:  # a stopped or running run: the rows of the tasks done so far
+        if not isinstance(matrix, list) or len(matrix) > n:
+            return f"field accuracy_matrix must hold at most {n} rows"
+    elif not isinstance(matrix, list) or len(matrix) not in (n, 1):
         return f"field accuracy_matrix must hold {n} rows (or 1 for a reference run)"
     for key in ("accuracy_matrix", "rank_accuracy_matrix"):
         rows = results.get(key)
