@@ -12,6 +12,7 @@ from pathlib import Path
 import peft
 import pytest
 import torch
+from results_v2 import run_results
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModel
@@ -21,6 +22,7 @@ from jumplora import ContinualTrainer
 from jumplora.cli import app
 from jumplora.config import RunConfig
 from jumplora.export import apply_task_update, export_run
+from jumplora.results import CONFIG_SECTIONS
 from jumplora.run.directory import Progress, RunDirectory
 
 DATA = "/work/shared/cl_benchmark"
@@ -142,6 +144,7 @@ def test_model_card(finished) -> None:
 
 def commit_run(run: Path, config: dict, rows: list[list[float]], updates: list[dict | None], **extra) -> None:
     """A finished run's checkpoint and results, written as a run writes them (checksum, hashes)."""
+    config = {"runner": "continual", **{section: {} for section in CONFIG_SECTIONS}, **config}  # schema 2
     rundir = RunDirectory(run, config, len(rows), {})
     rundir.start()
     progress = Progress(zero_shot=[0.1] * len(rows))
@@ -151,9 +154,8 @@ def commit_run(run: Path, config: dict, rows: list[list[float]], updates: list[d
         progress.per_task.append({"task": "ab"[i], "density": None})
         progress.next_task = i + 1
         rundir.commit(progress, update=update, support={"q": torch.ones(1, dtype=torch.bool)})
-    results = {"complete": True, "stream": "my-stream", "config": config, "tasks": list("ab"[: len(rows)]),
-               "accuracy_matrix": rows, "zero_shot": progress.zero_shot, "metrics": None,
-               "per_task": progress.per_task, **extra}  # fmt: skip
+    results = run_results(config, stream="my-stream", tasks=list("ab"[: len(rows)]), accuracy_matrix=rows,
+                          zero_shot=progress.zero_shot, per_task=progress.per_task, **extra)  # fmt: skip
     (run / "results.json").write_text(json.dumps(results))
 
 

@@ -280,7 +280,8 @@ def test_zero3_killed_mid_task_resumes_to_the_same_run(tmp_path, odd_llama_dir):
 
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     assert _launch(cli(straight), 2).returncode == 0
-    proc = _launch(cli(killed), 2, env={**_env(), "JUMPLORA_TEST_KILL_AT": "step:4"})
+    plugin = ("--plugin", str(Path(__file__).with_name("fault_plugin.py")))  # the kill point's injector
+    proc = _launch(cli(killed, *plugin), 2, env={**_env(), "JUMPLORA_TEST_KILL_AT": "step:4"})
     assert proc.returncode != 0
     state = json.loads((killed / "checkpoint" / "state.json").read_text())
     assert state["next_task"] == 1 and state["partial"] is not None

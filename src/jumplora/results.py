@@ -96,5 +96,5 @@ def schema_problem(results: Mapping[str, Any]) -> str:
         return "field config must be an object"
     flat = [key for key in CONFIG_SECTIONS if not isinstance(config.get(key), Mapping)]
     if flat:
-        return f"field config.{flat[0]} must be an object (the nested config of schema {SCHEMA_VERSION})"
+        return f"field config.{flat[0]} must be a mapping (the nested config of schema {SCHEMA_VERSION})"
     return ""
