@@ -172,14 +172,9 @@ def test_fsdp2_two_processes_match_one_process(tmp_path, tiny_llama_dir):
     assert r2["config"]["shard"] == "fsdp2" and r1["complete"] and r2["complete"]
     assert len(list(two.glob("rank*.safetensors"))) == 2
 
-    # θ: the same on both processes at every log and task end, and equal to the single process's
-    seen = [json.loads((two / f"rank{r}.json").read_text()) for r in range(2)]
-    assert seen[0] == seen[1] == json.loads((one / "rank0.json").read_text())
-    assert [t["thresholds"] for t in r2["per_task"]] == [t["thresholds"] for t in r1["per_task"]]
+    assert_same_theta_and_densities(one, two, r1, r2)
 
-    # the kept entries and the stored updates
-    assert [t["density"] for t in r2["per_task"]] == [t["density"] for t in r1["per_task"]]
-    assert all(0.05 < t["density"] < 0.95 for t in r2["per_task"])  # something was merged, not everything
+    # the stored updates
     for name in json.loads((one / "checkpoint" / "state.json").read_text())["updates"]:
         a, b = load_file(str(one / "checkpoint" / name)), load_file(str(two / "checkpoint" / name))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -245,3 +240,13 @@ def test_fsdp2_world_size_one_matches_unsharded(tmp_path, tiny_llama_dir):
     w1, w2 = _assembled(plain), _assembled(sharded)
     for name, weight in w1.items():
         torch.testing.assert_close(w2[name], weight, rtol=0, atol=1e-6)
+
+
+def assert_same_theta_and_densities(one: Path, two: Path, r1: dict, r2: dict) -> None:
+    """θ the same on both processes at every log and task end and equal to the single process's; the same
+    density per task, something merged but not everything (test_sharding_zero uses it too)."""
+    seen = [json.loads((two / f"rank{r}.json").read_text()) for r in range(2)]
+    assert seen[0] == seen[1] == json.loads((one / "rank0.json").read_text())
+    assert [t["thresholds"] for t in r2["per_task"]] == [t["thresholds"] for t in r1["per_task"]]
+    assert [t["density"] for t in r2["per_task"]] == [t["density"] for t in r1["per_task"]]
+    assert all(0.05 < t["density"] < 0.95 for t in r2["per_task"])

@@ -208,6 +208,7 @@ def _assert_bit_identical(run: Path, other: Path) -> None:
 @pytest.mark.slow
 def test_zero3_two_processes_match_one_process(tmp_path, odd_llama_dir):
     pytest.importorskip("deepspeed")
+    from test_sharding import assert_same_theta_and_densities
     one, one_zero3, two = tmp_path / "one", tmp_path / "one_zero3", tmp_path / "two"
     _run_worker(one, odd_llama_dir, "none", 4, 2, processes=1)
     _run_worker(one_zero3, odd_llama_dir, "zero3", 4, 2, processes=1)
@@ -217,14 +218,9 @@ def test_zero3_two_processes_match_one_process(tmp_path, odd_llama_dir):
     assert r2["config"]["shard"] == "zero3" and r1["complete"] and r2["complete"]
     _assert_bit_identical(one_zero3, two)
 
-    # θ: the same on both processes at every log and task end, and equal to the single process's
-    seen = [json.loads((two / f"rank{r}.json").read_text()) for r in range(2)]
-    assert seen[0] == seen[1] == json.loads((one / "rank0.json").read_text())
-    assert [t["thresholds"] for t in r2["per_task"]] == [t["thresholds"] for t in r1["per_task"]]
+    assert_same_theta_and_densities(one, two, r1, r2)
 
-    # the kept entries, and the stored updates (to fp32 rounding)
-    assert [t["density"] for t in r2["per_task"]] == [t["density"] for t in r1["per_task"]]
-    assert all(0.05 < t["density"] < 0.95 for t in r2["per_task"])  # something was merged, not everything
+    # the stored updates (to fp32 rounding)
     for name in json.loads((one / "checkpoint" / "state.json").read_text())["updates"]:
         a, b = load_file(str(one / "checkpoint" / name)), load_file(str(two / "checkpoint" / name))
         assert a.keys() == b.keys()

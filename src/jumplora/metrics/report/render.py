@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from rich import box
@@ -172,6 +172,15 @@ def format_rows(rows: Sequence[Mapping[str, Any]], fmt: str) -> str | Table:
 
 
 # -- per-run accuracy matrices -----------------------------------------------------------------------
+def _csv_text(header: list[str], rows: Iterable[list[Any]]) -> str:
+    """One CSV text: a header, then a line per row (the long, tidy form of the matrix renderers)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
 def _acc(v: Any, digits: int = 1) -> str:
     f = finite(v)
     return "—" if f is None else f"{100 * f:.{digits}f}"
@@ -190,14 +199,9 @@ def format_matrices(
         ]  # fmt: skip
         return json.dumps(data, indent=2) + "\n"
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["run_dir", "label", "row", "task", "accuracy"])
-        for r in results:
-            for name, vals in matrix_rows(r):
-                cells = zip(r["tasks"], vals, strict=True)
-                writer.writerows([r.get("run_dir"), run_label(r), name, task, v] for task, v in cells)
-        return buffer.getvalue()
+        cells = ([r.get("run_dir"), run_label(r), name, task, v]
+                 for r in results for name, vals in matrix_rows(r) for task, v in zip(r["tasks"], vals, strict=True))
+        return _csv_text(["run_dir", "label", "row", "task", "accuracy"], cells)  # fmt: skip
     if fmt == "table":
         return [matrix_table(r, width=width) for r in results]
     if fmt == "markdown":
@@ -272,14 +276,10 @@ def format_nll_matrices(results: Sequence[Mapping[str, Any]], fmt: str) -> str |
         ]  # fmt: skip
         return json.dumps(data, indent=2) + "\n"
     if fmt == "csv":
-        buffer = io.StringIO()
-        writer = csv.writer(buffer, lineterminator="\n")
-        writer.writerow(["run_dir", "label", "row", "task", "nll", "se"])
-        for r in results:
-            for name, vals, errs in nll_matrix_rows(r):
-                for task, v, e in zip(r["tasks"], vals, errs or [None] * len(vals), strict=True):
-                    writer.writerow([r.get("run_dir"), run_label(r), name, task, v, e])
-        return buffer.getvalue()
+        cells = ([r.get("run_dir"), run_label(r), name, task, v, e]
+                 for r in results for name, vals, errs in nll_matrix_rows(r)
+                 for task, v, e in zip(r["tasks"], vals, errs or [None] * len(vals), strict=True))
+        return _csv_text(["run_dir", "label", "row", "task", "nll", "se"], cells)  # fmt: skip
     tables, lines = [], []
     for r in results:
         rows = nll_matrix_rows(r)
