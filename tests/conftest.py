@@ -21,6 +21,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch
+
+# Under pytest-xdist (the suite runs on 2 workers, see pyproject.toml) each worker and the runs it starts
+# use one thread: two workers with torch's default of one thread per core would oversubscribe the cores.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 from transformers import (
     AutoTokenizer,
     BertConfig,

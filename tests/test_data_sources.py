@@ -28,8 +28,15 @@ ROWS = [{"sentence": f"text {i}", "label": OPTIONS[i % 2]} for i in range(6)]
 
 @pytest.fixture(autouse=True)
 def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Offline mode, also for libraries imported earlier (they read the variables at import): a hub id then
+    fails at once instead of after huggingface_hub's ~23 s of retries (tests/test_bad_inputs.py keeps one
+    case that waits them out)."""
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for module in ("huggingface_hub.constants", "datasets.config"):
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+            if hasattr(sys.modules.get(module), name):
+                monkeypatch.setattr(sys.modules[module], name, True)
 
 
 def stream_file(folder: Path, train: object, test: object | None = None, **task: object) -> Path:

@@ -48,6 +48,7 @@ def test_strategy_end_to_end_on_minilm(tmp_path, data_dir, strategy, jumplora):
         strategy=strategy,
         jumplora=jumplora,
         strategy_args={"lam": 1e3} if strategy == "ella" else {},
+        plots=strategy == "inclora",  # the plots are the same code for every strategy
     )
     out = tmp_path / "run"
     assert results["complete"] is True
@@ -87,7 +88,8 @@ def test_strategy_end_to_end_on_minilm(tmp_path, data_dir, strategy, jumplora):
         assert any(r["density"] is not None for r in log)
     if strategy in ("ella", "olora"):
         assert any(r["strategy_loss"] > 0 for r in log if r["task"] == "amazon")
-    for plot in ("accuracy_heatmap", "accuracy_curves", "density", "overlap", "training_curves"):
+    plotted = ("accuracy_heatmap", "accuracy_curves", "density", "overlap", "training_curves")
+    for plot in plotted if strategy == "inclora" else ():
         assert (out / "plots" / f"{plot}.png").stat().st_size > 1000
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_process import run_cli
 from safetensors.torch import load_file
 
 from jumplora.data import resolve_data_dir
@@ -48,10 +49,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(cmd: list[str]) -> subprocess.CompletedProcess:
+def clean_env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPLORA_TEST_")}
     env["TOKENIZERS_PARALLELISM"] = "false"
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    return env
+
+
+def launch(cmd: list[str]) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -68,7 +73,8 @@ def two_processes() -> list[str]:
 @pytest.mark.parametrize("strategy", ["inclora", "olora"])
 def test_two_processes_match_one(tmp_path, tiny_model, strategy):
     one, two = tmp_path / "one", tmp_path / "two"
-    launch([sys.executable, "-m", "jumplora.cli", *run_args(one, tiny_model, strategy, 8)])
+    alone = run_cli(run_args(one, tiny_model, strategy, 8), env=clean_env())
+    assert alone.returncode == 0, alone.stderr[-4000:]
     proc = launch([*two_processes(), *run_args(two, tiny_model, strategy, 4)])
     assert proc.stdout.count("Accuracy (%)") == 1  # only the main process reports
 

@@ -1,8 +1,9 @@
 """Crash safety: `kill -9` at named points, `--resume`, and the result equals an uninterrupted run.
 
-Each run is a real subprocess (`python -m jumplora.cli run`); ``JUMPLORA_TEST_KILL_AT=<point>:<n>``
-makes it SIGKILL itself the n-th time it reaches ``<point>`` (``--plugin tests/fault_plugin.py``). A chain of
-runs is killed at several points in turn, each one resuming the previous, and the last one completes.
+Each run is a real child process (`jumplora run`, forked with its imports done: tests/cli_process.py);
+``JUMPLORA_TEST_KILL_AT=<point>:<n>`` makes it SIGKILL itself the n-th time it reaches ``<point>``
+(``--plugin tests/fault_plugin.py``). A chain of runs is killed at several points in turn, each one resuming
+the previous, and the last one completes.
 Tiny: a 2-layer BERT (hidden 32), 2 tasks × 32 training examples (4 optimizer steps each), 16 eval.
 """
 
@@ -11,13 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from cli_process import run_cli
 from safetensors.torch import load_file
 
 from jumplora.data import resolve_data_dir
@@ -47,14 +47,7 @@ def cli(args: list[str], *, kill_at: str | None = None, nan_at: str | None = Non
     if nan_at:
         env["JUMPLORA_TEST_NAN_AT"] = nan_at
     plugin = ["--plugin", FAULT_PLUGIN] if kill_at or nan_at else []
-    return subprocess.run(
-        [sys.executable, "-m", "jumplora.cli", "run", *args, *plugin],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=cwd,
-    )
+    return run_cli(["run", *args, *plugin], env=env, cwd=cwd)
 
 
 def check_consistent_after_crash(out: Path) -> None:

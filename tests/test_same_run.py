@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from cli_process import run_cli
 
 from jumplora.config import RunConfig
 from jumplora.data import resolve_data_dir
@@ -103,17 +103,15 @@ def test_kill_then_edit_config_json_then_resume_is_refused(tmp_path, tiny_model)
             str(resolve_data_dir()), "--max-train", "8", "--max-eval", "8", "--max-length", "32", "--batch-size",
             "8", "--cpu", "--quiet", "--threads", "1", "--no-plots"]  # fmt: skip
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPLORA_TEST_")}
-    run = [sys.executable, "-m", "jumplora.cli"]
     plugin = ["--plugin", str(Path(__file__).with_name("fault_plugin.py"))]  # the kill point's injector
-    killed = subprocess.run([*run, *args, *plugin], env={**env, "JUMPLORA_TEST_KILL_AT": "commit:2"},
-                            capture_output=True)  # fmt: skip
+    killed = run_cli([*args, *plugin], env={**env, "JUMPLORA_TEST_KILL_AT": "commit:2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
     config["optim"]["lr"], config["adapter"]["r"] = 0.005, 4
     (out / "config.json").write_text(json.dumps(config))
     before = files(out)
     for extra in ([], ["--config", str(out / "config.json")]):
-        proc = subprocess.run([*run, *args, "--resume", *extra], env=env, capture_output=True, text=True)
+        proc = run_cli([*args, "--resume", *extra], env=env)
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
         assert "config.json: edited since the checkpoint was written (adapter.r: 8 → 4)" in errors[0], errors[0]
