@@ -277,6 +277,31 @@ def interference_lines(done: dict[str, dict]) -> list[str]:
     return lines
 
 
+#: Seed-0 runs made again from a later commit that records each task's ‖U‖_F and kept entries (the grid's
+#: commit did not): the per-unit interference comes from them, where they reproduce the grid's run.
+NORM_RUNS = grid.STUDIES / "runs_mechanism_norms"
+
+
+def norm_rerun_lines(done: dict[str, dict]) -> list[str]:
+    """Interference per unit of update from the re-runs, each checked against the grid's run of its name."""
+    from jumplora.metrics.interference import interference
+    from jumplora.metrics.report import load_results
+
+    runs = sorted(p for p in NORM_RUNS.iterdir() if grid.is_complete(p)) if NORM_RUNS.is_dir() else []
+    lines = ["| run | same R and L as the grid's | ΔL per later task | per unit ‖U‖_F | per 10⁶ kept entries | "
+             "mean ‖U_i‖_F | mean kept entries |", "|---|---|---:|---:|---:|---:|---:|"]  # fmt: skip
+    for run in runs:
+        res, twin = load_results(run), done.get(run.name)
+        same = twin is not None and all(res[k] == twin[k] for k in ("accuracy_matrix", "nll_matrix"))
+        tasks = res["per_task"]
+        norms, kept = [t["update_norm"] for t in tasks], [t["kept_entries"] for t in tasks]
+        got = interference(res["nll_matrix"], norms, kept)
+        lines.append(f"| {run.name} | {'yes' if same else 'NO'} | {got['increase']:+.4f} | {got['per_norm']:+.4f} | "
+                     f"{got['per_million_entries']:+.3f} | {sum(norms) / len(norms):.3f} | "
+                     f"{sum(kept) / len(kept):,.0f} |")  # fmt: skip
+    return lines if runs else ["(no re-runs yet)"]
+
+
 def write_doc(root: Path) -> None:
     """docs/MECHANISM.md's generated part and the frontier figure; the hand-written notes below survive."""
     from jumplora.metrics.plots import plot_frontier
@@ -305,6 +330,12 @@ def write_doc(root: Path) -> None:
         "by runs from this commit on; the grid's runs predate it). Parameter isolation should lower it per unit.",
         "",
         *interference_lines(done),
+        "",
+        "Per unit of update: seed-0 runs made again at a later commit that records ‖U_i‖_F and the kept entries",
+        f"({NORM_RUNS.relative_to(ROOT).as_posix()}/; the mean over later tasks i ≥ 1 of ΔL_i / ‖U_i‖_F and",
+        "ΔL_i per 10⁶ entries of U_i; the norm and kept columns are means over all four tasks).",
+        "",
+        *norm_rerun_lines(done),
         "",
     ]
     if done:
