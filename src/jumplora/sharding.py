@@ -114,14 +114,14 @@ def resolve_shard(
     if shard not in ("none", *BACKENDS):
         raise ValueError(f"--shard {shard}: jumplora shards with {', '.join(BACKENDS)}")
     chosen = _launched_backend(shard) or shard
-    if chosen.startswith("zero") and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
-        raise ValueError(MISSING_DEEPSPEED)
     if chosen in ADAPTER_BACKENDS and checkpoint_every:
         raise ValueError(
-            f"--checkpoint-every {checkpoint_every} under {chosen}: DeepSpeed partitions the AdamW state over the "
-            "processes and jumplora writes no mid-task checkpoint of it; use --checkpoint-every 0 (a checkpoint "
+            f"--checkpoint-every {checkpoint_every} under --shard {chosen}: DeepSpeed partitions the AdamW state over "
+            "the processes and jumplora writes no mid-task checkpoint of it; use --checkpoint-every 0 (a checkpoint "
             "at each task's end) or --shard fsdp2|zero3"
         )
+    if chosen.startswith("zero") and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
+        raise ValueError(MISSING_DEEPSPEED)
     if chosen != "none" and refusal:
         raise ValueError(f"--runner {runner} cannot shard ({refusal})")
     if chosen != "none" and mixed_precision != "no":  # Accelerate's autocast comes with prepare(model), unused here
