@@ -123,7 +123,7 @@ class AdapterZero:
 
     One difference to an AdamW step is undone: DeepSpeed steps every group, one whose parameters have had
     no gradient yet with zeros, where AdamW skips them. θ has none until the sparsity ramp starts, and
-    its Adam step count would run ahead (its first real steps 0.74× as large); so the count of a group
+    its Adam step count would run ahead (its first real step 0.74× as large); so the count of a group
     that has never had a gradient is set back to 0 after each step (its moments are still exactly 0, its
     values unchanged: no weight decay on θ).
     """
@@ -132,6 +132,10 @@ class AdapterZero:
         self, model: nn.Module, optimizer: torch.optim.Optimizer, stage: int, *, batch_size: int, grad_accum: int,
         max_grad_norm: float, device: torch.device,
     ) -> None:  # fmt: skip
+        dtypes = {p.dtype for group in optimizer.param_groups for p in group["params"]}
+        if dtypes != {torch.float32}:  # the master copy would round what is written into the adapter
+            raise ValueError(f"--shard zero{stage} trains a float32 adapter; this one is {sorted(map(str, dtypes))} "
+                             "(load the base model in float32)")  # fmt: skip
         deepspeed = _import_deepspeed(device)
         _set_local_rank()
         self._had_gradient = [False] * len(optimizer.param_groups)
