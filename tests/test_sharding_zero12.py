@@ -17,6 +17,7 @@ batch 4 × ``--grad-accum 2``, as the FSDP2 and ZeRO-3 tests): ZeRO-2 asked for 
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import subprocess
 import sys
@@ -96,12 +97,13 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {name: p for name, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("stage", [1, 2])
-def test_zero12_steps_like_adamw_and_keeps_writes_outside_the_optimizer(world_of_one, stage):  # noqa: F811
+@pytest.mark.parametrize(("stage", "max_grad_norm"), [(1, 0.0), (2, 0.0), (2, 0.05)])
+def test_zero12_steps_like_adamw_and_keeps_writes_outside_the_optimizer(world_of_one, stage, max_grad_norm):  # noqa: F811
     """Five steps of DeepSpeed's ZeRO optimizer against plain AdamW on the same adapter and batches: γ = 0 for
     two steps (θ has no gradient), then θ and A are written outside the optimizer (as θ's budget init and
     scale tracking do), then γ = 1. Fails if a write is lost to DeepSpeed's master copy (θ and A would jump
-    back) or if θ's Adam step count ran during the steps it had no gradient."""
+    back) or if θ's Adam step count ran during the steps it had no gradient. With a clipping norm below
+    every step's gradient norm (0.05), DeepSpeed's clipping against ``clip_grad_norm_``."""
     pytest.importorskip("deepspeed")
     import peft
 
@@ -114,27 +116,32 @@ def test_zero12_steps_like_adamw_and_keeps_writes_outside_the_optimizer(world_of
     plain = peft.get_peft_model(_odd_llama(), JumpLoraConfig(r=4, target_modules=TARGETS.split(",")))
     zero = copy.deepcopy(plain)
     adamw = torch.optim.AdamW(param_groups(plain, lr=0.01, theta_lr=0.05), lr=0.01)
-    adapter_zero = AdapterZero(zero, torch.optim.AdamW(param_groups(zero, lr=0.01, theta_lr=0.05), lr=0.01), stage,
-                               batch_size=4, grad_accum=1, max_grad_norm=0.0, device=torch.device("cpu"))  # fmt: skip
+    optimizer = torch.optim.AdamW(param_groups(zero, lr=0.01, theta_lr=0.05), lr=0.01)
+    adapter_zero = AdapterZero(zero, optimizer, stage, batch_size=4, grad_accum=1, max_grad_norm=max_grad_norm,
+                               device=torch.device("cpu"))  # fmt: skip
     batches = torch.randint(0, 30522, (5, 4, 16), generator=torch.Generator().manual_seed(2))
     for step, ids in enumerate(batches):
         for model in (plain, zero):
             set_gamma(model, 0.0 if step < 2 else 1.0)
             if step == 2:
                 with torch.no_grad():
-                    next(iter(threshold_parameters(model).values())).fill_(-4.5)  # log θ, far from the init's
+                    next(iter(threshold_parameters(model).values())).fill_(-6.5)  # log θ: 8 Adam steps of θ away
                     model.base_model.model.model.layers[0].self_attn.q_proj.jumplora_A["default"].mul_(0.5)
         plain(input_ids=ids, labels=ids).loss.backward()
         theta = next(iter(threshold_parameters(plain).values()))
         assert (theta.grad is None) == (step < 2)  # what AdamW skips
+        if max_grad_norm:
+            assert torch.nn.utils.clip_grad_norm_(list(_trainable(plain).values()), max_grad_norm) > max_grad_norm
         adamw.step()
         adamw.zero_grad(set_to_none=True)
         adapter_zero.backward(adapter_zero.engine(input_ids=ids, labels=ids).loss)
         adapter_zero.step()
-        for name, param in _trainable(plain).items():
-            torch.testing.assert_close(_trainable(zero)[name], param, rtol=0, atol=1e-7, msg=f"{name}, step {step}")
+        for name, param in sorted(_trainable(plain).items(), key=lambda item: "theta" not in item[0]):  # θ first
+            # clipped: DeepSpeed scales by 1/((norm + 1e-6)/max) where torch scales by max/(norm + 1e-6)
+            torch.testing.assert_close(_trainable(zero)[name], param, rtol=0, atol=1e-5 if max_grad_norm else 1e-7,
+                                       msg=functools.partial("{}, step {}: {}".format, name, step))  # fmt: skip
     adapter_zero.close()
-    assert next(iter(threshold_parameters(zero).values())).item() != -4.5  # θ moved on from the write
+    assert next(iter(threshold_parameters(zero).values())).item() != -6.5  # θ moved on from the write
 
 
 # -- two processes ------------------------------------------------------------------------------------------
