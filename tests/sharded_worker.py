@@ -6,7 +6,9 @@ ZeRO-3 runs; TARGETS: comma-separated target modules instead of the family's). E
 ``OUT/rank<r>.safetensors``: its block of every base weight (``<name>`` with ``<name>::first_row``, the row
 where the block starts; under ZeRO-3 a flat slice with ``<name>::first_element``) — read without any collective,
 so a sharded model's merged weights are checked as they are held — and ``OUT/rank<r>.json``: θ of each
-threshold group as this process saw it at each task's end.
+threshold group as this process saw it at each task's end. Under ZeRO-1/2 also ``OUT/rank<r>.zero.json``: how
+many elements of the adapter this process's DeepSpeed optimizer held (its fp32 master partition, on which
+AdamW keeps its moments), of how many, and how many adapter gradients were left after a backward pass.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from jumplora import ContinualTrainer, RunConfig
+from jumplora import ContinualTrainer, RunConfig, sharding_zero
 from jumplora.adapters import sharded_zero
 from jumplora.adapters.sharded import local_weight, reshard, row_block
 from jumplora.build import Setup
@@ -43,6 +45,7 @@ def main(
         return values
 
     continual.threshold_values = recording  # θ at each task's end, as the runner reads it
+    zero = _record_adapter_zero()
     if path == "reference":
         adapter_config = Setup.peft_config
 
@@ -69,6 +72,32 @@ def main(
         tensors[f"{name}::first_row"] = torch.tensor(row_block(param)[0])
     save_file(tensors, str(Path(out) / f"rank{rank}.safetensors"))
     (Path(out) / f"rank{rank}.json").write_text(json.dumps(seen))
+    if zero:
+        (Path(out) / f"rank{rank}.zero.json").write_text(json.dumps(zero))
+
+
+def _record_adapter_zero() -> dict[str, int]:
+    """What DeepSpeed's ZeRO-1/2 optimizer holds on this process, filled in as the run goes (empty otherwise)."""
+    seen: dict[str, int] = {}
+    backward, step = sharding_zero.AdapterZero.backward, sharding_zero.AdapterZero.step
+
+    def trainable(zero: sharding_zero.AdapterZero) -> list[torch.nn.Parameter]:
+        return [p for p in zero.engine.module.parameters() if p.requires_grad]
+
+    def recording_backward(zero: sharding_zero.AdapterZero, loss: torch.Tensor) -> None:
+        backward(zero, loss)
+        seen["grads_after_backward"] = sum(p.grad is not None for p in trainable(zero))
+        seen["adapter_tensors"] = len(trainable(zero))
+
+    def recording_step(zero: sharding_zero.AdapterZero) -> None:
+        groups = zero.engine.optimizer.param_groups
+        seen["partition_elements"] = sum(p.numel() for group in groups for p in group["params"])
+        seen["adapter_elements"] = sum(p.numel() for p in trainable(zero))
+        step(zero)
+
+    sharding_zero.AdapterZero.backward = recording_backward  # type: ignore[method-assign]
+    sharding_zero.AdapterZero.step = recording_step  # type: ignore[method-assign]
+    return seen
 
 
 if __name__ == "__main__":

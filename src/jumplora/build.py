@@ -47,13 +47,19 @@ class Runtime:
 
     accelerator: Accelerator
     precision: Precision
-    #: "none" or "fsdp2": the base model is sharded by jumplora itself (jumplora.sharding).
+    #: "none" or one of jumplora.sharding.BACKENDS: fsdp2 and zero3 shard the base model, zero1 and zero2
+    #: partition the adapter's optimizer state (jumplora.sharding).
     shard: str
     quiet: bool = False
 
     @property
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
+
+    @property
+    def base_sharded(self) -> bool:
+        """Whether every process holds only its part of the base model (its forward passes need them all)."""
+        return self.shard in sharding.BASE_BACKENDS
 
     def progress(self, items: Any, desc: str, **kwargs: Any) -> tqdm:
         """A progress bar on a terminal only: redirected logs get the per-task log lines instead."""
@@ -72,7 +78,8 @@ def make_runtime(
         precision = Precision(config.mixed_precision, accelerator.mixed_precision, "the given Accelerator's")
     else:
         _allow_precision_change(precision.mixed_precision)
-    shard = sharding.resolve_shard(config.shard, config.runner, precision.mixed_precision, shard_refusal)
+    shard = sharding.resolve_shard(config.shard, config.runner, precision.mixed_precision, shard_refusal,
+                                   config.checkpoint_every)  # fmt: skip
     config.shard = shard  # config.json says what ran, also when accelerate launch chose it
     with sharding.launcher_sharding_hidden() if shard != "none" else contextlib.nullcontext():
         accelerator = accelerator or Accelerator(
@@ -106,7 +113,7 @@ class Setup:
     def __post_init__(self) -> None:
         self.evaluator = Evaluator(
             self.loaded.family, self.runtime.accelerator, batch_size=self.config.optim.eval_batch_size,
-            sharded=self.runtime.shard != "none", progress=self.runtime.progress,
+            sharded=self.runtime.base_sharded, progress=self.runtime.progress,
         )  # fmt: skip
 
     @property

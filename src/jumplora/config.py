@@ -26,8 +26,8 @@ RUNNERS = ("continual", "multitask", "independent")
 REFERENCE_RUNNERS = RUNNERS[1:]
 #: ``--quantize`` values (jumplora.models.quantize loads them); "none" loads the base in float32 as usual.
 QUANTIZE_CHOICES = ("none", "int8", "nf4", "torchao-int8")
-#: Sharding backends ``--shard`` takes (DeepSpeed ZeRO-1/2 are not: asking for them is an error).
-SHARD_CHOICES = ("none", "fsdp2", "zero3")
+#: Sharding backends ``--shard`` takes (jumplora.sharding.BACKENDS, and none).
+SHARD_CHOICES = ("none", "fsdp2", "zero1", "zero2", "zero3")
 _JUMPLORA_FIELDS = adapter_defaults()
 
 
@@ -219,9 +219,11 @@ class RunConfig:
     )  # fmt: skip
     cpu: bool = opt(False, "Force the CPU even when a GPU is present.")
     shard: str = opt(
-        "none", "Shard the base model over the processes: none | fsdp2 (FSDP2 fully_shard per block; also "
-        "chosen by accelerate launch with an fsdp_version: 2 config) | zero3 (DeepSpeed ZeRO-3 partitioning; "
-        "needs jumplora[deepspeed]). Works on CPU (gloo) too.",
+        "none", "Shard over the processes: none | fsdp2 (the base model, FSDP2 fully_shard per block; also "
+        "chosen by accelerate launch with an fsdp_version: 2 config) | zero3 (the base model, DeepSpeed ZeRO-3 "
+        "partitioning) | zero1, zero2 (the adapter's AdamW state, and at 2 its gradients, by DeepSpeed's ZeRO "
+        "optimizer; the base stays whole). DeepSpeed ones need jumplora[deepspeed] and are also chosen by "
+        "accelerate launch --use_deepspeed --zero_stage N. Works on CPU (gloo) too.",
         choices=SHARD_CHOICES,
     )  # fmt: skip
     log_every: int = opt(10, "Log every N optimizer steps to train_log.jsonl.")

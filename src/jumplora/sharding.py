@@ -1,4 +1,5 @@
-"""Sharded training: which backend a run asked for, and sharding the base model (FSDP2 or DeepSpeed ZeRO-3).
+"""Sharded training: which backend a run asked for, and sharding the base model (FSDP2 or DeepSpeed ZeRO-3)
+or the adapter's optimizer (DeepSpeed ZeRO-1/2).
 
 A run shards when ``--shard fsdp2`` is given, or when it is started by ``accelerate launch`` with an
 FSDP config of ``fsdp_version: 2`` (the ecosystem's way; Accelerate passes it on through environment
@@ -11,10 +12,16 @@ CPU. The adapter (A, B, θ) stays replicated and its gradients are averaged by t
 DeepSpeed ZeRO-3 instead (:mod:`jumplora.sharding_zero`, which imports DeepSpeed only then); as with FSDP,
 the launcher's request is hidden from the Accelerator and jumplora partitions the base itself.
 
+``--shard zero1|zero2``, or ``accelerate launch --use_deepspeed --zero_stage 1|2``, leave the base model whole
+on every process (those stages partition optimizer state and gradients, and only the adapter has any):
+each task's adapter trains through DeepSpeed's ZeRO stage-1/2 optimizer (``sharding_zero.AdapterZero``),
+which partitions its AdamW state (and, at stage 2, its gradients) over the processes. The Accelerator is
+again built without the launcher's request (its DeepSpeed plugin would prepare the model itself).
+
 Whatever jumplora cannot run as asked is refused with one error (exit 2), never run as something else:
-FSDP1, ZeRO-1/2 (they partition only optimizer state and gradients, which here belong to the small
-replicated adapter, not the base), launcher DeepSpeed settings it would not apply (a JSON config file,
-offloading, ...), the independent runner or Accelerate's mixed precision under sharding.
+FSDP1, ZeRO stage 0, launcher DeepSpeed settings it would not apply (a JSON config file, offloading, ...),
+mid-task checkpoints under ZeRO-1/2 (the AdamW state is partitioned), the independent runner or
+Accelerate's mixed precision under sharding.
 """
 
 from __future__ import annotations
@@ -29,10 +36,15 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from jumplora.config import SHARD_CHOICES
 from jumplora.sharding_zero import MISSING_DEEPSPEED, shard_base_model_zero3
 
-#: What ``--shard`` runs: the engine shards the base model itself with each of these.
-BACKENDS = ("fsdp2", "zero3")
+#: What ``--shard`` runs (its choices but "none"): the base model is sharded by jumplora itself with
+#: BASE_BACKENDS, and stays whole on every process with ADAPTER_BACKENDS (DeepSpeed's ZeRO optimizer
+#: partitions the adapter's optimizer state instead).
+BACKENDS = tuple(choice for choice in SHARD_CHOICES if choice != "none")
+BASE_BACKENDS = ("fsdp2", "zero3")
+ADAPTER_BACKENDS = ("zero1", "zero2")
 
 #: Environment variables through which ``accelerate launch`` asks for FSDP / DeepSpeed.
 _LAUNCHER_KEYS = ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED")
@@ -51,11 +63,11 @@ def launcher_request() -> str | None:
     return None
 
 
-#: DeepSpeed settings of ``accelerate launch`` that jumplora's ZeRO-3 runs as given (None: any value). Any
+#: DeepSpeed settings of ``accelerate launch`` that jumplora's ZeRO runs as given (None: any value). Any
 #: other (a JSON config file, offloading, Accelerate's gradient accumulation or clipping, MoE) would not be
 #: applied, so it is refused; ``zero3_init`` only changes how a model loads (jumplora loads it whole).
-_LAUNCHER_ZERO3_SETTINGS = {
-    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("3",),
+_LAUNCHER_ZERO_SETTINGS = {
+    "ACCELERATE_DEEPSPEED_ZERO_STAGE": ("1", "2", "3"),
     "ACCELERATE_DEEPSPEED_OFFLOAD_OPTIMIZER_DEVICE": ("none",),
     "ACCELERATE_DEEPSPEED_OFFLOAD_PARAM_DEVICE": ("none",),
     "ACCELERATE_GRADIENT_ACCUMULATION_STEPS": ("1",),
@@ -64,13 +76,13 @@ _LAUNCHER_ZERO3_SETTINGS = {
 }
 
 
-def _launcher_zero3_unapplied() -> list[str]:
-    """The DeepSpeed settings ``accelerate launch`` passes that jumplora's ZeRO-3 would not apply."""
+def _launcher_zero_unapplied() -> list[str]:
+    """The DeepSpeed settings ``accelerate launch`` passes that jumplora's ZeRO would not apply."""
     unapplied = []
     for key, value in os.environ.items():
         if not key.startswith(("ACCELERATE_DEEPSPEED_", "ACCELERATE_GRADIENT_")):
             continue
-        allowed = _LAUNCHER_ZERO3_SETTINGS.get(key, ())
+        allowed = _LAUNCHER_ZERO_SETTINGS.get(key, ())
         if allowed is not None and value.strip().lower() not in allowed:
             unapplied.append(f"{key}={value}")
     return unapplied
@@ -79,27 +91,36 @@ def _launcher_zero3_unapplied() -> list[str]:
 def _launched_backend(shard: str) -> str | None:
     """The backend ``accelerate launch`` asks for, if jumplora runs it as asked (ValueError if not)."""
     launched = launcher_request()
-    unapplied = _launcher_zero3_unapplied() if launched == "zero3" else []
+    unapplied = _launcher_zero_unapplied() if launched in ("zero1", "zero2", "zero3") else []
     if (launched is not None and launched not in BACKENDS) or unapplied:
         detail = f" with {', '.join(unapplied)}" if unapplied else ""
         raise ValueError(
             f"accelerate launch asks for {launched}{detail}: jumplora shards with FSDP2 (an FSDP config with "
-            "fsdp_version: 2, or --shard fsdp2) or DeepSpeed ZeRO-3 (zero_stage 3 without a DeepSpeed config "
-            "file or offloading, or --shard zero3); refusing rather than running something else"
+            "fsdp_version: 2, or --shard fsdp2) or DeepSpeed ZeRO-1/2/3 (zero_stage 1, 2 or 3 without a "
+            "DeepSpeed config file or offloading, or --shard zero1|zero2|zero3); refusing rather than running "
+            "something else"
         )
     if launched is not None and shard not in ("none", launched):
         raise ValueError(f"--shard {shard} conflicts with accelerate launch's {launched} config")
     return launched
 
 
-def resolve_shard(shard: str, runner: str, mixed_precision: str = "no", refusal: str | None = None) -> str:
-    """The backend this run shards with ("none", "fsdp2" or "zero3"); ValueError for what would not run as asked.
+def resolve_shard(
+    shard: str, runner: str, mixed_precision: str = "no", refusal: str | None = None, checkpoint_every: int = 0
+) -> str:
+    """The backend this run shards with ("none" or one of BACKENDS); ValueError for what would not run as asked.
 
     ``refusal``: why the runner cannot shard, as it declares (``Runner.shard_refusal``); None when it can."""
     if shard not in ("none", *BACKENDS):
-        raise ValueError(f"--shard {shard}: jumplora shards with {' or '.join(BACKENDS)}")
+        raise ValueError(f"--shard {shard}: jumplora shards with {', '.join(BACKENDS)}")
     chosen = _launched_backend(shard) or shard
-    if chosen == "zero3" and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
+    if chosen in ADAPTER_BACKENDS and checkpoint_every:
+        raise ValueError(
+            f"--checkpoint-every {checkpoint_every} under --shard {chosen}: DeepSpeed partitions the AdamW state over "
+            "the processes and jumplora writes no mid-task checkpoint of it; use --checkpoint-every 0 (a checkpoint "
+            "at each task's end) or --shard fsdp2|zero3"
+        )
+    if chosen.startswith("zero") and importlib.util.find_spec("deepspeed") is None:  # before the model is loaded
         raise ValueError(MISSING_DEEPSPEED)
     if chosen != "none" and refusal:
         raise ValueError(f"--runner {runner} cannot shard ({refusal})")
@@ -140,11 +161,19 @@ def fit_adapter(peft_config: Any, backend: str) -> Any:
 
 
 def shard_base_model(model: nn.Module, device: torch.device, backend: str = "fsdp2") -> nn.Module:
-    """Freeze the base model and shard it with ``backend`` (fsdp2 or zero3) over the processes."""
+    """Freeze the base model and shard it with ``backend`` (fsdp2 or zero3) over the processes; under zero1
+    or zero2 it stays whole on every process (each task's optimizer is partitioned instead)."""
     _ensure_process_group(device)
     if backend == "zero3":
         return shard_base_model_zero3(model, device)
+    if backend in ADAPTER_BACKENDS:
+        return model.requires_grad_(False)
     return _fully_shard(model)
+
+
+def zero_stage(backend: str) -> int | None:
+    """The ZeRO stage DeepSpeed runs the adapter's optimizer at (None: jumplora's own AdamW step)."""
+    return int(backend[-1]) if backend in ADAPTER_BACKENDS else None
 
 
 def _fully_shard(model: nn.Module) -> nn.Module:

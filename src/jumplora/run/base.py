@@ -90,7 +90,7 @@ class Runner:
         loop = TaskLoop(
             model, task_index, features, config=self.config, accelerator=s.accelerator, family=s.loaded.family,
             strategy=self.strategy, ctx=s.context(model, task_index), counter=self.state, name=name,
-            sharded=s.runtime.shard != "none", on_log=self._log, progress=s.runtime.progress,
+            shard=s.runtime.shard, on_log=self._log, progress=s.runtime.progress,
         )  # fmt: skip
         if partial is not None:
             loop.restore(*partial)

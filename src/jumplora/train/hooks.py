@@ -41,6 +41,18 @@ class StrategyHook(StepHook):
         self.strategy.after_backward(self.ctx)
 
 
+def gradient_readers(hooks: list[StepHook]) -> list[str]:
+    """The hooks (a strategy by its name) that act before the optimizer step, i.e. on the gradients."""
+    readers = []
+    for hook in hooks:
+        if isinstance(hook, StrategyHook):
+            if type(hook.strategy).after_backward is not Strategy.after_backward:
+                readers.append(f"strategy {hook.strategy.name!r}")
+        elif type(hook).before_optimizer_step is not StepHook.before_optimizer_step:
+            readers.append(f"step hook {type(hook).__name__}")
+    return readers
+
+
 #: Factories of the hooks added to every task's loop: ``factory(task_index)`` → a hook or None.
 _FACTORIES: list[Callable[[int], StepHook | None]] = []
 

@@ -20,7 +20,9 @@ from jumplora.adapters.sharded import average_gradients
 from jumplora.cl import Strategy, StrategyContext
 from jumplora.config import RunConfig
 from jumplora.models import ModelFamily
-from jumplora.train.hooks import StepHook, StrategyHook, registered_hooks
+from jumplora.sharding import BASE_BACKENDS, zero_stage
+from jumplora.sharding_zero import AdapterZero
+from jumplora.train.hooks import StepHook, StrategyHook, gradient_readers, registered_hooks
 from jumplora.train.numerics import check_loss, check_thresholds, task_label
 
 
@@ -46,12 +48,13 @@ class TaskLoop:
         ctx: StrategyContext,
         counter: StepCounter,
         name: str | None = None,
-        sharded: bool = False,
+        shard: str = "none",
         on_log: Callable[[dict[str, Any]], None] = lambda record: None,
         progress: Callable[..., Any] | None = None,
     ) -> None:
         self.config, self.accelerator, self.family, self.strategy, self.ctx = config, accelerator, family, strategy, ctx
-        self.model, self.task_index, self.counter, self.sharded = model, task_index, counter, sharded
+        self.model, self.task_index, self.counter = model, task_index, counter
+        self.sharded = shard in BASE_BACKENDS  # the base is sharded: the loop syncs the replicated adapter itself
         self.name, self.on_log, self.progress = name or ctx.task_name, on_log, progress
         self.hooks: list[StepHook] = [StrategyHook(strategy, ctx), *registered_hooks(task_index)]
         generator = torch.Generator().manual_seed(config.seed * 100_003 + task_index)
@@ -59,7 +62,10 @@ class TaskLoop:
                             collate_fn=family.collate)  # fmt: skip
         self.params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(self._param_groups(), lr=config.optim.lr)
-        if sharded:  # the base is sharded already; the replicated adapter is synced by hand
+        self.zero = self._adapter_zero(zero_stage(shard), optimizer)
+        if self.zero is not None:  # DeepSpeed steps the adapter; forward passes go through its engine
+            self.wrapped, self.optimizer, self.loader = self.zero.engine, optimizer, accelerator.prepare(loader)
+        elif self.sharded:  # the base is sharded already; the replicated adapter is synced by hand
             self.wrapped, (self.optimizer, self.loader) = model, accelerator.prepare(optimizer, loader)
         else:
             self.wrapped, self.optimizer, self.loader = accelerator.prepare(model, optimizer, loader)
@@ -80,6 +86,21 @@ class TaskLoop:
             lr = optim.theta_lr or theta_learning_rate(self.model) or optim.lr  # a density controller sets its own
             groups.append({"params": thetas, "weight_decay": 0.0, "lr": lr})
         return groups
+
+    def _adapter_zero(self, stage: int | None, optimizer: torch.optim.Optimizer) -> AdapterZero | None:
+        """DeepSpeed's ZeRO-1/2 optimizer for the adapter (None: the loop steps ``optimizer`` itself).
+
+        ZeRO-2 hands the gradients to their partitions during the backward pass: a hook that reads or
+        edits ``param.grad`` before the step would see none, so it is refused rather than run without them."""
+        if stage is None:
+            return None
+        readers = gradient_readers(self.hooks)
+        if stage == 2 and readers:
+            raise ValueError(f"{', '.join(readers)} act on the gradients before the optimizer step, which ZeRO-2 "
+                             "partitions during the backward pass; use --shard zero1")  # fmt: skip
+        o = self.config.optim
+        return AdapterZero(self.model, optimizer, stage, batch_size=o.batch_size, grad_accum=o.grad_accum,
+                           max_grad_norm=o.max_grad_norm, device=self.accelerator.device)  # fmt: skip
 
     def restore(self, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         """Continue from a mid-task checkpoint (``meta``, ``tensors``) of this task."""
@@ -126,6 +147,9 @@ class TaskLoop:
         if self.sparsifier is not None:
             self.sparsifier.finish()
         self.accelerator.free_memory()
+        if self.zero is not None:
+            self.zero.close()
+            return self.model
         return self.accelerator.unwrap_model(self.wrapped)
 
     def _replaying(self, epoch: int, micro: int) -> bool:
@@ -142,7 +166,9 @@ class TaskLoop:
 
     def _forward_backward(self, batch: dict) -> torch.Tensor | None:
         acc = self.accelerator
-        with acc.accumulate(self.wrapped):
+        # Accelerate counts the micro-batches; DeepSpeed's engine accumulates until its step by itself (and its
+        # no_sync, which Accelerate would enter, refuses ZeRO-2), so Accelerate gets the bare model
+        with acc.accumulate(self.model if self.zero is not None else self.wrapped):
             task_loss = self.family.loss(self.wrapped, batch)
             extra = None
             for hook in self.hooks:
@@ -152,9 +178,12 @@ class TaskLoop:
             penalty = self.sparsifier.loss_term() if self.sparsifier is not None else None
             loss = task_loss + extra if extra is not None else task_loss
             check_loss(loss if penalty is None else loss + penalty.detach(), acc, self._where())
-            acc.backward(loss)
-            if penalty is not None:
-                add_theta_gradient(self.model, penalty, self.config.optim.grad_accum)
+            if self.zero is not None:  # θ's term reaches θ's gradient through DeepSpeed's hooks like the rest
+                self.zero.backward(loss if penalty is None else loss + penalty)
+            else:
+                acc.backward(loss)
+                if penalty is not None:
+                    add_theta_gradient(self.model, penalty, self.config.optim.grad_accum)
             if acc.sync_gradients:
                 self._optimizer_step()
         self.running.append(float(task_loss.detach()))
@@ -164,6 +193,10 @@ class TaskLoop:
         """The hooks see the accumulated gradients, then they are synced, clipped and applied."""
         for hook in self.hooks:
             hook.before_optimizer_step()
+        if self.zero is not None:  # DeepSpeed averages, clips and steps each process's partition
+            self.zero.step()
+            self.scheduler.step()
+            return
         if self.sharded:  # what DDP does for the adapter: θ, A, B identical on every process
             average_gradients(self.params)
         if self.config.optim.max_grad_norm:
