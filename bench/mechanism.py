@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -213,7 +214,8 @@ def comparison_lines(done: dict[str, dict]) -> list[str]:
 
 
 def frontier_points(done: dict[str, dict]) -> list[dict]:
-    """One point per complete run: its mean final density and the frontier's measures."""
+    """One point per complete run: its mean final density and the frontier's measures; a setting's seeds are
+    one group (the plot's line goes through the groups' means)."""
     from jumplora.metrics.compare import measures_from_matrices, run_matrices
 
     points = []
@@ -222,7 +224,8 @@ def frontier_points(done: dict[str, dict]) -> list[dict]:
         series = "dual (target swept)" if setting.startswith("dual-d") or setting == "dual" else setting
         densities = [t["density"] for t in res["per_task"]]
         measures = {k: float(v) for k, v in measures_from_matrices(*run_matrices(res)).items()}
-        points.append({"series": series, "seed": seed, "density": sum(densities) / len(densities), **measures})
+        points.append({"series": series, "group": setting, "seed": seed, "density": sum(densities) / len(densities),
+                       **measures})  # fmt: skip
     return points
 
 
@@ -332,7 +335,7 @@ def write_doc(root: Path) -> None:
         *interference_lines(done),
         "",
         "Per unit of update: seed-0 runs made again at a later commit that records ‖U_i‖_F and the kept entries",
-        f"({NORM_RUNS.relative_to(ROOT).as_posix()}/; the mean over later tasks i ≥ 1 of ΔL_i / ‖U_i‖_F and",
+        f"({Path(os.path.relpath(NORM_RUNS, ROOT)).as_posix()}/; the mean over later tasks i ≥ 1 of ΔL_i / ‖U_i‖_F and",
         "ΔL_i per 10⁶ entries of U_i; the norm and kept columns are means over all four tasks).",
         "",
         *norm_rerun_lines(done),

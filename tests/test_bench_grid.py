@@ -90,6 +90,7 @@ def test_mechanism_doc_from_finished_runs(monkeypatch, tmp_path):
 
     monkeypatch.setattr(mechanism, "DOC", tmp_path / "docs" / "MECHANISM.md")
     monkeypatch.setattr(mechanism, "FIGURE", tmp_path / "docs" / "results" / "frontier.png")
+    monkeypatch.setattr(mechanism, "NORM_RUNS", tmp_path / "norm-reruns")
     for name, final in (("dense-s0", [0.4, 0.8]), ("dual-s0", [0.6, 0.8])):  # dual: +10 OP, +20 BWT
         results = run_results(
             nested_config(seed=0, max_eval=10), tasks=["a", "b"], zero_shot=[0.5, 0.5],
@@ -105,3 +106,25 @@ def test_mechanism_doc_from_finished_runs(monkeypatch, tmp_path):
     assert "2 of 42 runs complete" in doc and "| OP (points) | +10.00 | +10.00 |" in doc
     assert "| BWT (points) | +20.00 |" in doc and "### l0 − dense" in doc and "Not run yet." in doc
     assert doc.endswith("## Notes\n\nkept by hand\n") and mechanism.FIGURE.exists()
+    assert "(no re-runs yet)" in doc
+
+
+def test_mechanism_norm_reruns_are_checked_against_the_grid(monkeypatch, tmp_path):
+    """A re-run that records ‖U‖ and kept entries gives the per-unit interference, and says whether it
+    reproduced the grid's run of its name."""
+    import mechanism
+
+    monkeypatch.setattr(mechanism, "NORM_RUNS", tmp_path)
+    grid_run = run_results(
+        nested_config(seed=0), tasks=["a", "b"], zero_shot=[0.5, 0.5], accuracy_matrix=[[0.9, 0.5], [0.6, 0.8]],
+        nll_zero_shot=[1.0, 1.0], nll_matrix=[[0.2, 1.0], [0.7, 0.3]], per_task=[{"density": 1.0}] * 2,
+    )  # fmt: skip
+    rerun = {**grid_run, "per_task": [{"density": 1.0, "update_norm": 2.0, "kept_entries": 10**6},
+                                      {"density": 1.0, "update_norm": 4.0, "kept_entries": 2 * 10**6}]}  # fmt: skip
+    (tmp_path / "dense-s0").mkdir()
+    (tmp_path / "dense-s0" / "results.json").write_text(json.dumps(rerun))
+    # ΔL after task 1 on task 0: 0.7 - 0.2 = 0.5 nats; per unit of ‖U_1‖ = 4: 0.125; per 10⁶ of 2·10⁶: 0.25
+    assert mechanism.norm_rerun_lines({"dense-s0": grid_run})[2] == \
+        "| dense-s0 | yes | +0.5000 | +0.1250 | +0.250 | 3.000 | 1,500,000 |"  # fmt: skip
+    changed = {**grid_run, "accuracy_matrix": [[0.9, 0.5], [0.7, 0.8]]}
+    assert "| dense-s0 | NO |" in mechanism.norm_rerun_lines({"dense-s0": changed})[2]

@@ -407,8 +407,10 @@ FRONTIER_PANELS = (("op", "OP (%)", 100.0), ("bwt", "BWT (%)", 100.0), ("nll_for
 
 
 def plot_frontier(points: Sequence[Mapping[str, Any]], path: str | Path, title: str = "Density frontier") -> Path:
-    """OP, BWT and L-forgetting against the final density (log scale): one dot per run, a line through the
-    means per ``series`` (e.g. dual's target sweep); ``points`` carry ``density``, ``series`` and the panel keys."""
+    """OP, BWT and L-forgetting against the final density (log scale): one dot per run and, per ``series``,
+    a line through the means of its ``group``s (runs of one setting over seeds, e.g. each target of dual's
+    sweep; a series of one group gets one larger mean marker). ``points`` carry ``density``, ``series``,
+    optionally ``group`` (default: the density itself) and the panel keys."""
     fig, axes = _pyplot().subplots(1, len(FRONTIER_PANELS), figsize=(4.2 * len(FRONTIER_PANELS), 3.8))
     series = sorted({str(p["series"]) for p in points})
     for ax, (key, label, scale) in zip(axes, FRONTIER_PANELS, strict=True):
@@ -418,9 +420,11 @@ def plot_frontier(points: Sequence[Mapping[str, Any]], path: str | Path, title: 
                 continue
             xs = np.array([100 * float(p["density"]) for p in own])
             ys = np.array([scale * float(p[key]) for p in own])
-            dots = ax.scatter(xs, ys, s=14, alpha=0.6, label=name)
-            means = sorted((x, float(ys[xs == x].mean())) for x in set(xs.tolist()))
-            ax.plot(*zip(*means, strict=True), color=dots.get_facecolor()[0], alpha=0.9)
+            groups = np.array([str(p.get("group", p["density"])) for p in own])
+            dots = ax.scatter(xs, ys, s=14, alpha=0.5, label=name)
+            means = sorted((float(xs[groups == g].mean()), float(ys[groups == g].mean())) for g in set(groups))
+            size = 3 if len(means) > 1 else 6
+            ax.plot(*zip(*means, strict=True), color=dots.get_facecolor()[0], alpha=0.9, marker="o", markersize=size)
         ax.set_xscale("log")
         ax.set_xlabel("final density (%)")
         ax.set_ylabel(label)
