@@ -711,6 +711,10 @@ def main() -> None:
     text = [
         "# Results: JumpLoRA on the 15-task CL benchmark, CPU studies",
         "",
+        "Why and when the sparse update forgets less (controls at the same density or norm, the density frontier,",
+        "function-space interference): [MECHANISM.md](MECHANISM.md). When to use JumpLoRA, in short: the README's",
+        "\"When JumpLoRA helps\".",
+        "",
         *smollm2_section(),
         "# all-MiniLM-L6-v2 (encoder, option ranking by cosine)",
         "",
