@@ -58,19 +58,17 @@ def _child(args: list[str], env: dict[str, str], cwd: str | None, stdout: str, s
 
 
 def run_cli(
-    args: Sequence[str],
-    *,
-    env: Mapping[str, str] | None = None,
-    cwd: str | Path | None = None,
+    args: Sequence[str], *, extra_env: Mapping[str, str] | None = None, cwd: str | Path | None = None,
     timeout: float = 300,
-    text: bool = True,
 ) -> subprocess.CompletedProcess:
-    """Like ``subprocess.run([python, -m, jumplora.cli, *args], capture_output=True)``."""
+    """Like ``subprocess.run([python, -m, jumplora.cli, *args], capture_output=True, text=True)``, in this
+    process's environment without armed fault points (``JUMPLORA_TEST_*``) and with ``extra_env`` added."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPLORA_TEST_")}
+    env.update(TOKENIZERS_PARALLELISM="false", **(extra_env or {}))
     with tempfile.TemporaryDirectory(prefix="jumplora-cli-") as folder:
         out, err = Path(folder, "stdout"), Path(folder, "stderr")
         out.touch()
         err.touch()
-        env = dict(os.environ if env is None else env)
         process = _context().Process(
             target=_child, args=(list(args), env, None if cwd is None else str(cwd), str(out), str(err))
         )
@@ -80,7 +78,5 @@ def run_cli(
             process.kill()
             process.join()
             raise subprocess.TimeoutExpired(["jumplora", *args], timeout, out.read_bytes(), err.read_bytes())
-        stdout, stderr = out.read_bytes(), err.read_bytes()
-    if text:
-        stdout, stderr = stdout.decode(), stderr.decode()
+        stdout, stderr = out.read_text(), err.read_text()
     return subprocess.CompletedProcess(["jumplora", *args], process.exitcode, stdout, stderr)

@@ -49,14 +49,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def clean_env() -> dict[str, str]:
+def launch(cmd: list[str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPLORA_TEST_")}
     env["TOKENIZERS_PARALLELISM"] = "false"
-    return env
-
-
-def launch(cmd: list[str]) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, env=clean_env(), capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc
 
@@ -73,7 +69,7 @@ def two_processes() -> list[str]:
 @pytest.mark.parametrize("strategy", ["inclora", "olora"])
 def test_two_processes_match_one(tmp_path, tiny_model, strategy):
     one, two = tmp_path / "one", tmp_path / "two"
-    alone = run_cli(run_args(one, tiny_model, strategy, 8), env=clean_env())
+    alone = run_cli(run_args(one, tiny_model, strategy, 8))
     assert alone.returncode == 0, alone.stderr[-4000:]
     proc = launch([*two_processes(), *run_args(two, tiny_model, strategy, 4)])
     assert proc.stdout.count("Accuracy (%)") == 1  # only the main process reports

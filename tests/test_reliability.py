@@ -10,7 +10,6 @@ Tiny: a 2-layer BERT (hidden 32), 2 tasks × 32 training examples (4 optimizer s
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -40,14 +39,9 @@ def run_args(out: Path, model: str, strategy: str, *extra: str) -> list[str]:
 
 
 def cli(args: list[str], *, kill_at: str | None = None, nan_at: str | None = None, cwd=None):
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPLORA_TEST_")}
-    env["TOKENIZERS_PARALLELISM"] = "false"
-    if kill_at:
-        env["JUMPLORA_TEST_KILL_AT"] = kill_at
-    if nan_at:
-        env["JUMPLORA_TEST_NAN_AT"] = nan_at
+    armed = {"JUMPLORA_TEST_KILL_AT": kill_at, "JUMPLORA_TEST_NAN_AT": nan_at}
     plugin = ["--plugin", FAULT_PLUGIN] if kill_at or nan_at else []
-    return run_cli(["run", *args, *plugin], env=env, cwd=cwd)
+    return run_cli(["run", *args, *plugin], extra_env={k: v for k, v in armed.items() if v}, cwd=cwd)
 
 
 def check_consistent_after_crash(out: Path) -> None:

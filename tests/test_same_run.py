@@ -4,7 +4,6 @@ and --resume and the Python API both refuse a run whose configuration differs, n
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 from pathlib import Path
 
@@ -102,16 +101,15 @@ def test_kill_then_edit_config_json_then_resume_is_refused(tmp_path, tiny_model)
     args = ["run", "--out", str(out), "--tasks", "cb,rte", "--model", tiny_model, "--data-dir",
             str(resolve_data_dir()), "--max-train", "8", "--max-eval", "8", "--max-length", "32", "--batch-size",
             "8", "--cpu", "--quiet", "--threads", "1", "--no-plots"]  # fmt: skip
-    env = {k: v for k, v in os.environ.items() if not k.startswith("JUMPLORA_TEST_")}
     plugin = ["--plugin", str(Path(__file__).with_name("fault_plugin.py"))]  # the kill point's injector
-    killed = run_cli([*args, *plugin], env={**env, "JUMPLORA_TEST_KILL_AT": "commit:2"})
+    killed = run_cli([*args, *plugin], extra_env={"JUMPLORA_TEST_KILL_AT": "commit:2"})
     assert killed.returncode == -9, killed.stderr[-2000:]
     config = json.loads((out / "config.json").read_text())
     config["optim"]["lr"], config["adapter"]["r"] = 0.005, 4
     (out / "config.json").write_text(json.dumps(config))
     before = files(out)
     for extra in ([], ["--config", str(out / "config.json")]):
-        proc = run_cli([*args, "--resume", *extra], env=env)
+        proc = run_cli([*args, "--resume", *extra])
         errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
         assert proc.returncode == 2 and len(errors) == 1, proc.stderr[-2000:]
         assert "config.json: edited since the checkpoint was written (adapter.r: 8 → 4)" in errors[0], errors[0]
